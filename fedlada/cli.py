@@ -1,0 +1,190 @@
+"""The ``fedlada`` command line: ``run``, ``data make``, ``data validate``, ``report``.
+
+Heavy libraries (torch, transformers) are imported only inside the commands that need them, so ``--help`` is
+instant. A :class:`~fedlada.errors.FedLadaError` (a user error) is printed without a traceback and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _RichEvents:
+    """Progress display for long steps: one line per stage, a bar inside steps that report progress."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.t0 = time.perf_counter()
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                            "{task.total}"), TimeElapsedColumn(), console=console, transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def stage(self, text: str) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        self.console.log(f"[{time.perf_counter() - self.t0:6.1f}s] {text}")
+        self._desc = text
+
+    def progress(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(getattr(self, "_desc", "working"), total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+
+def _load_cfg(args):
+    from fedlada.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "out", None):
+        overrides.append(f"out_dir={args.out}")
+    if getattr(args, "engine", None):
+        overrides.append(f"engine={args.engine}")
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args) -> int:
+    cfg = _load_cfg(args)
+    console = _console()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if cfg.engine == "flower":
+        try:
+            from fedlada_app.simulate import run_simulation
+        except ImportError as e:
+            from fedlada.errors import FedLadaError
+
+            raise FedLadaError(f"engine=flower needs Flower: pip install 'flwr[simulation]>=1.42' ({e})") from None
+        with _RichEvents(console) as ev:
+            result = run_simulation(cfg, resume=not args.fresh, events=ev)
+    else:
+        from fedlada.runner import run
+
+        with _RichEvents(console) as ev:
+            result = run(cfg, resume=not args.fresh, events=ev)
+    from fedlada.report import print_summary, write_report
+
+    report = write_report(result.run_dir)
+    print_summary(result.summary, console=_stdout_console(), wall_seconds=result.wall_seconds)
+    console.print(f"run directory: {result.run_dir}\nreport: {report}")
+    return 0
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_data_make(args) -> int:
+    from fedlada.config import load_config
+    from fedlada.data import make_benchmark
+    from fedlada.prepare import benchmark_kwargs
+
+    cfg = load_config(args.config, list(args.set or []))
+    kw = benchmark_kwargs(cfg)
+    layout = make_benchmark(args.out, **kw)
+    console = _stdout_console()
+    console.print(f"wrote the built-in benchmark to {args.out}")
+    console.print(str(layout))
+    return 0
+
+
+def cmd_data_validate(args) -> int:
+    from fedlada.data import validate_files
+
+    problems = validate_files(args.files, format=args.format)
+    console = _stdout_console()
+    if problems:
+        for p in problems:
+            console.print(str(p), markup=False, highlight=False)
+        console.print(f"[red]{len(problems)} problem(s) in {len(args.files)} file(s)[/red]")
+        return 1
+    console.print(f"[green]ok[/green]: {len(args.files)} file(s), no problems")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedlada.report import print_summary, write_report
+    from fedlada.runner import RunDir, summarize_run
+    from fedlada.config import load_config
+
+    rd = RunDir(args.run_dir)
+    if not (rd.path / "config.toml").is_file():
+        from fedlada.errors import FedLadaError
+
+        raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
+    cfg = load_config(rd.path / "config.toml")
+    out = write_report(rd.path)
+    print_summary(summarize_run(rd, cfg), console=_stdout_console())
+    _console().print(f"report: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedlada", description="Federated reasoning distillation with LaDa.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run LaDa (default: the built-in benchmark with tiny models, 5 rounds)")
+    r.add_argument("--config", help="a TOML config file (see configs/)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--out", help="run directory (same as --set out_dir=...)")
+    r.add_argument("--engine", choices=["inprocess", "flower"], help="in-process runner or Flower simulation")
+    r.add_argument("--fresh", action="store_true", help="refuse to resume an existing run directory")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("data", help="built-in benchmark and data validation")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    m = dsub.add_parser("make", help="generate the built-in benchmark")
+    m.add_argument("--out", default="data/benchmark", help="output directory (default: data/benchmark)")
+    m.add_argument("--config", help="a TOML config file (its [data] table sets the sizes)")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. data.num_clients=4")
+    m.set_defaults(func=cmd_data_make)
+    v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
+    v.set_defaults(func=cmd_data_validate)
+
+    rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from fedlada.errors import FedLadaError
+
+    try:
+        return args.func(args)
+    except FedLadaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed rounds are checkpointed, run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""The one typed configuration of a FedLaDa run, and the one place for its defaults.
+
+A config is a tree of frozen dataclasses validated in ``__post_init__``. It is built from, in order:
+the defaults below, an optional TOML file (``fedlada run --config FILE``), then ``key=value`` overrides
+(``--set lada.budget=0.3``) or Flower's flat ``run_config`` (``{"lada.budget": 0.3}``). Keys are dotted paths;
+list items are addressed by index (``models.slms.1.hidden_size=96``). Unknown keys and ill-typed values are a
+:class:`~fedlada.errors.ConfigError` naming the key, what was expected and what was found.
+
+Every [ours] choice of the method (see the module docstrings of ``filter``, ``losses`` and ``rounds``) has its
+knob here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlada.errors import ConfigError
+
+METHODS = ("lada", "local", "all", "random", "lada-sft", "no-distill")
+LOSSES = ("pairwise", "listwise", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, key: str, expected: str, found: Any) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's private files. ``format`` is one the data package reads (auto, fedlada, gsm8k, ...)."""
+
+    train: str = ""
+    test: str = ""
+    format: str = "auto"
+
+    def __post_init__(self):
+        _check(bool(self.train), "data.clients.N.train", "a path to the client's train file", self.train)
+        _check(bool(self.test), "data.clients.N.test", "a path to the client's test file", self.test)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from. With no ``clients`` given, the built-in benchmark is generated."""
+
+    clients: tuple[ClientData, ...] = ()
+    public: str = ""
+    public_format: str = "auto"
+    general: str = ""  # optional pretraining corpus for the default tiny models (server side)
+    general_format: str = "auto"
+    # built-in benchmark (used when `clients` is empty); its own seed, so run seeds vary training, not data
+    seed: int = 0
+    num_clients: int = 3
+    train_per_client: int = 1000
+    test_per_client: int = 500
+    public_size: int = 1000
+    general_size: int = 20000
+    max_steps: int = 6
+    max_value: int = 99
+    # evaluation and reward slices
+    eval_limit: int = 200  # test questions per client scored each round (0 = the whole split)
+    holdout_size: int = 64  # examples of a client's train split held out for the filter's reward
+
+    def __post_init__(self):
+        _check(self.num_clients >= 1, "data.num_clients", "an integer >= 1", self.num_clients)
+        for k in ("train_per_client", "test_per_client", "public_size"):
+            _check(getattr(self, k) >= 1, f"data.{k}", "an integer >= 1", getattr(self, k))
+        _check(self.general_size >= 0, "data.general_size", "an integer >= 0", self.general_size)
+        _check(1 <= self.max_steps <= 12, "data.max_steps", "an integer in 1..12", self.max_steps)
+        _check(self.max_value >= 9, "data.max_value", "an integer >= 9", self.max_value)
+        _check(self.eval_limit >= 0, "data.eval_limit", "an integer >= 0", self.eval_limit)
+        _check(self.holdout_size >= 1, "data.holdout_size", "an integer >= 1", self.holdout_size)
+        if self.clients:
+            _check(bool(self.public), "data.public", "a public pool file when data.clients is set", self.public)
+
+    @property
+    def builtin(self) -> bool:
+        return not self.clients
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.clients) if self.clients else self.num_clients
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model. ``source="tiny"`` builds a Llama-style model of the given shape and pretrains it on the
+    server-side corpus (cached); anything else is a local directory, a Hugging Face id, or a ``.gguf`` file."""
+
+    source: str = "tiny"
+    gguf_file: str = ""
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    tokenizer: str = "shared"  # tiny models: "shared" server tokenizer or "own" (a separately trained one)
+    tokenizer_vocab: int = 384
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()
+    gradient_checkpointing: bool = False
+    chat_template: str = "auto"  # auto | on | off
+    pretrain_tokens: int = 400_000  # tiny models only: tokens of server-side pretraining
+
+    def __post_init__(self):
+        _check(bool(self.source), "models.*.source", "'tiny', a local path, an HF id or a .gguf file", self.source)
+        _check(self.hidden_size >= 8, "models.*.hidden_size", "an integer >= 8", self.hidden_size)
+        _check(self.num_layers >= 1, "models.*.num_layers", "an integer >= 1", self.num_layers)
+        _check(self.num_heads >= 1 and self.hidden_size % self.num_heads == 0, "models.*.num_heads",
+               f"a divisor of hidden_size={self.hidden_size}", self.num_heads)
+        _check(self.tokenizer in ("shared", "own"), "models.*.tokenizer", "'shared' or 'own'", self.tokenizer)
+        _check(self.tokenizer_vocab >= 64, "models.*.tokenizer_vocab", "an integer >= 64", self.tokenizer_vocab)
+        _check(self.dtype in DTYPES, "models.*.dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.chat_template in ("auto", "on", "off"), "models.*.chat_template", "auto|on|off",
+               self.chat_template)
+        _check(self.lora_r >= 1, "models.*.lora_r", "an integer >= 1", self.lora_r)
+        _check(self.pretrain_tokens >= 0, "models.*.pretrain_tokens", "an integer >= 0", self.pretrain_tokens)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == "tiny"
+
+
+def _default_slms() -> tuple[ModelSpec, ...]:
+    # Three heterogeneous SLMs, each several times smaller than the default LLM and of different width/depth.
+    return (
+        ModelSpec(hidden_size=96, num_layers=3, num_heads=4, pretrain_tokens=300_000),
+        ModelSpec(hidden_size=128, num_layers=2, num_heads=4, pretrain_tokens=300_000),
+        ModelSpec(hidden_size=64, num_layers=4, num_heads=4, pretrain_tokens=300_000),
+    )
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    llm: ModelSpec = field(default_factory=lambda: ModelSpec(
+        hidden_size=256, num_layers=4, num_heads=8, lora=True, lora_r=16, lora_alpha=32,
+        pretrain_tokens=1_000_000))
+    slms: tuple[ModelSpec, ...] = field(default_factory=_default_slms)
+    cache_dir: str = ""  # default: $FEDLADA_CACHE or ~/.cache/fedlada
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 32
+    pretrain_seed: int = 0  # tiny models' init and pretraining order; fixed so run seeds share the cached start
+
+    def __post_init__(self):
+        _check(len(self.slms) >= 1, "models.slms", "at least one SLM spec", self.slms)
+        _check(self.pretrain_lr > 0, "models.pretrain_lr", "a float > 0", self.pretrain_lr)
+
+    def slm_for(self, client: int) -> ModelSpec:
+        """Client k uses ``slms[k]``; with fewer specs than clients, specs are reused cyclically."""
+        return self.slms[client % len(self.slms)]
+
+
+@dataclass(frozen=True)
+class LadaConfig:
+    """The method's knobs (LADA.md). ``method`` picks LaDa or a baseline on the same loop."""
+
+    method: str = "lada"
+    candidates_per_round: int = 200  # public questions considered per round (a seeded subset of the pool)
+    paths_per_question: int = 4  # M: LLM paths sampled per public question (rejection sampling keeps correct)
+    client_paths_per_question: int = 2  # paths each SLM samples per public question
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    # filter
+    budget: float = 0.4
+    min_count: int = 8
+    threshold: float = 0.5
+    alpha: float = 0.1
+    filter_hidden: int = 64
+    filter_epochs: int = 10
+    filter_lr: float = 1e-3
+    reward_mix: float = 0.5
+    # distillation
+    loss: str = "pairwise"
+    beta: float = 0.1
+    lambda_da: float = 1.0
+    mu: float = 0.5
+    tau: float = 1.0
+
+    def __post_init__(self):
+        _check(self.method in METHODS, "lada.method", f"one of {METHODS}", self.method)
+        _check(self.loss in LOSSES, "lada.loss", f"one of {LOSSES}", self.loss)
+        _check(self.candidates_per_round >= 1, "lada.candidates_per_round", "an integer >= 1",
+               self.candidates_per_round)
+        _check(self.paths_per_question >= 1, "lada.paths_per_question", "an integer >= 1", self.paths_per_question)
+        _check(self.client_paths_per_question >= 1, "lada.client_paths_per_question", "an integer >= 1",
+               self.client_paths_per_question)
+        _check(self.temperature >= 0, "lada.temperature", "a float >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "lada.top_p", "a float in (0, 1]", self.top_p)
+        _check(self.max_new_tokens >= 1, "lada.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _check(0 < self.budget <= 1, "lada.budget", "a fraction in (0, 1]", self.budget)
+        _check(self.min_count >= 0, "lada.min_count", "an integer >= 0", self.min_count)
+        _check(0 < self.threshold < 1, "lada.threshold", "a float in (0, 1)", self.threshold)
+        _check(self.alpha >= 0, "lada.alpha", "a float >= 0", self.alpha)
+        _check(self.filter_epochs >= 0, "lada.filter_epochs", "an integer >= 0", self.filter_epochs)
+        _check(0 <= self.reward_mix <= 1, "lada.reward_mix", "a float in [0, 1]", self.reward_mix)
+        _check(self.beta > 0, "lada.beta", "a float > 0", self.beta)
+        _check(self.lambda_da >= 0, "lada.lambda_da", "a float >= 0", self.lambda_da)
+        _check(self.mu >= 0, "lada.mu", "a float >= 0", self.mu)
+        _check(self.tau > 0, "lada.tau", "a float > 0", self.tau)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training of each side in a round (both use fedlada.train.train)."""
+
+    client_lr: float = 1e-3
+    client_epochs: int = 1
+    server_lr: float = 2e-3
+    server_epochs: int = 2
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    max_length: int = 192
+
+    def __post_init__(self):
+        _check(self.client_lr > 0, "train.client_lr", "a float > 0", self.client_lr)
+        _check(self.server_lr > 0, "train.server_lr", "a float > 0", self.server_lr)
+        _check(self.client_epochs >= 0, "train.client_epochs", "an integer >= 0", self.client_epochs)
+        _check(self.server_epochs >= 0, "train.server_epochs", "an integer >= 0", self.server_epochs)
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
+        _check(self.max_length >= 16, "train.max_length", "an integer >= 16", self.max_length)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    rounds: int = 5
+    out_dir: str = "runs/default"
+    engine: str = "inprocess"  # inprocess | flower
+    threads: int = 0  # torch threads (0 = leave torch's default)
+    min_clients: int = 1  # a round fails (after checkpointing the previous one) if fewer clients report
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    lada: LadaConfig = field(default_factory=LadaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
+        _check(self.engine in ("inprocess", "flower"), "engine", "'inprocess' or 'flower'", self.engine)
+        _check(bool(self.out_dir), "out_dir", "a directory path", self.out_dir)
+        _check(self.threads >= 0, "threads", "an integer >= 0", self.threads)
+        _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML, JSON or a CLI string) to the annotated type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or value == "none":
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a table, found {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                try:
+                    value = json.loads(s)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"config key '{key}': expected a JSON list, found {value!r} ({e})") from None
+            else:
+                value = [v.strip() for v in s.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, found {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}': expected true or false, found {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, found {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        full = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key '{full}' (known at this level: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"config section '{prefix or 'top'}': {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain JSON/TOML-able values (tuples become lists)."""
+
+    def conv(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+
+    return conv(cfg)
+
+
+def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
+    """Set dotted ``key`` in the nested dict ``tree`` (lists addressed by index), checking the key exists."""
+    parts = key.split(".")
+    node, dnode = tree, defaults
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if isinstance(dnode, list):
+            if not part.isdigit():
+                raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i])}' is a list; expected an index, "
+                                  f"found {part!r}")
+            idx = int(part)
+            if idx >= len(node):
+                if idx > len(node) or not dnode:
+                    raise ConfigError(f"config key '{key}': index {idx} out of range (list has {len(node)} items)")
+                node.append(json.loads(json.dumps(node[-1] if node else dnode[-1])))
+            if last:
+                node[idx] = value
+                return
+            node, dnode = node[idx], (dnode[min(idx, len(dnode) - 1)] if dnode else {})
+            continue
+        if not isinstance(dnode, dict) or part not in dnode:
+            known = ", ".join(sorted(dnode)) if isinstance(dnode, dict) else ""
+            raise ConfigError(f"unknown config key '{path}'" + (f" (known at this level: {known})" if known else ""))
+        if last:
+            node[part] = value
+            return
+        if part not in node or node[part] is None:
+            node[part] = json.loads(json.dumps(dnode[part]))
+        node, dnode = node[part], dnode[part]
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. lada.budget=0.3")
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Defaults <- TOML file <- overrides (``["a.b=1", ...]`` or a flat ``{"a.b": 1}`` like Flower's run_config)."""
+    defaults = to_dict(RunConfig())
+    tree = json.loads(json.dumps(defaults))
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        # a file's tables replace the defaults key by key (lists replace lists whole)
+        _merge(tree, data, defaults, "", p)
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+        for k, v in items:
+            _set_path(tree, k, v, defaults)
+    return _build(RunConfig, tree)
+
+
+def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) -> None:
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else k
+        if k not in defaults:
+            raise ConfigError(f"{source}: unknown config key '{full}' (known at this level: "
+                              f"{', '.join(sorted(defaults))})")
+        if isinstance(v, dict) and isinstance(defaults[k], dict):
+            _merge(tree[k], v, defaults[k], full, source)
+        else:
+            tree[k] = v
+
+
+def flat_items(cfg: RunConfig) -> dict[str, Any]:
+    """Flatten to dotted keys (lists by index): the shape of Flower's ``run_config``."""
+    out: dict[str, Any] = {}
+
+    def walk(x, prefix):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        elif isinstance(x, list) and x and isinstance(x[0], dict):
+            for i, v in enumerate(x):
+                walk(v, f"{prefix}.{i}")
+        else:
+            out[prefix] = x
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """A TOML rendering of the resolved config (written into every run directory)."""
+    lines: list[str] = []
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    def table(d: dict, name: str):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)
+                   and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+        if name:
+            lines.append(f"\n[{name}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {val(v)}")
+        for k, v in d.items():
+            full = f"{name}.{k}" if name else k
+            if isinstance(v, dict):
+                table(v, full)
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"\n[[{full}]]")
+                    for ik, iv in item.items():
+                        lines.append(f"{ik} = {val(iv)}")
+
+    table(to_dict(cfg), "")
+    return "\n".join(lines).lstrip() + "\n"

@@ -1,0 +1,205 @@
+"""Converters from the supported record layouts onto the data contract, and per-file format detection.
+
+Formats (one JSON object each):
+
+- ``fedlada``: the contract itself, ``id``, ``question``, ``answer``, optional ``rationale`` and ``domain``;
+  any other key is a problem (it is most likely a misspelt field).
+- ``gsm8k``: ``question``; ``answer`` holds the rationale, then ``#### <answer>`` on the last line. The
+  calculator annotations (``<<48/2=24>>``) are stripped from the rationale.
+- ``mathinstruct``: ``instruction`` is the question; the answer is taken from ``output`` ("The answer is X",
+  else the last ``\\boxed{X}``, else the last number) and the rest of ``output`` is the rationale. Program-of-thought
+  records (``source`` naming PoT) hold code, not a rationale, and are reported as problems.
+- ``cot`` (CoT-Collection): ``source`` is the question, ``rationale`` the rationale, ``target`` the answer.
+
+Formats without ids take the caller's default id (``{file-stem}-{line}``) unless the object carries a string
+``id``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
+first object of a file. Converters never raise: they return the record (or None) and a list of (key, message).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
+from fedlada.errors import ConfigError
+from fedlada.reasoning import ANSWER_IS_RE, boxed_contents, clean_answer_span, last_number
+
+FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
+
+GSM8K_CALCULATOR_RE = re.compile(r"<<[^<>\n]*>>")
+GSM8K_ANSWER_MARK = "####"
+# Where the sentence that holds "the answer is" begins: after the last full stop/line break before it.
+SENTENCE_BREAK_RE = re.compile(r"(?:[.!?](?=\s)|\n)")
+
+Issues = list[tuple[str | None, str]]
+Converted = tuple[Record | None, Issues]
+
+
+def describe_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
+
+
+def _required_text(obj: dict, key: str, issues: Issues) -> str | None:
+    if key not in obj:
+        issues.append((key, "missing (expected a non-empty string)"))
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        issues.append((key, f"expected a non-empty string, found {describe_value(value)}"))
+        return None
+    if not value.strip():
+        issues.append((key, "empty (expected a non-empty string)"))
+        return None
+    return value
+
+
+def _optional_text(obj: dict, key: str, issues: Issues) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        issues.append((key, f"expected a string or null, found {describe_value(value)}"))
+        return None
+    return value if value.strip() else None
+
+
+def _clean_lines(text: str | None) -> str | None:
+    """Strip every line and drop blank ones; None when nothing is left."""
+    if text is None:
+        return None
+    lines = [line.strip() for line in text.splitlines()]
+    joined = "\n".join(line for line in lines if line)
+    return joined or None
+
+
+def _foreign_id(obj: dict, default_id: str) -> str:
+    value = obj.get("id")
+    return value if isinstance(value, str) and value.strip() else default_id
+
+
+def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
+    """The contract itself; ``default_id`` is unused (ids are required)."""
+    issues: Issues = []
+    for key in obj:
+        if key not in RECORD_KEYS:
+            issues.append((key, f"unknown key (allowed: {', '.join(RECORD_KEYS)})"))
+    rid = _required_text(obj, "id", issues)
+    question = _required_text(obj, "question", issues)
+    answer = _required_text(obj, "answer", issues)
+    optional = {key: _optional_text(obj, key, issues) for key in OPTIONAL_KEYS}
+    if issues:
+        return None, issues
+    return Record(rid, question, answer, optional["rationale"], optional["domain"]), issues
+
+
+def split_gsm8k_answer(text: str) -> tuple[str | None, str | None]:
+    """(rationale without calculator annotations, final answer) of a GSM8K ``answer`` field."""
+    if GSM8K_ANSWER_MARK not in text:
+        return None, None
+    body, _, final = text.rpartition(GSM8K_ANSWER_MARK)
+    rationale = _clean_lines(GSM8K_CALCULATOR_RE.sub("", body))
+    return rationale, final.strip() or None
+
+
+def convert_gsm8k(obj: dict, *, default_id: str) -> Converted:
+    issues: Issues = []
+    question = _required_text(obj, "question", issues)
+    raw = _required_text(obj, "answer", issues)
+    rationale = answer = None
+    if raw is not None:
+        rationale, answer = split_gsm8k_answer(raw)
+        if answer is None:
+            issues.append(("answer", "expected the rationale, then '#### <answer>' with a non-empty answer"))
+    if issues:
+        return None, issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
+
+
+def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
+    """(rationale, answer) of a MathInstruct ``output``: "the answer is X", else ``\\boxed{X}``, else the last
+    number. The sentence stating the answer is cut from the rationale."""
+    matches = list(ANSWER_IS_RE.finditer(output))
+    if matches:
+        match = matches[-1]
+        span = match.group(1)
+        end = re.search(r"\.\s", span)
+        answer = clean_answer_span(span[: end.start()] if end else span)
+        breaks = [b.end() for b in SENTENCE_BREAK_RE.finditer(output, 0, match.start())]
+        rationale = _clean_lines(output[: breaks[-1]]) if breaks else None
+        if answer:
+            return rationale, answer
+    boxed = [b for b in boxed_contents(output) if b]
+    if boxed:
+        return _clean_lines(output), clean_answer_span(boxed[-1]) or None
+    return _clean_lines(output), last_number(output)
+
+
+def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
+    issues: Issues = []
+    question = _required_text(obj, "instruction", issues)
+    output = _required_text(obj, "output", issues)
+    source = obj.get("source")
+    rationale = answer = None
+    if isinstance(source, str) and "PoT" in source:
+        issues.append(("output", f"a program (source {source!r}), not a rationale with a final answer"))
+    elif output is not None:
+        rationale, answer = split_mathinstruct_output(output)
+        if not answer:
+            issues.append(("output", "no final answer found (expected 'The answer is X', \\boxed{X} or a number)"))
+    if issues:
+        return None, issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
+
+
+def convert_cot(obj: dict, *, default_id: str) -> Converted:
+    issues: Issues = []
+    question = _required_text(obj, "source", issues)
+    answer = _required_text(obj, "target", issues)
+    rationale = _optional_text(obj, "rationale", issues)
+    if issues:
+        return None, issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer.strip(), _clean_lines(rationale)), issues
+
+
+CONVERTERS: dict[str, Callable[..., Converted]] = {
+    "fedlada": convert_fedlada,
+    "gsm8k": convert_gsm8k,
+    "mathinstruct": convert_mathinstruct,
+    "cot": convert_cot,
+}
+
+
+def detect_format(obj: dict) -> str | None:
+    """The format whose keys ``obj`` has, or None. GSM8K is told from the contract by its ``####`` answer and
+    missing ``id``; an object with ``id`` or ``question`` but missing fields counts as the contract, so that the
+    missing fields are what gets reported."""
+    if "instruction" in obj and "output" in obj:
+        return "mathinstruct"
+    if "source" in obj and "target" in obj:
+        return "cot"
+    answer = obj.get("answer")
+    if "question" in obj and "id" not in obj and isinstance(answer, str) and GSM8K_ANSWER_MARK in answer:
+        return "gsm8k"
+    if "id" in obj or "question" in obj:
+        return "fedlada"
+    return None
+
+
+def check_format(format: str) -> str:
+    """``format`` if it is "auto" or one of ``FORMATS``; ConfigError otherwise."""
+    if format != "auto" and format not in CONVERTERS:
+        raise ConfigError(f"format must be 'auto' or one of {', '.join(FORMATS)}; got {format!r}")
+    return format

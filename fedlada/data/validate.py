@@ -1,0 +1,287 @@
+"""Reading, validating and writing data files under the data contract.
+
+``read_records`` returns records only from a file with no problem at all; otherwise it raises ``DataError`` listing
+every problem (file, line, key, what was expected) so that a user fixes a file in one pass. ``validate_files``
+returns the same problems for many files without raising. Lines are read in binary mode and decoded one by one, so
+that a stray non-UTF-8 byte is reported on its own line and does not hide the problems of the other lines.
+
+Containers, chosen by suffix: JSONL (any suffix but the three below; blank lines are ignored), ``.json`` (a JSON
+list of records; a ``.json`` file that does not start with ``[`` is read as JSONL), ``.csv`` (header row; an empty
+cell counts as a missing field) and ``.parquet`` (needs ``pyarrow``; ``line`` is then the 1-based row). Ids that a
+format lacks are ``{file-stem}-{line}`` (``{file-stem}-{item}`` for a JSON list, whose problems also name the item).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from fedlada.data.formats import CONVERTERS, FORMATS, describe_value, check_format, detect_format
+from fedlada.data.records import Problem, Record
+from fedlada.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RECORD_BYTES = 20_000
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MANIFEST_NAME = "manifest.json"
+_UTF8_BOM = b"\xef\xbb\xbf"
+_WHITESPACE_RE = re.compile(r"[ \t\r\n]*")
+
+# (line, number used in a default id, the parsed value or None, an error message or None, message prefix)
+Item = tuple[int, int, object, str | None, str]
+
+
+def _too_long(size: int, limit: int) -> str:
+    return f"record is {size} bytes, over the limit of {limit} (max_record_bytes)"
+
+
+def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if number == 1 and raw.startswith(_UTF8_BOM):
+            raw = raw[len(_UTF8_BOM) :]
+        if not raw.strip():
+            continue
+        if len(raw) > max_bytes:
+            yield number, number, None, _too_long(len(raw), max_bytes), ""
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, number, None, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}", ""
+            continue
+        try:
+            yield number, number, json.loads(text), None, ""
+        except json.JSONDecodeError as err:
+            yield number, number, None, f"bad JSON: {err.msg} at column {err.colno}", ""
+
+
+def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
+    """Elements of a top-level JSON list with the line each starts on; stops at the first syntax error."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE_RE.match(text, text.index("[") + 1).end()
+    line, counted_to, item = 1, 0, 0
+    if pos < len(text) and text[pos] == "]":
+        pos = _WHITESPACE_RE.match(text, pos + 1).end()
+    else:
+        while True:
+            line += text.count("\n", counted_to, pos)
+            counted_to = pos
+            item += 1
+            prefix = f"item {item}: "
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                yield err.lineno, item, None, f"bad JSON: {err.msg} at column {err.colno}", prefix
+                return
+            size = len(text[pos:end].encode("utf-8"))
+            if size > max_bytes:
+                yield line, item, None, _too_long(size, max_bytes), prefix
+            else:
+                yield line, item, obj, None, prefix
+            pos = _WHITESPACE_RE.match(text, end).end()
+            if pos < len(text) and text[pos] == ",":
+                pos = _WHITESPACE_RE.match(text, pos + 1).end()
+                continue
+            if pos < len(text) and text[pos] == "]":
+                pos = _WHITESPACE_RE.match(text, pos + 1).end()
+                break
+            line += text.count("\n", counted_to, pos)
+            yield line, item, None, "bad JSON: expected ',' or ']' after a list element", ""
+            return
+    if pos < len(text):
+        yield text.count("\n", 0, pos) + 1, 0, None, "bad JSON: extra data after the list", ""
+
+
+def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2  # the header is line 1
+    for row in reader:
+        line = start
+        start = reader.line_num + 1
+        if None in row:
+            yield line, line, None, f"more fields than the header's {len(reader.fieldnames)}", ""
+            continue
+        obj = {key: value for key, value in row.items() if value not in (None, "")}
+        size = sum(len(str(v).encode("utf-8")) for v in obj.values())
+        if size > max_bytes:
+            yield line, line, None, _too_long(size, max_bytes), ""
+        else:
+            yield line, line, obj, None, ""
+
+
+def _parquet_items(path: Path, max_bytes: int) -> Iterator[Item]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        yield 0, 0, None, "reading .parquet files needs the pyarrow package (pip install pyarrow)", ""
+        return
+    for row, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+        size = sum(len(str(v).encode("utf-8")) for v in obj.values() if v is not None)
+        if size > max_bytes:
+            yield row, row, None, _too_long(size, max_bytes), ""
+        else:
+            yield row, row, obj, None, ""
+
+
+def _decoded(data: bytes, name: str, problems: list[Problem]) -> str | None:
+    """The whole file as text, or None after reporting the line of its first non-UTF-8 byte."""
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        problems.append(Problem(name, line, None, (
+            f"not valid UTF-8: byte 0x{data[err.start]:02x} at column {column} (the whole file must be UTF-8)")))
+        return None
+
+
+def _items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterable[Item]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_items(path, max_bytes)
+    data = path.read_bytes()
+    if suffix in (".csv", ".json"):
+        if suffix == ".json" and not data.lstrip(_UTF8_BOM + b" \t\r\n").startswith(b"["):
+            return _jsonl_items(data, max_bytes)
+        text = _decoded(data, str(path), problems)
+        if text is None:
+            return ()
+        return _csv_items(text, max_bytes) if suffix == ".csv" else _json_list_items(text, max_bytes)
+    return _jsonl_items(data, max_bytes)
+
+
+def convert_items(items: Iterable[Item], *, source: str, stem: str, format: str) -> tuple[list[Record], list[Problem]]:
+    """Records and problems from parsed items: format detection on the first object, conversion, duplicate ids.
+
+    Shared by local files and ``load_hub_dataset`` so that both convert with exactly the same code.
+    """
+    fmt = None if format == "auto" else format
+    records: list[Record] = []
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    count = 0
+    for line, number, obj, error, prefix in items:
+        count += 1
+        where = line or None
+        if error is not None:
+            problems.append(Problem(source, where, None, prefix + error))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(source, where, None, f"{prefix}expected a JSON object, found {describe_value(obj)}"))
+            continue
+        if fmt is None:
+            fmt = detect_format(obj)
+            if fmt is None:
+                fmt = "undetected"
+                problems.append(Problem(source, where, None, (
+                    f"{prefix}cannot tell the format from the keys {sorted(obj)}: expected one of "
+                    "id/question/answer (fedlada), question/answer with '####' (gsm8k), "
+                    "instruction/output (mathinstruct), source/rationale/target (cot)")))
+            else:
+                logger.debug("%s: detected format %s on line %s", source, fmt, line)
+        if fmt == "undetected":
+            continue
+        record, issues = CONVERTERS[fmt](obj, default_id=f"{stem}-{number}")
+        problems.extend(Problem(source, where, key, prefix + message) for key, message in issues)
+        if record is None:
+            continue
+        if record.id in first_line:
+            problems.append(Problem(source, where, "id", (
+                f"{prefix}duplicate id {record.id!r} (first on line {first_line[record.id]})")))
+            continue
+        first_line[record.id] = line
+        records.append(record)
+    if count == 0 and not problems:
+        problems.append(Problem(source, None, None, "empty file: no records"))
+    return records, problems
+
+
+def scan_file(path: str | os.PathLike, *, format: str = "auto",
+              max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> tuple[list[Record], list[Problem]]:
+    """(records, problems) of one file; never raises for bad content."""
+    check_format(format)
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        return [], [Problem(name, None, None, "file not found")]
+    if not path.is_file():
+        return [], [Problem(name, None, None, "not a regular file")]
+    problems: list[Problem] = []
+    items = _items(path, max_record_bytes, problems)
+    records, more = convert_items(items, source=name, stem=path.stem, format=format)
+    if problems:
+        more = [p for p in more if p.message != "empty file: no records"]
+    return records, problems + more
+
+
+def read_records(path: str | os.PathLike, *, format: str = "auto",
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
+    """All records of a data file; ``DataError`` listing every problem (file, line, key) if there is any.
+
+    format: "auto" (detected from the first object), or one of ``fedlada.data.formats.FORMATS``.
+    """
+    records, problems = scan_file(path, format=format, max_record_bytes=max_record_bytes)
+    if problems:
+        what = "file not found" if problems[0].message == "file not found" else f"{len(problems)} problem(s)"
+        raise DataError(f"{path}: {what}", problems)
+    return records
+
+
+def _expand(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*")
+                           if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.name != MANIFEST_NAME)
+            files.extend(found or [p])
+        else:
+            files.append(p)
+    return files
+
+
+def validate_files(paths, *, format: str = "auto",
+                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Problem]:
+    """Every problem in the given files (a path, or a list of paths; a directory stands for its data files,
+    ``manifest.json`` excepted). An empty list means every file can be read with ``read_records``."""
+    check_format(format)
+    problems: list[Problem] = []
+    for path in _expand(paths):
+        if path.is_dir():
+            problems.append(Problem(str(path), None, None,
+                                    f"no data files ({', '.join(DATA_SUFFIXES)}) in this directory"))
+            continue
+        problems.extend(scan_file(path, format=format, max_record_bytes=max_record_bytes)[1])
+    return problems
+
+
+def write_records(records: Iterable[Record], path: str | os.PathLike) -> Path:
+    """Write records as JSONL (UTF-8, one object per line, optional fields left out when None).
+
+    Atomic: the file is written next to its target and renamed over it, so a reader never sees half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            handle.writelines(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+__all__ = ["DEFAULT_MAX_RECORD_BYTES", "FORMATS", "convert_items", "read_records", "scan_file",
+           "validate_files", "write_records"]

@@ -1,0 +1,135 @@
+"""What crosses between the server and a client in a LaDa round: typed, serialisable message objects.
+
+Only three kinds of content ever leave a side: reasoning **paths** (text) on *public* questions, **scalar scores**
+(a path's log joint probability and token count under the sender's model), and **ids** of public questions. A
+client's private records never appear in a message; ``tests/test_privacy.py`` plants canary strings in every
+client's private data and scans every serialised message of a whole run for them.
+
+Messages serialise to UTF-8 JSON (``to_bytes``); their byte size is what the run directory reports per round and
+per direction. ``from_bytes`` validates the content and raises :class:`MessageError` on anything malformed, so a
+server can reject a bad client reply with a logged reason instead of crashing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+MESSAGE_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A message that does not match its schema."""
+
+
+@dataclass(frozen=True)
+class PathItem:
+    """One reasoning path on a public question, scored by the sender's own model."""
+
+    question_id: str
+    text: str
+    logprob: float  # log pi_sender(path | question), summed over path tokens
+    num_tokens: int
+
+    @property
+    def nll(self) -> float:
+        """Per-token negative log-likelihood under the sender's model."""
+        return -self.logprob / max(self.num_tokens, 1)
+
+
+def _items_from(raw: list, where: str) -> list[PathItem]:
+    if not isinstance(raw, list):
+        raise MessageError(f"{where}: 'paths' must be a list")
+    out = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            raise MessageError(f"{where}: paths[{i}] must be an object")
+        try:
+            qid, text, lp, nt = r["question_id"], r["text"], r["logprob"], r["num_tokens"]
+        except KeyError as e:
+            raise MessageError(f"{where}: paths[{i}] lacks key {e}") from None
+        if not isinstance(qid, str) or not isinstance(text, str):
+            raise MessageError(f"{where}: paths[{i}]: question_id and text must be strings")
+        if not isinstance(lp, (int, float)) or isinstance(lp, bool) or not math.isfinite(lp) or lp > 1e-6:
+            raise MessageError(f"{where}: paths[{i}]: logprob must be a finite number <= 0, found {lp!r}")
+        if not isinstance(nt, int) or isinstance(nt, bool) or nt < 1:
+            raise MessageError(f"{where}: paths[{i}]: num_tokens must be an integer >= 1, found {nt!r}")
+        out.append(PathItem(qid, text, float(lp), nt))
+    return out
+
+
+@dataclass(frozen=True)
+class TeachMessage:
+    """Server -> every client: this round's candidate public questions and the LLM's answer-correct paths."""
+
+    round: int
+    question_ids: tuple[str, ...]
+    paths: tuple[PathItem, ...] = ()
+    kind: str = field(default="teach", init=False)
+
+    def to_bytes(self) -> bytes:
+        d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round,
+             "question_ids": list(self.question_ids), "paths": [asdict(p) for p in self.paths]}
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TeachMessage":
+        d = _load(data, "teach")
+        qids = d.get("question_ids")
+        if not isinstance(qids, list) or not all(isinstance(q, str) for q in qids):
+            raise MessageError("teach message: 'question_ids' must be a list of strings")
+        return cls(round=_int(d, "round", "teach message"), question_ids=tuple(qids),
+                   paths=tuple(_items_from(d.get("paths", []), "teach message")))
+
+
+@dataclass(frozen=True)
+class ReportMessage:
+    """Client -> server: the client's answer-correct paths on the candidates, scored by its SLM, plus scalar
+    metrics (counts, accuracy on its own test split)."""
+
+    round: int
+    client: int
+    paths: tuple[PathItem, ...] = ()
+    metrics: dict = field(default_factory=dict)
+    kind: str = field(default="report", init=False)
+
+    def to_bytes(self) -> bytes:
+        d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round, "client": self.client,
+             "paths": [asdict(p) for p in self.paths], "metrics": self.metrics}
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ReportMessage":
+        d = _load(data, "report")
+        metrics = d.get("metrics", {})
+        if not isinstance(metrics, dict) or not all(
+                isinstance(v, (int, float, type(None))) and not isinstance(v, bool) for v in metrics.values()):
+            raise MessageError("report message: 'metrics' must map names to numbers")
+        return cls(round=_int(d, "round", "report message"), client=_int(d, "client", "report message"),
+                   paths=tuple(_items_from(d.get("paths", []), "report message")), metrics=metrics)
+
+    def audit(self) -> dict:
+        """What this message carries out of the client, by record kind (for the run's privacy audit)."""
+        return {"paths_on_public_questions": len(self.paths), "scalar_scores": 2 * len(self.paths),
+                "metrics": len(self.metrics), "bytes": len(self.to_bytes()),
+                "path_text_bytes": sum(len(p.text.encode("utf-8")) for p in self.paths)}
+
+
+def _load(data: bytes, kind: str) -> dict:
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MessageError(f"{kind} message: not UTF-8 JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("kind") != kind:
+        raise MessageError(f"expected a {kind} message, found kind={d.get('kind') if isinstance(d, dict) else d!r}")
+    if d.get("version") != MESSAGE_VERSION:
+        raise MessageError(f"{kind} message: version {d.get('version')!r}, expected {MESSAGE_VERSION}")
+    return d
+
+
+def _int(d: dict, key: str, where: str) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise MessageError(f"{where}: '{key}' must be an integer, found {v!r}")
+    return v

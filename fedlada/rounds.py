@@ -1,0 +1,460 @@
+"""One LaDa round as plain functions: server teach step, client step, server learn step, evaluation.
+
+Per-round algorithm (LADA.md, "Per-round algorithm"), as split between the two sides here:
+
+1. ``server_teach``: the LLM samples M paths for each candidate public question, scores them, keeps the
+   answer-correct ones (rejection sampling) and broadcasts them with their LLM log-probabilities.
+2. ``client_step``: the SLM samples its own paths on the candidates and scores the LLM's and its own paths;
+   the client's filter picks S^{L->k} from the learnability gap and features only the client sees; the SLM trains on
+   ``L_SFT(D_k) + lambda * L_DA(S^{L->k}) + mu * L_SFT(y+)`` (local SFT and distillation in one objective, so the
+   transfer stays anchored in the client's domain); the reward is the drop of its perplexity on a held-out slice of
+   its own data; the client replies with its answer-correct paths and their SLM scores.
+3. ``server_learn``: the LLM scores the clients' paths, its filter per client picks S^{k->L} from the novelty gap,
+   and the LLM (LoRA by default) trains on the union with the same contrastive loss, roles swapped; its reward is
+   the perplexity drop on a held-out slice of the received paths.
+
+Departures and choices [ours] (all configurable in ``fedlada.config``):
+- The candidate set is a seeded subset of the public pool each round (``lada.candidates_per_round``), so cost per
+  round does not grow with the pool.
+- Chosen path for the client: among the LLM's correct paths, the one with the lowest SLM per-token NLL (the most
+  learnable one); rejected: the SLM's own wrong path with the highest SLM log-probability (its most confident
+  mistake). No wrong own path -> the sample only enters the mu-weighted SFT term.
+- Baselines run on the same loop: ``local`` (no exchange), ``all`` (no filter), ``random`` (random selection at
+  LaDa's budget), ``lada-sft`` (LaDa's filter, plain SFT on the other side's paths instead of the contrastive loss).
+
+Seeds are derived from (run seed, round, client, purpose) by :func:`derive_seed`, so a resumed run replays the
+same random choices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fedlada import reasoning
+from fedlada.config import RunConfig
+from fedlada.data import Record
+from fedlada.filter import (LearnabilityFilter, Selection, build_features, learnability_gap, novelty_gap,
+                            perplexity_reward, sample_rewards, summarize)
+from fedlada.messages import PathItem, ReportMessage, TeachMessage
+from fedlada.paths import question_embeddings, sample_paths, score_paths
+from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, train
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 31-bit seed from the run seed and any labels (round, client, purpose); stable across processes."""
+    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Side:
+    """A model with its tokenizer and prompt formatter (one per client, one for the server)."""
+
+    model: Any
+    tokenizer: Any
+    formatter: Any  # fedlada.models.PromptFormatter: question -> prompt text
+
+    def prompts(self, questions: list[str]) -> list[str]:
+        return [self.formatter(q) for q in questions]
+
+
+@dataclass
+class ClientState:
+    client_id: int
+    side: Side
+    train: list[Record]
+    holdout: list[Record]
+    test: list[Record]
+    filter: LearnabilityFilter | None = None
+
+
+@dataclass
+class ServerState:
+    side: Side
+    public: dict[str, Record]
+    filters: dict[int, LearnabilityFilter] = field(default_factory=dict)
+    # the LLM's own paths of the current round: question id -> [(text, logprob, num_tokens, correct)]
+    own_paths: dict[str, list[tuple[str, float, int, bool]]] = field(default_factory=dict)
+
+
+@dataclass
+class StepLog:
+    """What one side did in a round: metrics (JSON-able scalars) and the filter's selection records."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    selections: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def candidate_ids(public: dict[str, Record], *, n: int, seed: int, round: int) -> list[str]:
+    ids = sorted(public)
+    rng = random.Random(derive_seed(seed, "candidates", round))
+    return ids if n >= len(ids) else sorted(rng.sample(ids, n))
+
+
+def sft_examples(side: Side, records: list[Record]) -> list[SFTExample]:
+    return [SFTExample(p, reasoning.format_path(r.rationale, r.answer))
+            for p, r in zip(side.prompts([r.question for r in records]), records)]
+
+
+def _holdout_nll(side: Side, records: list[Record], cfg: RunConfig) -> np.ndarray:
+    ex = sft_examples(side, records)
+    if not ex:
+        return np.zeros(0)
+    s = score_paths(side.model, side.tokenizer, [e.prompt for e in ex], [e.path for e in ex],
+                    batch_size=64, max_length=cfg.train.max_length)
+    return s.nll
+
+
+def _filter_for(existing: LearnabilityFilter | None, dim: int, cfg: RunConfig, seed: int) -> LearnabilityFilter:
+    if existing is not None:
+        return existing
+    lc = cfg.lada
+    return LearnabilityFilter(dim, hidden=lc.filter_hidden, alpha=lc.alpha, threshold=lc.threshold,
+                              budget=lc.budget, min_count=lc.min_count, epochs=lc.filter_epochs, lr=lc.filter_lr,
+                              seed=seed)
+
+
+def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndarray, *, round: int,
+            budget: float, seed: int) -> Selection:
+    """LaDa's filter, or a baseline's rule recorded in the same Selection shape."""
+    n = len(ids)
+    if method in ("lada", "lada-sft"):
+        return flt.select(ids, feats, round=round)
+    zeros = np.zeros(n)
+    if method == "all":
+        return Selection(ids, np.ones(n, bool), zeros, zeros, zeros, ["all: no filter"] * n)
+    if method == "random":
+        k = min(n, math.ceil(budget * n))
+        pick = set(random.Random(seed).sample(range(n), k))
+        sel = np.array([i in pick for i in range(n)], bool)
+        return Selection(ids, sel, zeros, zeros, zeros,
+                         ["random at budget" if s else "random: not drawn" for s in sel])
+    raise ValueError(f"method {method!r} does not select")
+
+
+def _selection_records(sel: Selection, *, round: int, pair: str, scalars: dict[str, np.ndarray]) -> list[dict]:
+    out = []
+    for i, qid in enumerate(sel.ids):
+        rec = {"round": round, "pair": pair, "id": qid, "selected": bool(sel.selected[i]),
+               "score": _f(sel.scores[i]), "exploit": _f(sel.exploit[i]), "explore": _f(sel.explore[i]),
+               "reason": sel.reasons[i]}
+        rec.update({k: _f(v[i]) for k, v in scalars.items()})
+        out.append(rec)
+    return out
+
+
+def _f(x) -> float | None:
+    x = float(x)
+    return None if not math.isfinite(x) else round(x, 6)
+
+
+def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
+    lc, tc = cfg.lada, cfg.train
+    kw = dict(lr=lr, epochs=epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+              max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, beta=lc.beta, lambda_da=lc.lambda_da, mu=lc.mu,
+              max_length=tc.max_length, seed=seed)
+    if lc.method == "lada-sft":  # distilling step-by-step: plain SFT on the other side's paths
+        kw.update(lambda_da=0.0, mu=1.0)
+    return kw
+
+
+# --------------------------------------------------------------------------------------------- server teach
+
+
+def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Progress | None = None
+                 ) -> tuple[TeachMessage, StepLog]:
+    """Step 2: LLM paths on this round's candidates, answer-correct ones kept (rejection sampling)."""
+    lc = cfg.lada
+    qids = candidate_ids(state.public, n=lc.candidates_per_round, seed=cfg.seed, round=round)
+    state.own_paths = {}
+    if lc.method == "local":
+        return TeachMessage(round=round, question_ids=tuple(qids)), StepLog({"llm_paths": 0})
+    t0 = time.perf_counter()
+    side = state.side
+    prompts = side.prompts([state.public[q].question for q in qids])
+    sampled = sample_paths(side.model, side.tokenizer, prompts, num_paths=lc.paths_per_question,
+                           temperature=lc.temperature, top_p=lc.top_p, max_new_tokens=lc.max_new_tokens,
+                           seed=derive_seed(cfg.seed, "llm-sample", round), batch_size=64)
+    flat_p = [p for p, paths in zip(prompts, sampled) for _ in paths]
+    flat_y = [y for paths in sampled for y in paths]
+    sc = score_paths(side.model, side.tokenizer, flat_p, flat_y, batch_size=64, max_length=cfg.train.max_length)
+    items, i, n_correct_q = [], 0, 0
+    for qid, paths in zip(qids, sampled):
+        gold = state.public[qid].answer
+        seen: set[str] = set()
+        rows = []
+        for y in paths:
+            ok = reasoning.is_correct(reasoning.extract_answer(y, mode="strict"), gold)
+            rows.append((y, float(sc.logprob[i]), int(sc.num_tokens[i]), ok))
+            if ok and y not in seen:
+                seen.add(y)
+                items.append(PathItem(qid, y, float(sc.logprob[i]), int(sc.num_tokens[i])))
+            i += 1
+        state.own_paths[qid] = rows
+        n_correct_q += bool(seen)
+    msg = TeachMessage(round=round, question_ids=tuple(qids), paths=tuple(items))
+    m = {"llm_paths_sampled": len(flat_y), "llm_paths_correct": len(items),
+         "llm_questions_with_correct_path": n_correct_q, "llm_pass_rate": n_correct_q / max(len(qids), 1),
+         "teach_seconds": round(time.perf_counter() - t0, 2)}
+    return msg, StepLog(m)
+
+
+# ---------------------------------------------------------------------------------------------- client step
+
+
+def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Record], cfg: RunConfig,
+                round: int, progress: Progress | None = None) -> tuple[ReportMessage, StepLog]:
+    """Steps 1, 3, 4, 5 and 7 on client k. Only ``ReportMessage`` leaves this function's side."""
+    lc, k = cfg.lada, state.client_id
+    side = state.side
+    t0 = time.perf_counter()
+    logd = StepLog()
+    sft = sft_examples(side, state.train)
+    train_kw = _train_kwargs(cfg, lr=cfg.train.client_lr, epochs=cfg.train.client_epochs,
+                             seed=derive_seed(cfg.seed, "client-train", round, k))
+
+    if lc.method == "local":
+        stats = train(side.model, side.tokenizer, sft=sft, **train_kw)
+        logd.metrics.update(_stats(stats, "train"))
+        logd.metrics["client_seconds"] = round(time.perf_counter() - t0, 2)
+        return ReportMessage(round=round, client=k, metrics={"selected": 0}), logd
+
+    qids = list(teach.question_ids)
+    questions = [public[q].question for q in qids]
+    prompts = dict(zip(qids, side.prompts(questions)))
+
+    # 3. own paths on the candidates, scored by the SLM
+    own = sample_paths(side.model, side.tokenizer, [prompts[q] for q in qids],
+                       num_paths=lc.client_paths_per_question, temperature=lc.temperature, top_p=lc.top_p,
+                       max_new_tokens=lc.max_new_tokens, seed=derive_seed(cfg.seed, "client-sample", round, k),
+                       batch_size=64)
+    own_flat = [(q, y) for q, ys in zip(qids, own) for y in ys]
+    teach_by_q: dict[str, list[PathItem]] = {}
+    for it in teach.paths:
+        if it.question_id in prompts:
+            teach_by_q.setdefault(it.question_id, []).append(it)
+    teach_flat = [it for q in qids for it in teach_by_q.get(q, [])]
+    all_p = [prompts[q] for q, _ in own_flat] + [prompts[it.question_id] for it in teach_flat]
+    all_y = [y for _, y in own_flat] + [it.text for it in teach_flat]
+    sc = score_paths(side.model, side.tokenizer, all_p, all_y, batch_size=64, max_length=cfg.train.max_length)
+    n_own = len(own_flat)
+    own_rows: dict[str, list[tuple[str, float, int, bool]]] = {}
+    for j, (q, y) in enumerate(own_flat):
+        ok = reasoning.is_correct(reasoning.extract_answer(y, mode="strict"), public[q].answer)
+        own_rows.setdefault(q, []).append((y, float(sc.logprob[j]), int(sc.num_tokens[j]), ok))
+    slm_nll_teacher = {id(it): float(sc.nll[n_own + j]) for j, it in enumerate(teach_flat)}
+
+    # 4. filter L->k over questions that have a correct LLM path
+    cand = [q for q in qids if teach_by_q.get(q)]
+    chosen: dict[str, PathItem] = {}
+    for q in cand:  # the most learnable correct LLM path: lowest SLM per-token NLL
+        chosen[q] = min(teach_by_q[q], key=lambda it: slm_nll_teacher[id(it)])
+    selected_q: list[str] = []
+    if cand:
+        g_slm = np.array([slm_nll_teacher[id(chosen[q])] for q in cand])
+        g_llm = np.array([chosen[q].nll for q in cand])
+        gap = learnability_gap(g_slm, g_llm)
+        own_acc = np.array([np.mean([r[3] for r in own_rows[q]]) for q in cand])
+        scalars = {"learnability_gap": gap, "slm_nll": g_slm, "llm_nll": g_llm,
+                   "path_tokens": np.array([chosen[q].num_tokens for q in cand], float), "slm_pass": own_acc}
+        emb = question_embeddings(side.model, side.tokenizer, [prompts[q] for q in cand], batch_size=64)
+        feats = build_features(emb, scalars)
+        state.filter = _filter_for(state.filter, feats.shape[1], cfg, derive_seed(cfg.seed, "filter", k))
+        sel = _select(lc.method, state.filter, cand, feats, round=round, budget=lc.budget,
+                      seed=derive_seed(cfg.seed, "random-select", round, k))
+        logd.selections = _selection_records(sel, round=round, pair=f"llm->client{k}", scalars=scalars)
+        logd.metrics["filter"] = summarize(sel, {"learnability_gap": gap})
+        selected_q = [q for q, s in zip(cand, sel.selected) if s]
+        sel_feats = feats[sel.selected]
+    # 5. distillation examples
+    pref, listwise, dist = [], [], []
+    for q in selected_q:
+        y_pos = chosen[q]
+        dist.append(SFTExample(prompts[q], y_pos.text))
+        if lc.loss == "listwise":
+            ps = teach_by_q[q]
+            if len(ps) >= 2:
+                listwise.append(ListwiseExample(prompts[q], [p.text for p in ps], [p.logprob for p in ps],
+                                                [True] * len(ps)))
+        else:
+            wrong = [r for r in own_rows[q] if not r[3]]
+            if wrong and lc.loss == "pairwise":
+                y_neg = max(wrong, key=lambda r: r[1] / max(r[2], 1))[0]
+                pref.append(PreferenceExample(prompts[q], y_pos.text, y_neg))
+    nll_before = _holdout_nll(side, state.holdout, cfg)
+    sel_before = (score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
+                              batch_size=64, max_length=cfg.train.max_length).nll if dist else np.zeros(0))
+    stats = train(side.model, side.tokenizer, sft=sft, preference=pref, listwise=listwise, distill_sft=dist,
+                  **train_kw)
+    logd.metrics.update(_stats(stats, "train"))
+    # 7. reward -> the filter's replay pool
+    if dist and lc.method in ("lada", "lada-sft"):
+        nll_after = _holdout_nll(side, state.holdout, cfg)
+        sel_after = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
+                                batch_size=64, max_length=cfg.train.max_length).nll
+        R = perplexity_reward(nll_before, nll_after)
+        rewards = sample_rewards(R, sel_before - sel_after, mix=lc.reward_mix)
+        state.filter.observe(sel_feats, rewards)
+        fit = state.filter.fit()
+        logd.metrics.update({"reward": _f(R), "filter_fit": fit})
+    logd.metrics.update({"candidates": len(qids), "with_teacher_path": len(cand), "selected": len(selected_q),
+                         "preference_pairs": len(pref), "listwise_groups": len(listwise),
+                         "distill_sft": len(dist), "client_seconds": round(time.perf_counter() - t0, 2)})
+
+    # the reply: the SLM's answer-correct paths (deduplicated), scored by the SLM before its update
+    out = []
+    for q in qids:
+        seen = set()
+        for y, lp, nt, ok in own_rows.get(q, []):
+            if ok and y not in seen:
+                seen.add(y)
+                out.append(PathItem(q, y, lp, nt))
+    report = ReportMessage(round=round, client=k, paths=tuple(out),
+                           metrics={"selected": len(selected_q), "correct_paths": len(out)})
+    return report, logd
+
+
+def _stats(stats, prefix: str) -> dict:
+    return {f"{prefix}_steps": stats.steps, f"{prefix}_tokens": stats.tokens, f"{prefix}_loss": _f(stats.loss),
+            f"{prefix}_seconds": round(stats.seconds, 2),
+            **{f"{prefix}_{k}": _f(v) for k, v in stats.components.items()}}
+
+
+# --------------------------------------------------------------------------------------------- server learn
+
+
+def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunConfig, round: int,
+                 progress: Progress | None = None) -> StepLog:
+    """Steps 3-5 and 7 on the server: novelty gap, filter per client, LLM update on the union of selections."""
+    lc = cfg.lada
+    logd = StepLog()
+    if lc.method == "local" or not reports:
+        return logd
+    t0 = time.perf_counter()
+    side = state.side
+    rng = random.Random(derive_seed(cfg.seed, "server-holdout", round))
+    pref, listwise, dist, sel_feats_all, holdout = [], [], [], [], []
+    per_client_feats: list[tuple[int, np.ndarray, int]] = []
+    for rep in sorted(reports, key=lambda r: r.client):
+        k = rep.client
+        paths = [p for p in rep.paths if p.question_id in state.public]
+        if not paths:
+            continue
+        # one item per question: the client's most confident correct path
+        best: dict[str, PathItem] = {}
+        for p in paths:
+            if p.question_id not in best or p.nll < best[p.question_id].nll:
+                best[p.question_id] = p
+        qids = sorted(best)
+        # the server's reward slice: a seeded 20% of the received questions, never trained on this round
+        n_hold = max(1, len(qids) // 5) if len(qids) >= 5 else 0
+        hold = set(rng.sample(qids, n_hold)) if n_hold else set()
+        holdout += [best[q] for q in qids if q in hold]
+        qids = [q for q in qids if q not in hold]
+        if not qids:
+            continue
+        prompts = side.prompts([state.public[q].question for q in qids])
+        sc = score_paths(side.model, side.tokenizer, prompts, [best[q].text for q in qids], batch_size=64,
+                         max_length=cfg.train.max_length)
+        llm_nll = sc.nll
+        slm_nll = np.array([best[q].nll for q in qids])
+        gap = novelty_gap(llm_nll, slm_nll, np.ones(len(qids), bool))
+        llm_pass = np.array([np.mean([r[3] for r in state.own_paths.get(q, [])] or [0.0]) for q in qids])
+        scalars = {"novelty_gap": gap, "llm_nll": llm_nll, "slm_nll": slm_nll,
+                   "path_tokens": np.array([best[q].num_tokens for q in qids], float), "llm_pass": llm_pass}
+        emb = question_embeddings(side.model, side.tokenizer, prompts, batch_size=64)
+        feats = build_features(emb, scalars)
+        state.filters[k] = _filter_for(state.filters.get(k), feats.shape[1], cfg,
+                                       derive_seed(cfg.seed, "server-filter", k))
+        sel = _select(lc.method, state.filters[k], qids, feats, round=round, budget=lc.budget,
+                      seed=derive_seed(cfg.seed, "server-random-select", round, k))
+        logd.selections += _selection_records(sel, round=round, pair=f"client{k}->llm", scalars=scalars)
+        logd.metrics[f"filter_client{k}"] = summarize(sel, {"novelty_gap": gap})
+        n_before = len(dist)
+        for j, q in enumerate(qids):
+            if not sel.selected[j]:
+                continue
+            prompt = prompts[j]
+            dist.append(SFTExample(prompt, best[q].text))
+            wrong = [r for r in state.own_paths.get(q, []) if not r[3]]
+            if wrong and lc.loss == "pairwise":
+                y_neg = max(wrong, key=lambda r: r[1] / max(r[2], 1))[0]
+                pref.append(PreferenceExample(prompt, best[q].text, y_neg))
+            elif lc.loss == "listwise":
+                ps = [p for p in paths if p.question_id == q]
+                if len(ps) >= 2:  # the teacher here is the client: its own scores are the targets
+                    listwise.append(ListwiseExample(prompt, [p.text for p in ps], [p.logprob for p in ps],
+                                                    [True] * len(ps)))
+        per_client_feats.append((k, feats[sel.selected], len(dist) - n_before))
+
+    if not dist:
+        logd.metrics["server_selected"] = 0
+        return logd
+    h_prompts = side.prompts([state.public[p.question_id].question for p in holdout])
+    h_before = (score_paths(side.model, side.tokenizer, h_prompts, [p.text for p in holdout], batch_size=64,
+                            max_length=cfg.train.max_length).nll if holdout else np.zeros(0))
+    d_before = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
+                           batch_size=64, max_length=cfg.train.max_length).nll
+    stats = train(side.model, side.tokenizer, sft=(), preference=pref, listwise=listwise, distill_sft=dist,
+                  **_train_kwargs(cfg, lr=cfg.train.server_lr, epochs=cfg.train.server_epochs,
+                                  seed=derive_seed(cfg.seed, "server-train", round)))
+    logd.metrics.update(_stats(stats, "server_train"))
+    if lc.method in ("lada", "lada-sft"):
+        h_after = (score_paths(side.model, side.tokenizer, h_prompts, [p.text for p in holdout], batch_size=64,
+                               max_length=cfg.train.max_length).nll if holdout else np.zeros(0))
+        d_after = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
+                              batch_size=64, max_length=cfg.train.max_length).nll
+        R = perplexity_reward(h_before, h_after) if len(h_before) else 0.0
+        logd.metrics["server_reward"] = _f(R)
+        start = 0
+        for k, f, n in per_client_feats:
+            if n:
+                state.filters[k].observe(f, sample_rewards(R, d_before[start:start + n] - d_after[start:start + n],
+                                                           mix=lc.reward_mix))
+                logd.metrics[f"server_filter_fit_client{k}"] = state.filters[k].fit()
+            start += n
+    logd.metrics.update({"server_selected": len(dist), "server_preference_pairs": len(pref),
+                         "server_seconds": round(time.perf_counter() - t0, 2)})
+    return logd
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_size: int = 64) -> dict:
+    """Greedy answer accuracy, overall and by domain and by number of reasoning steps."""
+    from fedlada.data import steps_of
+
+    if not records:
+        return {"accuracy": None, "n": 0}
+    prompts = side.prompts([r.question for r in records])
+    outs = sample_paths(side.model, side.tokenizer, prompts, num_paths=1, temperature=0.0,
+                        max_new_tokens=max_new_tokens, seed=0, batch_size=batch_size)
+    ok = [reasoning.is_correct(reasoning.extract_answer(o[0], mode="flexible"), r.answer)
+          for o, r in zip(outs, records)]
+    by_domain: dict[str, list[bool]] = {}
+    by_steps: dict[str, list[bool]] = {}
+    for r, c in zip(records, ok):
+        by_domain.setdefault(r.domain or "-", []).append(c)
+        s = steps_of(r)
+        if s is not None:
+            by_steps.setdefault(str(s), []).append(c)
+    return {"accuracy": float(np.mean(ok)), "n": len(ok),
+            "by_domain": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
+            "by_steps": {s: float(np.mean(v)) for s, v in sorted(by_steps.items(), key=lambda kv: int(kv[0]))},
+            "answer_extraction_version": reasoning.ANSWER_EXTRACTION_VERSION}

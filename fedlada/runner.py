@@ -1,0 +1,360 @@
+"""The in-process driver: T rounds with K clients in one process, deterministic by seed, resumable.
+
+A run directory holds everything needed to understand the run:
+
+``config.toml``        the resolved config (every default spelled out)
+``metrics.jsonl``      one JSON object per event: evaluations, each side's step, bytes per direction
+``selections.jsonl``   every filter decision: round, pair, public question id, features' scalars, gaps, scores,
+                       selected or not, and why
+``audit.jsonl``        per round and client: what left the client (record kinds, counts, bytes)
+``checkpoints/round_NNN/``  models' trainable weights and filter states after each completed round
+``report.html`` + ``plots/``  written at the end (``fedlada.report``)
+``summary.json``       the final table
+
+Resume: the last round whose checkpoint holds a ``COMPLETE`` marker is loaded, lines of later rounds are dropped
+from the JSONL files, and the run continues. Because every random choice is seeded from (seed, round, client,
+purpose), a resumed run ends with the same numbers as an uninterrupted one.
+
+Every message between the sides goes through ``to_bytes``/``from_bytes`` here too, so the in-process runner
+exercises the same serialisation (and byte counts) as a federated deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedlada import config as config_mod
+from fedlada.config import RunConfig
+from fedlada.errors import ConfigError, FedLadaError
+from fedlada.messages import ReportMessage, TeachMessage
+from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
+from fedlada.rounds import (ClientState, ServerState, Side, StepLog, client_step, derive_seed, evaluate,
+                            server_learn, server_teach)
+
+log = logging.getLogger(__name__)
+
+
+class Events:
+    """Hooks the application uses for progress display; the library itself only logs."""
+
+    def stage(self, text: str) -> None:  # a new long step starts
+        log.info(text)
+
+    def progress(self, done: int, total: int) -> None:  # progress inside the current step
+        pass
+
+
+# ----------------------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ckpt = self.path / "checkpoints"
+
+    def write_atomic(self, name: str, text: str) -> None:
+        p = self.path / name
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(p)
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        with open(self.path / name, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, name: str) -> list[dict]:
+        p = self.path / name
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_after(self, name: str, round: int) -> None:
+        rows = [r for r in self.read(name) if r.get("round", 0) <= round]
+        self.write_atomic(name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def last_complete_round(self) -> int:
+        if not self.ckpt.is_dir():
+            return 0
+        done = [int(p.name.split("_")[1]) for p in self.ckpt.glob("round_*") if (p / "COMPLETE").is_file()]
+        return max(done, default=0)
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def save_checkpoint(rd: RunDir, round: int, server: ServerState, pool) -> None:
+    """Server weights and filters plus every client's state (``pool.save``), then the COMPLETE marker."""
+    d = rd.ckpt / f"round_{round:03d}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    torch.save(_trainable_state(server.side.model), d / "llm.pt")
+    torch.save({"server_filters": {k: f.state_dict() for k, f in server.filters.items()}, "round": round},
+               d / "server_state.pt")
+    pool.save(d)
+    (d / "COMPLETE").write_text(str(round))
+
+
+def load_checkpoint(rd: RunDir, round: int, server: ServerState, cfg: RunConfig) -> None:
+    from fedlada.rounds import _filter_for
+
+    d = rd.ckpt / f"round_{round:03d}"
+    server.side.model.load_state_dict(torch.load(d / "llm.pt"), strict=False)
+    st = torch.load(d / "server_state.pt", weights_only=False)
+    for k, s in st["server_filters"].items():
+        server.filters[k] = _filter_for(None, s["feature_dim"], cfg, derive_seed(cfg.seed, "server-filter", k))
+        server.filters[k].load_state_dict(s)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    wall_seconds: float
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def setup_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
+    rd = RunDir(cfg.out_dir)
+    rd.path.mkdir(parents=True, exist_ok=True)
+    text = config_mod.dump_toml(cfg)
+    existing = rd.path / "config.toml"
+    start = 0
+    if existing.is_file() and rd.last_complete_round() > 0:
+        if not resume:
+            raise ConfigError(f"run directory {rd.path} already holds a run; resume it (the default), or pick "
+                              f"another out_dir")
+        old = existing.read_text(encoding="utf-8")
+        if old != text:
+            raise ConfigError(f"run directory {rd.path} holds a run with a different config ({existing}); "
+                              f"use another out_dir or the same config to resume it")
+        start = rd.last_complete_round()
+        for name in ("metrics.jsonl", "selections.jsonl", "audit.jsonl"):
+            rd.truncate_after(name, start)
+    else:
+        for name in ("metrics.jsonl", "selections.jsonl", "audit.jsonl"):
+            (rd.path / name).unlink(missing_ok=True)
+        shutil.rmtree(rd.ckpt, ignore_errors=True)
+    rd.write_atomic("config.toml", text)
+    return rd, start
+
+
+def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
+    from fedlada.models import PromptFormatter
+
+    infos: dict[str, Any] = {}
+    events.stage("preparing the LLM")
+    llm, ltok, infos["llm"] = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
+                                            progress=events.progress)
+    server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
+                         {r.id: r for r in data.public})
+    clients = []
+    for k, files in enumerate(data.clients):
+        spec = cfg.models.slm_for(k)
+        events.stage(f"preparing SLM of client {k}")
+        m, tok, infos[f"client{k}"] = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data,
+                                                    progress=events.progress)
+        train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
+        test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
+        clients.append(ClientState(k, Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template)),
+                                   train, hold, test))
+    return server, clients, infos
+
+
+@dataclass
+class ClientResult:
+    """One client's answer to a round: the serialised report, its local logs, or why it failed."""
+
+    client_id: int
+    report: bytes | None = None
+    metrics: dict = field(default_factory=dict)
+    selections: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+
+class InProcessClients:
+    """The clients of an in-process run. A federated engine provides the same four methods over the network."""
+
+    def __init__(self, clients: list[ClientState], public: dict, cfg: RunConfig,
+                 fail_hook: Callable[[int, int], None] | None = None, events: Events | None = None):
+        self.clients, self.public, self.cfg, self.fail_hook = clients, public, cfg, fail_hook
+        self.events = events or Events()
+
+    @property
+    def ids(self) -> list[int]:
+        return [c.client_id for c in self.clients]
+
+    def step(self, teach: bytes, round: int) -> list[ClientResult]:
+        out = []
+        for c in self.clients:
+            self.events.stage(f"round {round}/{self.cfg.rounds}: client {c.client_id}")
+            try:
+                if self.fail_hook:
+                    self.fail_hook(round, c.client_id)
+                rep, clog = client_step(c, TeachMessage.from_bytes(teach), public=self.public, cfg=self.cfg,
+                                        round=round)
+            except ClientFailure as e:
+                out.append(ClientResult(c.client_id, error=str(e)))
+                continue
+            out.append(ClientResult(c.client_id, rep.to_bytes(), clog.metrics, clog.selections))
+        return out
+
+    def evaluate(self, round: int) -> list[dict]:
+        return [{"round": round, "event": "eval", "who": f"client{c.client_id}",
+                 **evaluate(c.side, c.test, max_new_tokens=self.cfg.lada.max_new_tokens)} for c in self.clients]
+
+    def save(self, d: Path) -> None:
+        for c in self.clients:
+            torch.save(_trainable_state(c.side.model), d / f"client_{c.client_id}.pt")
+            if c.filter is not None:
+                torch.save(c.filter.state_dict(), d / f"client_{c.client_id}_filter.pt")
+
+    def load(self, d: Path) -> None:
+        from fedlada.rounds import _filter_for
+
+        for c in self.clients:
+            c.side.model.load_state_dict(torch.load(d / f"client_{c.client_id}.pt"), strict=False)
+            f = d / f"client_{c.client_id}_filter.pt"
+            if f.is_file():
+                s = torch.load(f, weights_only=False)
+                c.filter = _filter_for(None, s["feature_dim"], self.cfg,
+                                       derive_seed(self.cfg.seed, "filter", c.client_id))
+                c.filter.load_state_dict(s)
+
+
+class ClientFailure(Exception):
+    """Raised (by a fail hook or an engine) when a client cannot complete its round."""
+
+
+def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
+        stop_after_round: int | None = None, fail_hook: Callable[[int, int], None] | None = None) -> RunResult:
+    """Run (or resume) LaDa in one process. ``stop_after_round`` ends early (used to test resume);
+    ``fail_hook(round, client)`` is called before each client step (tests use it to simulate a crash)."""
+    events = events or Events()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rd, start = setup_run_dir(cfg, resume=resume)
+    events.stage("loading data")
+    data = load_data(cfg)
+    server, clients, infos = build_states(cfg, data, events)
+    pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
+    llm_test = [rec for c in clients for rec in c.test]
+    setup = {"models": infos, "data": data.source, "public": len(data.public),
+             "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test)} for c in clients]}
+    return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
+                 t_start=t_start)
+
+
+def drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm_test: list, events: Events, *,
+          setup: dict, stop_after_round: int | None = None, t_start: float | None = None) -> RunResult:
+    """The round loop shared by every engine. ``pool`` is the engine's view of the clients (see
+    :class:`InProcessClients`); only serialised messages pass between it and the server."""
+    from fedlada.messages import MessageError
+
+    t_start = t_start if t_start is not None else time.perf_counter()
+    if start:
+        events.stage(f"resuming after round {start}")
+        load_checkpoint(rd, start, server, cfg)
+        pool.load(rd.ckpt / f"round_{start:03d}")
+    else:
+        rd.append("metrics.jsonl", [{"round": 0, "event": "setup", **setup}])
+        events.stage("evaluating before round 1")
+        rd.append("metrics.jsonl", pool.evaluate(0) + [_llm_eval(server, llm_test, cfg, 0)])
+    last = min(cfg.rounds, stop_after_round) if stop_after_round else cfg.rounds
+    for t in range(start + 1, last + 1):
+        t_round = time.perf_counter()
+        events.stage(f"round {t}/{cfg.rounds}: LLM reasoning paths")
+        teach, slog = server_teach(server, cfg=cfg, round=t)
+        teach_bytes = teach.to_bytes()
+        rows = [{"round": t, "event": "server_teach", **slog.metrics}]
+        reports, audit = [], []
+        for res in pool.step(teach_bytes, t):
+            who = f"client{res.client_id}"
+            if res.error is None:
+                try:
+                    rep = ReportMessage.from_bytes(res.report)
+                    if rep.client != res.client_id or rep.round != t:
+                        raise MessageError(f"report names client {rep.client} round {rep.round}, expected "
+                                           f"client {res.client_id} round {t}")
+                except MessageError as e:
+                    res.error = f"malformed report rejected: {e}"
+            if res.error is not None:
+                log.warning("round %d: %s failed: %s", t, who, res.error)
+                rows.append({"round": t, "event": "client_failed", "who": who, "reason": res.error})
+                continue
+            reports.append(rep)
+            rows.append({"round": t, "event": "client_step", "who": who, **res.metrics})
+            rows.append({"round": t, "event": "bytes", "who": who, "server_to_client": len(teach_bytes),
+                         "client_to_server": len(res.report)})
+            audit.append({"round": t, "client": res.client_id, **rep.audit()})
+            rd.append("selections.jsonl", res.selections)
+        if len(reports) < cfg.min_clients:
+            rd.append("metrics.jsonl", rows)
+            raise RoundFailed(f"round {t}: only {len(reports)} client(s) reported, min_clients={cfg.min_clients}; "
+                              f"completed rounds are checkpointed in {rd.ckpt}")
+        events.stage(f"round {t}/{cfg.rounds}: LLM update")
+        llog = server_learn(server, reports, cfg=cfg, round=t)
+        rows.append({"round": t, "event": "server_learn", **llog.metrics})
+        rd.append("selections.jsonl", llog.selections)
+        events.stage(f"round {t}/{cfg.rounds}: evaluation")
+        rows += pool.evaluate(t) + [_llm_eval(server, llm_test, cfg, t)]
+        rows.append({"round": t, "event": "round_time", "seconds": round(time.perf_counter() - t_round, 2)})
+        rd.append("metrics.jsonl", rows)
+        rd.append("audit.jsonl", audit)
+        save_checkpoint(rd, t, server, pool)
+    summary = summarize_run(rd, cfg)
+    if last == cfg.rounds:
+        rd.write_atomic("summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
+
+
+class RoundFailed(FedLadaError):
+    """Too few clients completed a round."""
+
+
+def _llm_eval(server: ServerState, records: list, cfg: RunConfig, round: int) -> dict:
+    # Evaluation-only access: the experimenter scores the LLM on the union of the clients' test splits (as the
+    # paper reports); no training step ever sees these records.
+    return {"round": round, "event": "eval", "who": "llm",
+            **evaluate(server.side, records, max_new_tokens=cfg.lada.max_new_tokens)}
+
+
+def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
+    """Accuracy per round for every model, bytes and training tokens: the numbers the report and CLI show."""
+    rows = rd.read("metrics.jsonl")
+    acc: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r.get("event") == "eval":
+            acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
+    bytes_up = sum(r.get("client_to_server", 0) for r in rows if r.get("event") == "bytes")
+    bytes_down = sum(r.get("server_to_client", 0) for r in rows if r.get("event") == "bytes")
+    tokens = sum(r.get("train_tokens", 0) or 0 for r in rows if r.get("event") == "client_step") + \
+        sum(r.get("server_train_tokens", 0) or 0 for r in rows if r.get("event") == "server_learn")
+    final_round = max((max(v) for v in acc.values()), default=0)
+    slm_final = [v[final_round] for k, v in acc.items() if k.startswith("client") and final_round in v]
+    return {"method": cfg.lada.method, "seed": cfg.seed, "rounds_done": final_round,
+            "accuracy": {k: {str(t): a for t, a in sorted(v.items())} for k, v in sorted(acc.items())},
+            "final": {k: v.get(final_round) for k, v in sorted(acc.items())},
+            "mean_slm_accuracy": (sum(slm_final) / len(slm_final)) if slm_final else None,
+            "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
+            "train_tokens_federated": tokens}

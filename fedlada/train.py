@@ -1,0 +1,289 @@
+"""The one local training loop, used by clients (SLMs) and by the server (LLM, LoRA) alike.
+
+Objective (LADA.md, "Domain-adaptive reasoning distillation"), per optimizer step:
+
+    L = L_SFT(sft) + lambda_da * L_DA(preference and/or listwise) + mu * L_SFT(distill_sft)
+
+* L_SFT: token NLL of the path given the prompt, summed over path tokens and divided by the number of path tokens in
+  the whole optimizer step (all accumulated micro-batches), so ``batch_size`` x ``grad_accum`` does not change the
+  gradient (STYLE.md point 7). ``SFTExample.weight`` multiplies an example's token losses.
+* L_DA, pairwise: ``losses.contrastive_path_loss`` averaged over the pairs of the step. The reference is the model as
+  it is when ``train`` is called: its log-probs of every chosen and rejected path are computed once, before the first
+  step (eval mode, no grad), so no second copy of the model is held.
+* L_DA, listwise: ``losses.listwise_path_loss`` averaged over the step's questions; the teacher's log-probs come with
+  the examples, the student's are computed with grad. Only valid paths are run through the model, and questions with
+  fewer than two valid paths are dropped up front (they carry no ranking signal). If both pairwise and listwise
+  examples are given, L_DA is the sum of the two means.
+
+Batching -- a choice of ours: each epoch has ``n = max_k ceil(len(kind_k) / batch_size)`` micro-batches. Each kind
+of example (sft, preference, listwise, distill_sft) is shuffled with its own RNG and split into ``n`` nearly equal
+contiguous chunks, and micro-batch i holds chunk i of every kind. So a small distillation set is interleaved with the
+local SFT data over the whole epoch instead of being trained in a block of its own, and every example is seen once
+per epoch. Each kind gets its own forward pass (padded to its own longest row); the gradient of each term is
+accumulated right away, so only one activation graph is alive at a time. With ``bucket_by_length`` the shuffled
+examples are sorted by length inside windows of 16 chunks before chunking (less padding), then the chunk order is
+shuffled again. ``n_steps = ceil(n / grad_accum)``; the last step of an epoch may hold fewer micro-batches and is
+normalised by its own counts.
+
+Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped before anything is computed, so
+``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate (no schedule), AdamW over the
+parameters with ``requires_grad`` only (a peft model trains only its adapters), weight decay on all of them.
+Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG forked and seeded with
+``seed`` (the caller's global RNG state is restored afterwards).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from fedlada.errors import ConfigError
+from fedlada.losses import contrastive_path_loss, listwise_path_loss, sft_loss
+from fedlada.paths import collate, encode_pair, path_logprobs
+
+logger = logging.getLogger(__name__)
+
+_BUCKET_WINDOW = 16  # chunks per length-sorting window when bucket_by_length
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class ListwiseExample:
+    """M paths of one prompt with the teacher's log joint probabilities; ``valid`` marks usable (correct) paths."""
+
+    prompt: str
+    paths: list[str]
+    teacher_logp: list[float]
+    valid: list[bool]
+
+    def __post_init__(self):
+        if not len(self.paths) == len(self.teacher_logp) == len(self.valid):
+            raise ValueError(f"ListwiseExample: paths, teacher_logp and valid must have the same length, got "
+                             f"{len(self.paths)}, {len(self.teacher_logp)}, {len(self.valid)}")
+
+
+@dataclass
+class TrainStats:
+    """steps: optimizer steps; tokens: non-pad tokens in training forward passes (not the reference pass);
+    loss: mean over steps of the objective; components: mean over steps of each unweighted term (``sft``, ``da``,
+    ``distill``; NaN where a term had no data); seconds: wall-clock time of ``train``, reference pass included."""
+
+    steps: int
+    tokens: int
+    loss: float
+    components: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ encoding and plan
+
+
+def _encode(tokenizer, examples, kind: str, max_length: int) -> list[dict]:
+    """Tokenise once; each item keeps its pairs (prompt_ids, path_ids) and the values its loss needs."""
+    items = []
+    for ex in examples:
+        if kind in ("sft", "distill"):
+            items.append(dict(pairs=[encode_pair(tokenizer, ex.prompt, ex.path, max_length=max_length)],
+                              weight=float(ex.weight)))
+        elif kind == "pref":
+            items.append(dict(pairs=[encode_pair(tokenizer, ex.prompt, ex.chosen, max_length=max_length),
+                                     encode_pair(tokenizer, ex.prompt, ex.rejected, max_length=max_length)]))
+        else:  # listwise: keep the valid paths only
+            keep = [j for j, ok in enumerate(ex.valid) if ok]
+            if len(keep) < 2:
+                continue
+            items.append(dict(pairs=[encode_pair(tokenizer, ex.prompt, ex.paths[j], max_length=max_length)
+                                     for j in keep],
+                              teacher=[float(ex.teacher_logp[j]) for j in keep]))
+    for it in items:
+        it["length"] = max(len(p) + len(y) for p, y in it["pairs"])
+    return items
+
+
+def _chunks(items: list[dict], n: int, rng: random.Random, bucket: bool) -> list[list[dict]]:
+    """Shuffle ``items`` and split them into ``n`` nearly equal contiguous chunks (see the module docstring)."""
+    order = list(items)
+    rng.shuffle(order)
+    if bucket:
+        window = _BUCKET_WINDOW * max(1, math.ceil(len(order) / n))
+        order = [it for s in range(0, len(order), window)
+                 for it in sorted(order[s:s + window], key=lambda it: it["length"])]
+    size, extra = divmod(len(order), n)
+    bounds = [i * size + min(i, extra) for i in range(n + 1)]
+    chunks = [order[bounds[i]:bounds[i + 1]] for i in range(n)]
+    if bucket:
+        rng.shuffle(chunks)
+    return chunks
+
+
+def _collate_kind(tokenizer, kind: str, chunk: list[dict], device) -> dict:
+    """One padded batch for one kind; rows are [chosen..., rejected...] for pairs, flattened valid paths for lists.
+
+    Adds ``count`` (this batch's contribution to the step-global normaliser: path tokens for SFT kinds, examples
+    otherwise) and ``tokens`` (non-pad tokens), both counted on the CPU before the move to ``device``.
+    """
+    if kind == "pref":
+        pairs = [it["pairs"][0] for it in chunk] + [it["pairs"][1] for it in chunk]
+    else:
+        pairs = [p for it in chunk for p in it["pairs"]]
+    batch = collate(tokenizer, pairs)
+    extra = dict(tokens=int(batch["attention_mask"].sum()))
+    if kind in ("sft", "distill"):
+        extra["count"] = int(batch["loss_mask"].sum())
+        batch["weights"] = batch["loss_mask"].float() * torch.tensor([it["weight"] for it in chunk])[:, None]
+    elif kind == "pref":
+        extra["count"] = len(chunk)
+        batch["ref"] = torch.tensor([it["ref"] for it in chunk])
+    elif kind == "list":
+        extra["count"] = len(chunk)
+        m = max(len(it["pairs"]) for it in chunk)
+        batch["teacher"] = torch.tensor([it["teacher"] + [0.0] * (m - len(it["teacher"])) for it in chunk])
+        batch["valid"] = torch.tensor([[j < len(it["pairs"]) for j in range(m)] for it in chunk])
+    return {**{k: v.to(device) for k, v in batch.items()}, **extra}
+
+
+# ------------------------------------------------------------------------------------------------ losses per kind
+
+
+def _term(model, kind: str, batch: dict, denom: float, *, beta: float) -> torch.Tensor:
+    """This micro-batch's share of one objective term: its sum divided by the step-global count ``denom``."""
+    if kind in ("sft", "distill"):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sft_loss(logits, batch["labels"], batch["weights"], num_tokens=denom)  # labels[:, t] = ids[:, t+1]
+    logp = path_logprobs(model, batch)
+    if kind == "pref":
+        chosen, rejected = logp.chunk(2)
+        ref = batch["ref"]
+        return contrastive_path_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=beta, reduction="sum") / denom
+    valid = batch["valid"]
+    student = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
+    lengths = torch.zeros(valid.shape, device=logp.device).masked_scatter(valid, batch["loss_mask"].sum(-1).float())
+    return listwise_path_loss(student, batch["teacher"], lengths, valid, reduction="sum") / denom
+
+
+@torch.no_grad()
+def _reference_logprobs(model, tokenizer, items: list[dict], *, batch_size: int, autocast) -> None:
+    """Store log pi_ref(chosen), log pi_ref(rejected) of the model as it is now in each preference item."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: items[i]["length"])  # similar lengths together: less padding
+    for s in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[s:s + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(tokenizer, [p for it in chunk for p in it["pairs"]]).items()}
+        with autocast():
+            logp = path_logprobs(model, batch).float().view(len(chunk), 2).tolist()
+        for it, ref in zip(chunk, logp):
+            it["ref"] = ref
+    model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Sequence[PreferenceExample] = (),
+          listwise: Sequence[ListwiseExample] = (), distill_sft: Sequence[SFTExample] = (), lr: float,
+          epochs: int = 1, batch_size: int = 16, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
+          weight_decay: float = 0.0, bf16: bool = False, beta: float = 0.1, lambda_da: float = 1.0, mu: float = 0.5,
+          max_length: int = 256, seed: int = 0, bucket_by_length: bool = True,
+          progress: Callable[[int, int], None] | None = None) -> TrainStats:
+    """Train ``model`` in place on the LaDa objective (module docstring) and return what it did.
+
+    ``batch_size`` is per kind and per micro-batch (in examples; a preference example is two rows, a listwise example
+    one row per valid path). ``max_grad_norm`` None or <= 0 disables clipping. ``progress(step, total)`` is called
+    after every optimizer step. The model ends in the train/eval mode it came in.
+    """
+    for key, value, ok, expected in (
+            ("lr", lr, lr > 0, "> 0"), ("epochs", epochs, epochs >= 0, "an integer >= 0"),
+            ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", grad_accum, grad_accum >= 1, "an integer >= 1"), ("beta", beta, beta > 0, "> 0"),
+            ("lambda_da", lambda_da, lambda_da >= 0, ">= 0"), ("mu", mu, mu >= 0, ">= 0"),
+            ("max_length", max_length, max_length >= 2, "an integer >= 2")):
+        if not ok:
+            raise ConfigError(f"train: {key}: expected {expected}, found {value!r}")
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    weights = {"sft": 1.0, "pref": lambda_da, "list": lambda_da, "distill": mu}
+    sources = {"sft": sft, "pref": preference, "list": listwise, "distill": distill_sft}
+    data = {k: _encode(tokenizer, src, k, max_length) for k, src in sources.items() if src and weights[k] > 0}
+    data = {k: v for k, v in data.items() if v}
+    n_micro = max((math.ceil(len(v) / batch_size) for v in data.values()), default=0)
+    total_steps = epochs * math.ceil(n_micro / grad_accum)
+    components = {"sft": [], "da": [], "distill": []}
+    if total_steps == 0:
+        logger.info("train: nothing to train on (no examples, epochs=0 or zero-weight terms only)")
+        return TrainStats(0, 0, float("nan"), {k: float("nan") for k in components}, time.perf_counter() - t0)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("train: the model has no parameter with requires_grad=True")
+    autocast = ((lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else nullcontext)
+    if "pref" in data:
+        _reference_logprobs(model, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rngs = {k: random.Random(f"{seed}/{k}") for k in data}
+    logger.info("train: %s; %d steps of up to %d x %d micro-batches",
+                ", ".join(f"{len(v)} {k}" for k, v in data.items()), total_steps, grad_accum, batch_size)
+
+    step, tokens, losses = 0, 0, []
+    was_training = model.training
+    model.train()
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        for _epoch in range(epochs):
+            chunks = {k: _chunks(v, n_micro, rngs[k], bucket_by_length) for k, v in data.items()}
+            for s in range(0, n_micro, grad_accum):
+                micro = [{k: _collate_kind(tokenizer, k, chunks[k][i], device)
+                          for k in data if chunks[k][i]} for i in range(s, min(s + grad_accum, n_micro))]
+                denom = {k: sum(mb[k]["count"] for mb in micro if k in mb) for k in data}
+                term_sums = {k: torch.zeros((), device=device) for k in data}
+                for mb in micro:
+                    for kind, batch in mb.items():
+                        with autocast():
+                            term = _term(model, kind, batch, max(denom[kind], 1), beta=beta)
+                        (weights[kind] * term).backward()  # accumulate now: one graph alive at a time
+                        term_sums[kind] += term.detach().float()
+                        tokens += batch["tokens"]
+                if max_grad_norm is not None and max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+                step += 1
+                term_sums = {k: v.item() for k, v in term_sums.items()}  # one sync per kind per step
+                losses.append(sum(weights[k] * v for k, v in term_sums.items()))
+                for name, kinds in (("sft", ("sft",)), ("da", ("pref", "list")), ("distill", ("distill",))):
+                    if any(k in term_sums for k in kinds):
+                        components[name].append(sum(term_sums.get(k, 0.0) for k in kinds))
+                logger.debug("train step %d/%d loss %.4f", step, total_steps, losses[-1])
+                if progress is not None:
+                    progress(step, total_steps)
+    model.train(was_training)
+
+    stats = TrainStats(step, tokens, sum(losses) / len(losses),
+                       {k: (sum(v) / len(v) if v else float("nan")) for k, v in components.items()},
+                       time.perf_counter() - t0)
+    logger.info("train: %d steps, %d tokens, loss %.4f, %.1fs (%.0f tok/s)", stats.steps, stats.tokens, stats.loss,
+                stats.seconds, stats.tokens / max(stats.seconds, 1e-9))
+    return stats

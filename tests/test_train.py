@@ -1,0 +1,221 @@
+"""fedlada.train: what gets updated, determinism, that each term moves the model the right way, and normalisation."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fedlada.errors import ConfigError
+from fedlada.losses import listwise_path_loss
+from fedlada.models import apply_lora, build_tiny_model, train_tokenizer
+from fedlada.paths import collate, encode_pair, path_logprobs
+from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, TrainStats, train
+
+PROMPT = "Question: what is {a} + {b}?\nReasoning:\n"
+
+
+def _path(a, b, c):
+    return f"{a} + {b} = {c}\nAnswer: {c}"
+
+
+PROBLEMS = [(a, b) for a in range(1, 5) for b in range(2, 6)]  # 16 questions
+SFT = [SFTExample(PROMPT.format(a=a, b=b), _path(a, b, a + b)) for a, b in PROBLEMS]
+PREF = [PreferenceExample(PROMPT.format(a=a, b=b), _path(a, b, a + b), _path(a, b, a + b + 1 + a % 3))
+        for a, b in PROBLEMS[:8]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [e.prompt + e.path for e in SFT] + [e.rejected for e in PREF] + ["0123456789 twelve dozen boxes"]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def _model(tok, seed=0):
+    return build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=seed)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _logp(model, tok, prompts, paths):
+    model.eval()
+    with torch.no_grad():
+        batch = collate(tok, [encode_pair(tok, p, y, max_length=256) for p, y in zip(prompts, paths)])
+        return path_logprobs(model, batch)
+
+
+def _margins(model, tok, pref):
+    prompts = [e.prompt for e in pref]
+    return (_logp(model, tok, prompts, [e.chosen for e in pref])
+            - _logp(model, tok, prompts, [e.rejected for e in pref]))
+
+
+def _mean_nll(model, tok, examples):
+    lp = _logp(model, tok, [e.prompt for e in examples], [e.path for e in examples])
+    n = sum(len(encode_pair(tok, e.prompt, e.path, max_length=256)[1]) for e in examples)
+    return float(-lp.sum() / n)
+
+
+def test_trainable_params_change_frozen_do_not(tok):
+    model = _model(tok)
+    frozen = {"model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"}  # embeddings tied to lm_head
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    before = _params(model)
+    stats = train(model, tok, sft=SFT, preference=PREF, lr=1e-2, batch_size=8)
+    assert stats.steps == 2
+    after = _params(model)
+    for n in before:
+        if n in frozen:
+            assert torch.equal(before[n], after[n]), n
+        else:
+            assert not torch.equal(before[n], after[n]), n
+
+
+def test_lora_trains_adapters_only(tok):
+    model = apply_lora(_model(tok), r=4, alpha=8)
+    before = _params(model)
+    train(model, tok, sft=SFT[:8], preference=PREF[:4], lr=1e-2, batch_size=4)
+    after = _params(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # B starts at zero: the adapters really learned something
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+
+
+def test_same_seed_same_weights_and_global_rng_untouched(tok):
+    def run(seed):
+        model = _model(tok)
+        for layer in model.model.layers:  # dropout on, so the dropout RNG matters
+            layer.self_attn.attention_dropout = 0.2
+        train(model, tok, sft=SFT, preference=PREF, distill_sft=SFT[:3], lr=1e-2, batch_size=4, seed=seed)
+        return _params(model)
+
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_contrastive_training_raises_chosen_over_rejected(tok):
+    model = _model(tok)
+    before = _margins(model, tok, PREF)
+    stats = train(model, tok, preference=PREF, lr=1e-2, epochs=3, batch_size=4, beta=0.1, mu=0.0)
+    after = _margins(model, tok, PREF)
+    assert stats.steps == 6
+    assert float((after - before).mean()) > 1.0
+    assert int((after > before).sum()) >= 7
+    assert stats.components["da"] < math.log(2)  # mean over steps, the first one being log 2
+
+
+def test_first_step_pairwise_loss_is_log2_reference_is_the_model_as_passed(tok):
+    """One step over all pairs: the loss is computed before the update, when policy == reference."""
+    model = _model(tok)
+    stats = train(model, tok, preference=PREF, lr=1e-2, batch_size=len(PREF))
+    assert stats.steps == 1
+    assert abs(stats.components["da"] - math.log(2)) < 1e-4
+    assert math.isnan(stats.components["sft"]) and math.isnan(stats.components["distill"])
+
+
+def test_sft_term_matches_path_logprobs_convention(tok):
+    """The loop's SFT loss of the first step == -sum log pi(path) / path tokens from fedlada.paths."""
+    model = _model(tok)
+    expected = _mean_nll(model, tok, SFT)
+    stats = train(model, tok, sft=SFT, lr=1e-3, batch_size=len(SFT))
+    assert abs(stats.components["sft"] - expected) < 1e-4
+    assert abs(stats.loss - expected) < 1e-4
+
+
+def test_sft_training_lowers_the_loss(tok):
+    model = _model(tok)
+    before = _mean_nll(model, tok, SFT)
+    train(model, tok, sft=SFT, lr=1e-2, epochs=4, batch_size=4)
+    assert _mean_nll(model, tok, SFT) < before - 0.5
+
+
+def test_listwise_training_moves_student_toward_teacher(tok):
+    lw = []
+    for a, b in PROBLEMS[:6]:
+        paths = [_path(a, b, a + b), f"{a} plus {b} is {a + b}\nAnswer: {a + b}", _path(a, b, a + b + 2)]
+        lw.append(ListwiseExample(PROMPT.format(a=a, b=b), paths, [-2.0, -40.0, -1.0], [True, True, False]))
+    lw.append(ListwiseExample(PROMPT.format(a=9, b=9), [_path(9, 9, 18)], [-1.0], [True]))  # < 2 valid: dropped
+
+    def kl(model):
+        rows = [[encode_pair(tok, e.prompt, e.paths[j], max_length=256) for j in range(2)] for e in lw[:-1]]
+        student = _logp(model, tok, [e.prompt for e in lw[:-1] for _ in range(2)],
+                        [e.paths[j] for e in lw[:-1] for j in range(2)]).view(-1, 2)
+        lengths = torch.tensor([[len(y) for _, y in r] for r in rows], dtype=torch.float32)
+        teacher = torch.tensor([e.teacher_logp[:2] for e in lw[:-1]])
+        return float(listwise_path_loss(student, teacher, lengths, torch.ones(len(rows), 2, dtype=torch.bool)))
+
+    model = _model(tok)
+    before = kl(model)
+    stats = train(model, tok, listwise=lw, lr=1e-2, epochs=4, batch_size=3)
+    assert stats.steps == 8  # 6 usable questions / 3 per batch x 4 epochs
+    assert kl(model) < 0.5 * before
+
+
+def test_lambda_da_zero_equals_sft_only_bitwise(tok):
+    a, b = _model(tok), _model(tok)
+    sa = train(a, tok, sft=SFT, lr=1e-2, batch_size=4, seed=3)
+    sb = train(b, tok, sft=SFT, preference=PREF, lr=1e-2, batch_size=4, seed=3, lambda_da=0.0)
+    pa, pb = _params(a), _params(b)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert (sa.steps, sa.tokens, sa.loss) == (sb.steps, sb.tokens, sb.loss)
+
+
+def test_accumulation_matches_one_big_batch(tok, monkeypatch):
+    """batch 4 x accumulation 2 gives the same update as batch 8 (plain SGD, so the update is -lr * gradient)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    ragged = [SFTExample(e.prompt, e.path + " and so on" * (i % 4)) for i, e in enumerate(SFT[:8])]
+    common = dict(sft=ragged, preference=PREF[:8], distill_sft=SFT[8:16], lr=1.0, max_grad_norm=None, seed=1)
+    start = _params(_model(tok))
+    deltas = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        model = _model(tok)
+        stats = train(model, tok, batch_size=batch_size, grad_accum=accum, **common)
+        assert stats.steps == 1
+        deltas.append({n: p.detach() - start[n] for n, p in model.named_parameters()})
+    for n in start:
+        assert_close(deltas[1][n], deltas[0][n], rtol=1e-4, atol=1e-6)
+    assert max(float(d.abs().max()) for d in deltas[0].values()) > 1e-3
+
+
+def test_empty_inputs_do_nothing(tok):
+    model = _model(tok)
+    before = _params(model)
+    for kwargs in (dict(), dict(sft=SFT, epochs=0), dict(distill_sft=SFT, mu=0.0),
+                   dict(listwise=[ListwiseExample("Question: 1?\n", ["a", "b"], [-1.0, -2.0], [True, False])])):
+        stats = train(model, tok, lr=1e-2, **kwargs)
+        assert isinstance(stats, TrainStats)
+        assert (stats.steps, stats.tokens) == (0, 0)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_stats_tokens_progress_mode_and_bf16(tok):
+    model = _model(tok)
+    model.eval()
+    seen = []
+    stats = train(model, tok, sft=SFT[:6], distill_sft=SFT[6:9], lr=1e-2, epochs=2, batch_size=2, grad_accum=2,
+                  bf16=True, progress=lambda s, n: seen.append((s, n)))
+    n_tokens = sum(len(p) + len(y) for e in SFT[:9] for p, y in [encode_pair(tok, e.prompt, e.path, max_length=256)])
+    assert stats.steps == 4  # ceil(3 micro-batches / 2) per epoch
+    assert stats.tokens == 2 * n_tokens
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert not model.training
+    assert math.isfinite(stats.loss) and stats.seconds > 0
+    assert_close(stats.loss, stats.components["sft"] + 0.5 * stats.components["distill"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise_config_error(tok):
+    model = _model(tok)
+    with pytest.raises(ConfigError, match="lr"):
+        train(model, tok, sft=SFT, lr=0.0)
+    with pytest.raises(ConfigError, match="grad_accum"):
+        train(model, tok, sft=SFT, lr=1e-3, grad_accum=0)
+    with pytest.raises(ValueError):
+        ListwiseExample("q", ["a", "b"], [-1.0], [True, True])
