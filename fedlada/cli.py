@@ -122,6 +122,22 @@ def cmd_data_validate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from fedlada.compare import DEFAULT_METHODS, run_table, write_table
+    from fedlada.config import load_config
+
+    cfg = load_config(args.config, list(args.set or []))
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
+    seeds = tuple(range(args.seeds))
+    console = _console()
+    with _RichEvents(console) as ev:
+        result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev)
+    files = write_table(result, args.out, title=args.title or f"methods compared ({args.out})")
+    _stdout_console().print(files["markdown"].read_text(), markup=False, highlight=False)
+    console.print(f"table: {files['markdown']}, {files['csv']}, {files['plot']}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from fedlada.report import print_summary, write_report
     from fedlada.runner import RunDir, summarize_run
@@ -163,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
     v.set_defaults(func=cmd_data_validate)
+
+    c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")
+    c.add_argument("--config", help="a TOML config file shared by every run of the table")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument("--methods", help="comma-separated (default: local,all,random,lada-sft,lada)")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
+    c.add_argument("--title", default="")
+    c.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")
     rep.add_argument("run_dir")

@@ -74,7 +74,7 @@ class DataConfig:
             _check(getattr(self, k) >= 1, f"data.{k}", "an integer >= 1", getattr(self, k))
         _check(self.general_size >= 0, "data.general_size", "an integer >= 0", self.general_size)
         _check(1 <= self.max_steps <= 12, "data.max_steps", "an integer in 1..12", self.max_steps)
-        _check(self.max_value >= 9, "data.max_value", "an integer >= 9", self.max_value)
+        _check(self.max_value >= 40, "data.max_value", "an integer >= 40", self.max_value)
         _check(self.eval_limit >= 0, "data.eval_limit", "an integer >= 0", self.eval_limit)
         _check(self.holdout_size >= 1, "data.holdout_size", "an integer >= 1", self.holdout_size)
         if self.clients:

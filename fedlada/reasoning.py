@@ -12,8 +12,8 @@ lm-evaluation-harness' GSM8K filters:
   "the answer is X"; else the last number in the text. The contract names only strict and the last number; the
   middle three make instruct models that answer in their own style gradable and never change a strict hit.
 - ``normalize_answer``: numbers compare by value (``1,000`` = ``1000`` = ``1000.0``, ``3/4`` = ``0.75``, ``$5`` =
-  ``5``), exact rational arithmetic, no float tolerance; other text is lower-cased, stripped of punctuation and of the
-  articles a/an/the, with whitespace collapsed.
+  ``5``, ``\\frac{3}{4}`` = ``3/4``), exact rational arithmetic, no float tolerance; other text is lower-cased,
+  stripped of punctuation and of the articles a/an/the (unless nothing else is left), whitespace collapsed.
 - ``is_correct(mode="flexible")`` also accepts a number followed by words or punctuation (``18 eggs.``) when the gold
   answer is a number. ``mode`` is a keyword the contract did not name; the default keeps the contract's behaviour.
 """
@@ -42,6 +42,8 @@ HASHES_RE = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 BOXED_START_RE = re.compile(r"\\boxed\s*\{")
 # "The answer is X" / "the final answer is: X"; X runs to the end of the line.
 ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?[ \t]*(\S[^\n]*)", re.IGNORECASE)
+# The end of a sentence inside a line: a full stop, question or exclamation mark, then a blank.
+SENTENCE_END_RE = re.compile(r"[.!?]\s")
 # A number inside running text: 1,000  -3  2.5  3/4 ; a minus counts only when not glued to a word ("18-5").
 NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+(?!\.\d))?")
 # A whole string that is one number, with an optional sign and currency symbol.
@@ -55,6 +57,8 @@ LEADING_NUMBER_RE = re.compile(
     rf"^(?P<number>[-+]?[ \t]*[$€£]?[ \t]*[-+]?(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?)"
     r"(?P<rest>[^\d=+*/×÷^<>]*)$"
 )
+# LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
+LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
 ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("**", "**"))
 _PUNCT = set(string.punctuation)
@@ -106,6 +110,13 @@ def clean_answer_span(span: str) -> str:
     return span
 
 
+def answer_is_span(match: re.Match) -> str:
+    """The cleaned answer of an ``ANSWER_IS_RE`` match, cut at the end of its sentence."""
+    span = match.group(1)
+    end = SENTENCE_END_RE.search(span)
+    return clean_answer_span(span[: end.start()] if end else span)
+
+
 def last_number(text: str) -> str | None:
     """The last number in running text (``NUMBER_RE``), or None."""
     numbers = NUMBER_RE.findall(text)
@@ -132,7 +143,7 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
     boxed = [b for b in boxed_contents(text) if b]
     if boxed:
         return clean_answer_span(boxed[-1]) or None
-    spans = [clean_answer_span(m.group(1)) for m in ANSWER_IS_RE.finditer(text)]
+    spans = [answer_is_span(m) for m in ANSWER_IS_RE.finditer(text)]
     spans = [s for s in spans if s]
     if spans:
         return spans[-1]
@@ -140,8 +151,12 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The exact value of a string that is one number (``-1,000.50``, ``$5``, ``3/4``), else None."""
+    """The exact value of a string that is one number (``-1,000.50``, ``$5``, ``3/4``, ``\\frac{3}{4}``), else
+    None."""
     text = text.strip()
+    latex = LATEX_FRACTION_RE.match(text)
+    if latex:
+        text = f"{latex.group('sign')}{latex.group('num')}/{latex.group('den')}"
     match = NUMBER_FULL_RE.match(text)
     if match:
         if match.group("sign1") and match.group("sign2"):

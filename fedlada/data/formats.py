@@ -23,7 +23,7 @@ from typing import Callable
 
 from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
 from fedlada.errors import ConfigError
-from fedlada.reasoning import ANSWER_IS_RE, boxed_contents, clean_answer_span, last_number
+from fedlada.reasoning import ANSWER_IS_RE, answer_is_span, boxed_contents, clean_answer_span, last_number
 
 FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
 
@@ -134,9 +134,7 @@ def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
     matches = list(ANSWER_IS_RE.finditer(output))
     if matches:
         match = matches[-1]
-        span = match.group(1)
-        end = re.search(r"\.\s", span)
-        answer = clean_answer_span(span[: end.start()] if end else span)
+        answer = answer_is_span(match)
         breaks = [b.end() for b in SENTENCE_BREAK_RE.finditer(output, 0, match.start())]
         rationale = _clean_lines(output[: breaks[-1]]) if breaks else None
         if answer:

@@ -108,7 +108,8 @@ def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
         if None in row:
             yield line, line, None, f"more fields than the header's {len(reader.fieldnames)}", ""
             continue
-        obj = {key: value for key, value in row.items() if value not in (None, "")}
+        # csv keeps the \r\n of quoted multi-line cells; the contract's rationale lines end in \n.
+        obj = {key: value.replace("\r\n", "\n") for key, value in row.items() if value not in (None, "")}
         size = sum(len(str(v).encode("utf-8")) for v in obj.values())
         if size > max_bytes:
             yield line, line, None, _too_long(size, max_bytes), ""
@@ -176,7 +177,8 @@ def convert_items(items: Iterable[Item], *, source: str, stem: str, format: str)
             problems.append(Problem(source, where, None, prefix + error))
             continue
         if not isinstance(obj, dict):
-            problems.append(Problem(source, where, None, f"{prefix}expected a JSON object, found {describe_value(obj)}"))
+            found = describe_value(obj)
+            problems.append(Problem(source, where, None, f"{prefix}expected a JSON object, found {found}"))
             continue
         if fmt is None:
             fmt = detect_format(obj)

@@ -1,0 +1,271 @@
+"""Training throughput of the local contrastive distillation (``fedlada.train.train`` with preference pairs only).
+
+Compared side by side, in one process, on the same tiny Llama, the same tokens and the same batch size:
+
+* ``ours``        -- ``train(preference=..., lambda_da=1, mu=0)``: reference log-probs computed once inside ``train``,
+                     then one forward/backward per batch of [chosen; rejected] rows. ``ours_nobucket`` is the same
+                     with ``bucket_by_length=False``.
+* ``plain``       -- a bare PyTorch loop: forward, HF causal-LM loss on the path tokens, backward, clip, AdamW step,
+                     on the same [chosen; rejected] rows in random batches. No reference pass, no pairwise loss.
+* ``trl_precompute`` -- TRL ``DPOTrainer`` (sigmoid loss) with ``precompute_ref_log_probs=True``: the reference
+                     semantics closest to ours (the initial model, scored once before training).
+* ``trl_refmodel``   -- TRL ``DPOTrainer`` with a reference model copy scored at every step (TRL's default).
+
+TRL is configured to do the same work: fp32 unless --bf16 (then bf16 autocast everywhere), no gradient
+checkpointing, constant learning rate, no eval/saving/logging/reporting, in-process data loading, same max_length.
+"Tokens" are counted identically for every variant: prompt + chosen + rejected non-pad tokens per example (eos
+included). Two throughputs are reported: ``steps`` (the optimizer steps only) and ``end_to_end`` (everything a caller
+waits for: tokenisation, the reference pass, trainer construction and the steps).
+
+Usage: python benchmarks/bench_train.py [--out benchmarks/results/train.json] [--reps 3] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import fedlada.train as ftrain  # noqa: E402
+from fedlada.models import build_tiny_model, count_parameters, train_tokenizer  # noqa: E402
+from fedlada.paths import collate, encode_pair  # noqa: E402
+
+NAMES = ["Tom", "Ana", "Lee", "Mia", "Raj", "Zoe", "Sam", "Ivy"]
+ITEMS = ["apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps"]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _sentence(rng: random.Random) -> str:
+    who, what = rng.choice(NAMES), rng.choice(ITEMS)
+    return rng.choice([f"{who} has {rng.randint(2, 19)} boxes of {rng.randint(2, 12)} {what}. ",
+                       f"{who} gives away {rng.randint(1, 9)} {what}. ",
+                       f"Then {who} buys {rng.randint(2, 30)} more {what}. "])
+
+
+def _line(rng: random.Random, wrong: bool) -> str:
+    a, b = rng.randint(2, 99), rng.randint(2, 20)
+    op = rng.choice("+-*")
+    c = {"+": a + b, "-": a - b, "*": a * b}[op] + (rng.randint(1, 9) if wrong else 0)
+    return f"{a} {op} {b} = {c}\n"
+
+
+def make_data(n: int, seed: int):
+    """n (prompt, chosen, rejected) triples: prompts ~40 tokens, paths 60-100 tokens (under the trained tokenizer)."""
+    rng = random.Random(seed)
+    corpus = [_sentence(rng) + _line(rng, False) for _ in range(2000)]
+    tok = train_tokenizer(corpus + ["Question: How many are left?\nReasoning:\nAnswer: "], vocab_size=512)
+
+    def n_tok(text):
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def grow(make, start, target):
+        text = start
+        while n_tok(text) < target:
+            text += make()
+        return text
+
+    def path(wrong):  # lines until the path (answer line and eos included) reaches a 60-100 token target
+        target, answer = rng.randint(63, 97), f"Answer: {rng.randint(1, 999)}"
+        return grow(lambda: _line(rng, wrong), "", target - n_tok(answer) - 6) + answer
+
+    triples = []
+    for _ in range(n):
+        body = grow(lambda: _sentence(rng), "", rng.randint(24, 32))
+        triples.append((f"Question: {body}How many are left?\nReasoning:\n", path(False), path(True)))
+    return tok, triples
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+
+def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket):
+    timing = {"reference": 0.0}
+    original = ftrain._reference_logprobs
+
+    def timed_reference(*args, **kwargs):
+        t = time.perf_counter()
+        original(*args, **kwargs)
+        timing["reference"] += time.perf_counter() - t
+
+    first_step = {}
+    ftrain._reference_logprobs = timed_reference
+    try:
+        pref = [ftrain.PreferenceExample(p, c, r) for p, c, r in triples]
+        t0 = time.perf_counter()
+        stats = ftrain.train(model, tok, preference=pref, lr=lr, batch_size=batch_size, max_length=max_length,
+                             bf16=bf16, lambda_da=1.0, mu=0.0, bucket_by_length=bucket, seed=0,
+                             progress=lambda s, n: first_step.setdefault("t", time.perf_counter()))
+        total = time.perf_counter() - t0
+    finally:
+        ftrain._reference_logprobs = original
+    # steps = everything after the reference pass; setup = tokenisation + reference pass
+    return dict(end_to_end_s=total, steps_s=total - timing["reference"], reference_s=timing["reference"],
+                loss=stats.components["da"], steps=stats.steps, forward_tokens=stats.tokens)
+
+
+def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
+    t0 = time.perf_counter()
+    enc = [(encode_pair(tok, p, c, max_length=max_length), encode_pair(tok, p, r, max_length=max_length))
+           for p, c, r in triples]
+    order = list(range(len(enc)))
+    random.Random(0).shuffle(order)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    t_steps, steps, losses, fwd_tokens = time.perf_counter(), 0, [], 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate(tok, [enc[i][0] for i in idx] + [enc[i][1] for i in idx])
+        labels = batch["input_ids"].clone()
+        path_positions = torch.zeros_like(batch["loss_mask"], dtype=torch.bool)
+        path_positions[:, 1:] = batch["loss_mask"][:, :-1] != 0
+        labels[~path_positions] = -100
+        with autocast:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                         use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+        losses.append(loss.item())
+        fwd_tokens += int(batch["attention_mask"].sum())
+    end = time.perf_counter()
+    return dict(end_to_end_s=end - t0, steps_s=end - t_steps, reference_s=0.0, loss=sum(losses) / len(losses),
+                steps=steps, forward_tokens=fwd_tokens)
+
+
+def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute, rep):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    args = DPOConfig(
+        output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, num_train_epochs=1,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        beta=0.1, loss_type=["sigmoid"], max_length=max_length, precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=batch_size, gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=True,
+        report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, dataset_num_proc=None,
+    )
+    # a column unique to this repetition gives the data set a new fingerprint, so TRL's on-disk cache of reference
+    # log-probs from an earlier repetition is not reused (each repetition pays what a fresh run pays)
+    data = Dataset.from_dict({"prompt": [t[0] for t in triples], "chosen": [t[1] for t in triples],
+                              "rejected": [t[2] for t in triples], "rep": [rep] * len(triples)})
+    t0 = time.perf_counter()
+    ref = None if precompute else copy.deepcopy(model).eval()
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    t_steps = time.perf_counter()
+    result = trainer.train()
+    end = time.perf_counter()
+    ds = trainer.train_dataset
+    trl_tokens = sum(len(a) + len(b) + len(c) for a, b, c in zip(ds["prompt_ids"], ds["chosen_ids"],
+                                                                  ds["rejected_ids"]))
+    return dict(end_to_end_s=end - t0, steps_s=end - t_steps, reference_s=(t_steps - t0) if precompute else None,
+                setup_s=t_steps - t0, loss=result.training_loss, steps=result.global_step, counted_tokens=trl_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/train.json")
+    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--variants", default="ours,ours_nobucket,plain,trl_precompute,trl_refmodel")
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("transformers", "trl", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+    import trl
+    datasets.disable_progress_bars()
+    datasets.disable_caching()
+    transformers.utils.logging.set_verbosity_error()
+
+    torch.set_num_threads(args.threads)
+    tok, triples = make_data(args.examples, seed=0)
+    enc = [(encode_pair(tok, p, c, max_length=args.max_length), encode_pair(tok, p, r, max_length=args.max_length))
+           for p, c, r in triples]
+    counted = sum(len(pc) + len(yc) + len(yr) for (pc, yc), (_, yr) in enc)
+    prompt_lens = [len(pc) for (pc, _), _ in enc]
+    path_lens = [len(y) for pair in enc for _, y in pair]
+
+    def fresh_model():
+        return build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, seed=0)
+
+    common = dict(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16)
+    runners = {
+        "ours": lambda m, d, rep: run_ours(m, tok, d, bucket=True, **common),
+        "ours_nobucket": lambda m, d, rep: run_ours(m, tok, d, bucket=False, **common),
+        "plain": lambda m, d, rep: run_plain(m, tok, d, **common),
+        "trl_precompute": lambda m, d, rep: run_trl(m, tok, d, precompute=True, rep=rep, **common),
+        "trl_refmodel": lambda m, d, rep: run_trl(m, tok, d, precompute=False, rep=rep, **common),
+    }
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:  # warm-up: one step each, excluded
+        runners[v](fresh_model(), triples[:args.batch_size], -1)
+
+    results = {v: [] for v in variants}
+    for rep in range(args.reps):  # round-robin, so that machine noise hits every variant alike
+        for v in variants:
+            r = runners[v](fresh_model(), triples, rep)
+            r["tokens_per_s_steps"] = counted / r["steps_s"]
+            r["tokens_per_s_end_to_end"] = counted / r["end_to_end_s"]
+            results[v].append(r)
+            print(f"rep {rep} {v:15s} steps {r['steps_s']:6.2f}s ({r['tokens_per_s_steps']:7.0f} tok/s)  "
+                  f"end-to-end {r['end_to_end_s']:6.2f}s ({r['tokens_per_s_end_to_end']:7.0f} tok/s)  "
+                  f"loss {r['loss']:.4f}", flush=True)
+
+    summary = {}
+    for v, rs in results.items():
+        summary[v] = {k: statistics.median(r[k] for r in rs)
+                      for k in ("tokens_per_s_steps", "tokens_per_s_end_to_end", "steps_s", "end_to_end_s", "loss")}
+    ratios = {}
+    for base in ("trl_precompute", "trl_refmodel", "plain"):
+        if "ours" in summary and base in summary:
+            for kind in ("steps", "end_to_end"):
+                ratios[f"ours/{base}/{kind}"] = (summary["ours"][f"tokens_per_s_{kind}"]
+                                                 / summary[base][f"tokens_per_s_{kind}"])
+    report = dict(
+        config=dict(vars(args), params=count_parameters(fresh_model()), vocab=len(tok), counted_tokens=counted,
+                    prompt_tokens_mean=statistics.mean(prompt_lens), path_tokens_min=min(path_lens),
+                    path_tokens_max=max(path_lens), path_tokens_mean=statistics.mean(path_lens),
+                    torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
+                    cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads()),
+        summary=summary, ratios=ratios, runs=results,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(dict(summary=summary, ratios=ratios), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The experiment table: several methods x seeds on the same data and budget, resumable, as Markdown/CSV/plot.
+
+Each (method, seed) is an ordinary run in ``OUT/<method>/seed<k>/``; a run whose ``summary.json`` exists is
+reused, and a partly finished run resumes from its last completed round, so a table can be completed across
+sittings. Only the method and the seed differ between the runs of a table; everything else comes from the one
+config, so all methods see the same data, models and round budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+from fedlada.config import RunConfig, load_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("local", "all", "random", "lada-sft", "lada")
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,
+              events=None, overrides_per_method: dict[str, list[str]] | None = None) -> dict:
+    """Run (or reuse) every (method, seed) and return the aggregated table."""
+    from fedlada import runner
+    from fedlada.config import flat_items
+
+    out = Path(out)
+    rows = {}
+    for method in methods:
+        for seed in seeds:
+            flat = flat_items(base)
+            flat.update({"lada.method": method, "seed": seed, "out_dir": str(out / method / f"seed{seed}")})
+            extra = (overrides_per_method or {}).get(method, [])
+            cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
+            summ = Path(cfg.out_dir) / "summary.json"
+            if summ.is_file():
+                s = json.loads(summ.read_text())
+                log.info("reusing %s", summ)
+            else:
+                if events:
+                    events.stage(f"method {method}, seed {seed}")
+                s = runner.run(cfg, resume=True, events=events).summary
+            rows[(method, seed)] = s
+    return aggregate(rows, methods=methods, seeds=seeds)
+
+
+def aggregate(rows: dict, *, methods, seeds) -> dict:
+    table = []
+    for method in methods:
+        runs = [rows[(method, s)] for s in seeds if (method, s) in rows]
+        if not runs:
+            continue
+        clients = sorted({k for r in runs for k in r["final"] if k.startswith("client")})
+        entry = {"method": method, "seeds": len(runs)}
+        entry["mean_slm"] = _mean_std([r["mean_slm_accuracy"] for r in runs])
+        for c in clients:
+            entry[c] = _mean_std([r["final"].get(c) for r in runs])
+        entry["llm"] = _mean_std([r["final"].get("llm") for r in runs])
+        entry["llm_before"] = _mean_std([r["accuracy"].get("llm", {}).get("0") for r in runs])
+        entry["slm_before"] = _mean_std([
+            sum(r["accuracy"][c]["0"] for c in clients) / len(clients) for r in runs])
+        entry["bytes"] = _mean_std([r["bytes_client_to_server"] + r["bytes_server_to_client"] for r in runs])
+        entry["train_tokens"] = _mean_std([r["train_tokens_federated"] for r in runs])
+        table.append(entry)
+    return {"table": table, "seeds": list(seeds)}
+
+
+def _fmt(ms, pct=True) -> str:
+    m, s = ms
+    if m is None:
+        return "-"
+    if pct:
+        return f"{100 * m:.1f} ± {100 * s:.1f}"
+    return f"{m:,.0f}"
+
+
+def write_table(result: dict, out: str | Path, *, title: str = "") -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = result["table"]
+    clients = sorted({k for e in table for k in e if k.startswith("client")})
+    head = ["method", "mean SLM acc %"] + [f"{c} %" for c in clients] + ["LLM acc %", "LLM before %",
+                                                                         "bytes exchanged", "training tokens"]
+    lines = [f"# {title}" if title else "", f"mean ± std over seeds {result['seeds']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    csv_rows = [["method", "metric", "mean", "std"]]
+    for e in table:
+        cells = [e["method"], _fmt(e["mean_slm"])] + [_fmt(e[c]) for c in clients] + [
+            _fmt(e["llm"]), _fmt(e["llm_before"]), _fmt(e["bytes"], False), _fmt(e["train_tokens"], False)]
+        lines.append("| " + " | ".join(cells) + " |")
+        for k, v in e.items():
+            if isinstance(v, tuple):
+                csv_rows.append([e["method"], k, v[0], v[1]])
+    md = out / "table.md"
+    md.write_text("\n".join(lines).lstrip() + "\n", encoding="utf-8")
+    with open(out / "table.csv", "w", newline="") as f:
+        csv.writer(f).writerows(csv_rows)
+    (out / "table.json").write_text(json.dumps(result, indent=1, default=list))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [e["method"] for e in table]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [100 * (e["mean_slm"][0] or 0) for e in table], 0.4,
+           yerr=[100 * (e["mean_slm"][1] or 0) for e in table], label="mean SLM", capsize=3)
+    ax.bar([i + 0.2 for i in x], [100 * (e["llm"][0] or 0) for e in table], 0.4,
+           yerr=[100 * (e["llm"][1] or 0) for e in table], label="LLM", capsize=3)
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("accuracy %")
+    ax.set_title(title or "methods compared")
+    ax.legend()
+    fig.savefig(out / "table.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return {"markdown": md, "csv": out / "table.csv", "plot": out / "table.png"}

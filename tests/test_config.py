@@ -1,0 +1,68 @@
+"""The typed config: defaults, TOML files, overrides, Flower's flat run_config, and errors naming the key."""
+
+import pytest
+
+from fedlada.config import RunConfig, dump_toml, flat_items, load_config
+from fedlada.errors import ConfigError
+
+
+def test_defaults_round_trip_through_toml(tmp_path):
+    cfg = load_config()
+    assert cfg == RunConfig()
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_overrides_and_list_items():
+    cfg = load_config(overrides=["lada.budget=0.3", "models.slms.1.hidden_size=96", "rounds=2",
+                                 "models.llm.lora_target_modules=q_proj,v_proj", "train.bf16=true"])
+    assert cfg.lada.budget == 0.3
+    assert cfg.models.slms[1].hidden_size == 96
+    assert cfg.rounds == 2
+    assert cfg.models.llm.lora_target_modules == ("q_proj", "v_proj")
+    assert cfg.train.bf16 is True
+    # an index one past the end appends a copy of the last item (a fourth SLM)
+    cfg = load_config(overrides=["models.slms.3.hidden_size=32"])
+    assert len(cfg.models.slms) == 4 and cfg.models.slms[3].hidden_size == 32
+    assert cfg.models.slms[3].num_layers == cfg.models.slms[2].num_layers
+
+
+def test_flat_run_config_equals_nested():
+    cfg = load_config(overrides=["lada.method=random", "seed=7"])
+    assert load_config(overrides=flat_items(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lada.bogus=1", "unknown config key 'lada.bogus'"),
+    ("lada.budget=abc", "config key 'lada.budget': expected a number, found 'abc'"),
+    ("lada.budget=2", "expected a fraction in (0, 1]"),
+    ("lada.method=magic", "config key 'lada.method'"),
+    ("rounds=0", "config key 'rounds': expected an integer >= 1"),
+    ("train.bf16=maybe", "expected true or false"),
+    ("models.slms.x.hidden_size=3", "expected an index"),
+    ("models.slms.9.hidden_size=64", "out of range"),
+    ("models.llm.num_heads=7", "a divisor of hidden_size"),
+    ("budget", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert fragment in str(e.value)
+
+
+def test_bad_toml_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[lada]\nbudget = 0.3\nfoo = 1\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown config key 'lada.foo'"):
+        load_config(p)
+    p.write_text("[lada\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_user_data_needs_public_pool():
+    with pytest.raises(ConfigError, match="data.public"):
+        load_config(overrides={"data.clients": [{"train": "a.jsonl", "test": "b.jsonl"}]})

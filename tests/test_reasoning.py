@@ -1,0 +1,157 @@
+"""Reasoning I/O: prompt/path formats, answer extraction (strict and flexible), normalisation and correctness."""
+
+import re
+
+import pytest
+
+from fedlada import reasoning
+from fedlada.reasoning import (
+    ANSWER_EXTRACTION_VERSION,
+    extract_answer,
+    format_path,
+    format_prompt,
+    is_correct,
+    normalize_answer,
+    parse_number,
+)
+
+
+def test_prompt_and_path_formats():
+    assert format_prompt("What is 2 + 3?") == "Question: What is 2 + 3?\nReasoning:\n"
+    assert format_path("2 + 3 = 5", "5") == "2 + 3 = 5\nAnswer: 5"
+    assert format_path("A tray holds 6 rolls.\n3 * 6 = 18\n", "18") == "A tray holds 6 rolls.\n3 * 6 = 18\nAnswer: 18"
+    assert format_path(None, "Paris") == "Answer: Paris"
+    assert format_path("  ", "7") == "Answer: 7"
+
+
+def test_path_round_trips_through_strict_extraction():
+    path = format_path("4 * 6 = 24\n24 + 5 = 29", "29")
+    assert extract_answer(path, mode="strict") == "29"
+    assert extract_answer(format_prompt("q") + path, mode="strict") == "29"
+
+
+def test_version_is_a_nonempty_string():
+    assert isinstance(ANSWER_EXTRACTION_VERSION, str) and ANSWER_EXTRACTION_VERSION.strip()
+
+
+def test_regexes_are_module_constants():
+    patterns = [name for name, value in vars(reasoning).items() if isinstance(value, re.Pattern)]
+    assert {"ANSWER_LINE_RE", "NUMBER_RE", "ANSWER_IS_RE", "HASHES_RE"} <= set(patterns)
+
+
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("3 * 6 = 18\nAnswer: 18", "18", "18"),
+        ("Answer: 18 eggs.\nmore text 99", "18 eggs.", "18 eggs."),
+        ("Answer: 5\nAnswer: 7", "5", "5"),  # the first answer line counts
+        ("  Answer:   42  \n", "42", "42"),
+        ("Answer:\n1 + 1 = 2", None, "2"),  # an empty answer line is no answer
+        ("3 * 6 = 18\n18 + 5 = 23", None, "23"),  # last number
+        ("so 18-5 = 13", None, "13"),
+        ("the total is 1,000 apples", None, "1,000"),
+        ("it drops to -4 degrees", None, "-4"),
+        ("We get 2.5 hours.", None, "2.5"),
+        ("#### 72", None, "72"),
+        ("x = 3\n#### 1,200\n", None, "1,200"),
+        ("so it is \\boxed{\\frac{1}{2}} and 7", None, "\\frac{1}{2}"),
+        ("$\\boxed{12}$ and then 99", None, "12"),
+        ("The answer is 12. Then 7 more.", None, "12"),
+        ("The final answer is: $5$.", None, "5"),
+        ("The answer is (B).", None, "(B)"),
+        ("no digits at all", None, None),
+        ("", None, None),
+    ],
+)
+def test_extract_answer(text, strict, flexible):
+    assert extract_answer(text, mode="strict") == strict
+    assert extract_answer(text, mode="flexible") == flexible
+    assert extract_answer(text) == flexible  # flexible is the default
+
+
+def test_extract_answer_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="strict"):
+        extract_answer("Answer: 1", mode="loose")
+
+
+@pytest.mark.parametrize(
+    "answer, normal",
+    [
+        ("1000", "1000"),
+        ("1,000", "1000"),
+        ("1000.0", "1000"),
+        ("1000.", "1000"),
+        ("-3", "-3"),
+        ("+3", "3"),
+        ("-0", "0"),
+        ("3/4", "0.75"),
+        ("6/3", "2"),
+        ("1/3", "1/3"),
+        ("-1/8", "-0.125"),
+        ("\\frac{3}{4}", "0.75"),
+        ("\\boxed{12}", "12"),
+        ("$5", "5"),
+        ("$5.00", "5"),
+        ("$ 1,234.50", "1234.5"),
+        ("-$5", "-5"),
+        (".5", "0.5"),
+        ("  42 ", "42"),
+        ("Paris", "paris"),
+        ("  The   Eiffel Tower! ", "eiffel tower"),
+        ("an apple", "apple"),
+        ("(A)", "a"),  # an article alone is kept: it is the whole answer
+        ("Yes.", "yes"),
+        ("18 eggs.", "18 eggs"),
+        ("1,00", "1 00"),  # not a number: a misplaced comma is text
+    ],
+)
+def test_normalize_answer(answer, normal):
+    assert normalize_answer(answer) == normal
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1,000", 1000), ("-2.5", -2.5), ("3/4", 0.75), ("$7", 7), ("3/0", None), ("1e3", None), ("5 apples", None),
+     ("--5", None), ("-$-5", None)],
+)
+def test_parse_number(text, value):
+    parsed = parse_number(text)
+    assert (parsed is None) if value is None else (float(parsed) == value)
+
+
+@pytest.mark.parametrize(
+    "pred, gold, strict, flexible",
+    [
+        ("1000", "1,000", True, True),
+        ("1000.0", "1000", True, True),
+        ("0.75", "3/4", True, True),
+        ("$5", "5", True, True),
+        ("-3", "-3", True, True),
+        ("-3", "3", False, False),
+        ("18", "18", True, True),
+        ("18 eggs.", "18", False, True),
+        ("$18 dollars", "18", False, True),
+        ("18.", "18", True, True),
+        ("18 + 5", "18", False, False),  # more arithmetic is not a unit
+        ("18 eggs and 5 hens", "18", False, False),
+        ("17 eggs", "18", False, False),
+        ("eighteen", "18", False, False),
+        ("Paris", "paris", True, True),
+        ("the Paris.", "Paris", True, True),
+        ("Lyon", "Paris", False, False),
+        ("yes", "no", False, False),
+        (None, "18", False, False),
+        ("", "18", False, False),
+        ("  ", "", False, False),
+    ],
+)
+def test_is_correct(pred, gold, strict, flexible):
+    assert is_correct(pred, gold, mode="strict") is strict
+    assert is_correct(pred, gold, mode="flexible") is flexible
+    assert is_correct(pred, gold) is flexible
+
+
+def test_flexible_extraction_then_correctness_grades_free_text():
+    outputs = {"Answer: 18 eggs.": True, "so she has 18 eggs left": True, "The answer is 17.": False, "": False}
+    for text, expected in outputs.items():
+        assert is_correct(extract_answer(text), "18") is expected, text
