@@ -10,7 +10,8 @@ rationale and M-1 others), and times in one process, interleaved, with a few rep
   (b) ``score_paths(..., reuse_prefix=False)``: length-bucketed right-padded batches;
   (c) ``score_paths(..., reuse_prefix=True)``: each prompt encoded once, its KV cache reused for its M paths.
 
-Tokens/s counts prompt + path tokens of every pair (the same numerator for all three, so ratios are time ratios).
+Tokens/s counts prompt + path tokens of every pair (the same numerator for all three, so ratios are time ratios)
+and uses the best of the repetitions (the machine is shared); medians are reported too.
 The ideal speed-up of (c) over (b) counts token positions run through the model: without reuse every pair runs
 P + C positions, with reuse a question runs P + M*C, so ideal = M*(P+C) / (P + M*C) for mean prompt length P and mean
 path length C (it ignores attention's quadratic term, padding and the second forward call).
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--paths", type=int, default=4, help="M, paths per question")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -136,28 +137,34 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    # The machine is shared and noisy: the best of the interleaved repetitions is the least disturbed estimate.
+    best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
-    tps = {name: tokens / t for name, t in median.items()}
+    tps = {name: tokens / t for name, t in best.items()}
     ideal = M * (P + C) / (P + M * C)
     report = {
         "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
         "data": source, "model_params": count_parameters(model), "vocab": len(tok),
         "questions": args.questions, "paths_per_question": M, "pairs": len(pairs), "batch_size": args.batch_size,
         "mean_prompt_tokens": P, "mean_path_tokens": C, "tokens": tokens, "reps": args.reps,
-        "seconds": times, "median_seconds": median, "tokens_per_s": tps,
-        "ratio_batched_over_naive": tps["batched"] / tps["naive"],
-        "ratio_reuse_over_batched": tps["batched+reuse"] / tps["batched"],
+        "seconds": times, "best_seconds": best, "median_seconds": median, "tokens_per_s": tps,
+        "ratio_batched_over_naive": best["naive"] / best["batched"],
+        "ratio_reuse_over_batched": best["batched"] / best["batched+reuse"],
+        "median_ratio_batched_over_naive": median["naive"] / median["batched"],
+        "median_ratio_reuse_over_batched": median["batched"] / median["batched+reuse"],
         "ideal_ratio_reuse_over_batched": ideal,
         "ideal_formula": "M*(P+C) / (P + M*C)",
         "max_abs_diff_vs_naive": max_diff,
     }
     print(f"{report['model_params'] / 1e6:.2f}M-param Llama, {len(pairs)} pairs ({args.questions} questions x M={M}), "
           f"mean prompt P={P:.1f} tokens, mean path C={C:.1f} tokens, {args.threads} threads, data: {source}")
-    print(f"{'method':<15}{'median s':>10}{'tokens/s':>12}{'max |diff| vs naive':>22}")
+    print(f"{'method':<15}{'best s':>9}{'median s':>10}{'tokens/s':>11}{'max |diff| vs naive':>22}")
     for name in methods:
-        print(f"{name:<15}{median[name]:>10.3f}{tps[name]:>12.0f}{max_diff[name]:>22.2e}")
-    print(f"batched / naive = {report['ratio_batched_over_naive']:.2f}x (target >= 5)")
-    print(f"reuse / batched = {report['ratio_reuse_over_batched']:.2f}x (target >= 1.3; ideal M*(P+C)/(P+M*C) = "
+        print(f"{name:<15}{best[name]:>9.3f}{median[name]:>10.3f}{tps[name]:>11.0f}{max_diff[name]:>22.2e}")
+    print(f"batched / naive = {report['ratio_batched_over_naive']:.2f}x best, "
+          f"{report['median_ratio_batched_over_naive']:.2f}x median (target >= 5)")
+    print(f"reuse / batched = {report['ratio_reuse_over_batched']:.2f}x best, "
+          f"{report['median_ratio_reuse_over_batched']:.2f}x median (target >= 1.3; ideal M*(P+C)/(P+M*C) = "
           f"{ideal:.2f}x)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

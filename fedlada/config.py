@@ -354,35 +354,46 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
-    """Set dotted ``key`` in the nested dict ``tree`` (lists addressed by index), checking the key exists."""
+    """Set dotted ``key`` in the nested dict ``tree`` (lists addressed by index), checking the key exists.
+
+    Where the defaults cannot tell (items of a list that is empty by default), the final ``_build`` checks the keys.
+    """
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config key '{key}': expected JSON, found {value!r} ({e})") from None
     parts = key.split(".")
     node, dnode = tree, defaults
     for i, part in enumerate(parts):
         path = ".".join(parts[: i + 1])
         last = i == len(parts) - 1
-        if isinstance(dnode, list):
+        if isinstance(node, list):
             if not part.isdigit():
                 raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i])}' is a list; expected an index, "
                                   f"found {part!r}")
             idx = int(part)
             if idx >= len(node):
-                if idx > len(node) or not dnode:
+                if idx > len(node) or not node:
                     raise ConfigError(f"config key '{key}': index {idx} out of range (list has {len(node)} items)")
-                node.append(json.loads(json.dumps(node[-1] if node else dnode[-1])))
+                node.append(json.loads(json.dumps(node[-1])))
             if last:
                 node[idx] = value
                 return
-            node, dnode = node[idx], (dnode[min(idx, len(dnode) - 1)] if dnode else {})
+            dnode = dnode[min(idx, len(dnode) - 1)] if isinstance(dnode, list) and dnode else None
+            node = node[idx]
             continue
-        if not isinstance(dnode, dict) or part not in dnode:
+        if dnode is not None and (not isinstance(dnode, dict) or part not in dnode):
             known = ", ".join(sorted(dnode)) if isinstance(dnode, dict) else ""
             raise ConfigError(f"unknown config key '{path}'" + (f" (known at this level: {known})" if known else ""))
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i])}' is not a table")
         if last:
             node[part] = value
             return
         if part not in node or node[part] is None:
-            node[part] = json.loads(json.dumps(dnode[part]))
-        node, dnode = node[part], dnode[part]
+            node[part] = json.loads(json.dumps(dnode[part])) if dnode is not None else {}
+        node, dnode = node[part], (dnode[part] if dnode is not None else None)
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -20,6 +20,7 @@ Departures from the paper / choices of ours:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
@@ -125,6 +126,16 @@ def collate(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> dict[str, to
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
 
 
+def _left_pad(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    W = max(len(x) for x in ids)
+    out = torch.full((len(ids), W), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), W), dtype=torch.long)
+    for b, x in enumerate(ids):
+        out[b, W - len(x):] = torch.tensor(x)
+        mask[b, W - len(x):] = 1
+    return out, mask
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Model plumbing (transformers 5 renamed past_key_values -> cache; support both)
 
@@ -183,60 +194,67 @@ def _score_plain(model, tokenizer, pairs) -> np.ndarray:
     return (tok.double() * mask.double()).sum(dim=-1).cpu().numpy()
 
 
-def _score_shared(model, tokenizer, prompt_ids: list[list[int]], paths: list[list[list[int]]]) -> list[np.ndarray]:
+def _select_rows(cache, rows: torch.Tensor):
+    """A cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` itself is left as it is."""
+    if not hasattr(cache, "layers"):
+        cache = copy.deepcopy(cache)
+        cache.batch_select_indices(rows)
+        return cache
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]  # selection rebinds the copies' tensors only
+    sub.batch_select_indices(rows)
+    return sub
+
+
+def _score_shared(model, tokenizer, prompt_ids: list[list[int]], paths: list[list[list[int]]],
+                  batch_size: int) -> list[np.ndarray]:
     """Score ``paths[g]`` (each a list of path token lists) after ``prompt_ids[g]``, encoding each prompt once.
 
-    Prompts are left-padded in the prefix pass (explicit position ids, so padding changes nothing); the key/value
-    cache is then repeated for each of a prompt's paths and the paths run through right-padded after it.
+    One prefix pass runs the G prompts left-padded (explicit position ids, so padding changes nothing) and keeps
+    their key/value cache. The paths are then sorted by length and run right-padded in batches of ``batch_size``
+    rows, each on a copy of the cache rows of its prompts, so a path batch is padded only to its own longest path.
     """
     dev = _device(model)
     params = _forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     pad = _pad_id(tokenizer)
-    G, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    ids = torch.full((G, P), pad, dtype=torch.long)
-    pmask = torch.zeros((G, P), dtype=torch.long)
-    for g, p in enumerate(prompt_ids):
-        ids[g, P - len(p):] = torch.tensor(p)
-        pmask[g, P - len(p):] = 1
+    ids, pmask = _left_pad(prompt_ids, pad)
     ids, pmask = ids.to(dev), pmask.to(dev)
     ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=pmask, position_ids=ppos, use_cache=True, **keep)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (G,V): predicts each path's first token
-    cache = _cache_of(out)
+    prefix_cache = _cache_of(out)
+    prompt_len = pmask.sum(-1)
 
     counts = [len(ys) for ys in paths]
-    row_group = torch.repeat_interleave(torch.arange(G), torch.tensor(counts)).to(dev)
-    rows = [y for ys in paths for y in ys]
-    N = len(rows)
-    first_tok = torch.tensor([y[0] for y in rows], device=dev)
-    total = first_logp[row_group, first_tok].double()
-
-    C = max(len(y) for y in rows) - 1  # the last path token is only predicted, never fed in
-    if C > 0:
-        cache.batch_select_indices(row_group)
-        cont = torch.full((N, C), pad, dtype=torch.long)
-        cmask = torch.zeros((N, C), dtype=torch.long)
-        for n, y in enumerate(rows):
-            cont[n, : len(y) - 1] = torch.tensor(y[:-1])
-            cmask[n, : len(y) - 1] = 1
-        cont, cmask = cont.to(dev), cmask.to(dev)
-        prompt_len = pmask.sum(-1)[row_group]
-        pos = prompt_len[:, None] + torch.arange(C, device=dev)[None, :]
-        attn = torch.cat([pmask[row_group], cmask], dim=1)
+    rows = [(g, y) for g, ys in enumerate(paths) for y in ys]
+    row_group = torch.tensor([g for g, _ in rows], device=dev)
+    first_tok = torch.tensor([y[0] for _, y in rows], device=dev)
+    total = first_logp[row_group, first_tok].double().cpu().numpy()
+    order = sorted(range(len(rows)), key=lambda n: -len(rows[n][1]))
+    for k in range(0, len(order), batch_size):
+        sub = [n for n in order[k: k + batch_size] if len(rows[n][1]) > 1]
+        if not sub:
+            continue  # paths of one token (eos) were scored by the prefix pass alone
+        group = torch.tensor([rows[n][0] for n in sub], device=dev)
+        C = max(len(rows[n][1]) for n in sub) - 1  # the last path token is only predicted, never fed in
+        cont = torch.full((len(sub), C), pad, dtype=torch.long)
+        labels = torch.full((len(sub), C), pad, dtype=torch.long)
+        cmask = torch.zeros((len(sub), C), dtype=torch.long)
+        for b, n in enumerate(sub):
+            y = rows[n][1]
+            cont[b, : len(y) - 1] = torch.tensor(y[:-1])
+            labels[b, : len(y) - 1] = torch.tensor(y[1:])
+            cmask[b, : len(y) - 1] = 1
+        cont, labels, cmask = cont.to(dev), labels.to(dev), cmask.to(dev)
+        pos = prompt_len[group][:, None] + torch.arange(C, device=dev)[None, :]
+        attn = torch.cat([pmask[group], cmask], dim=1)
         logits = model(input_ids=cont, attention_mask=attn, position_ids=pos, use_cache=True,
-                       **{cache_kw: cache}).logits.float()  # (N,C,V)
-        labels = torch.full((N, C), pad, dtype=torch.long)
-        lmask = torch.zeros((N, C), dtype=torch.float64)
-        for n, y in enumerate(rows):
-            labels[n, : len(y) - 1] = torch.tensor(y[1:])
-            lmask[n, : len(y) - 1] = 1.0
-        labels, lmask = labels.to(dev), lmask.to(dev)
+                       **{cache_kw: _select_rows(prefix_cache, group)}).logits.float()  # (b,C,V)
         tok = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        total = total + (torch.where(lmask != 0, tok, torch.zeros_like(tok)).double() * lmask).sum(-1)
-    flat = total.cpu().numpy()
-    return np.split(flat, np.cumsum(counts)[:-1])
+        total[sub] += torch.where(cmask != 0, tok, torch.zeros_like(tok)).double().sum(-1).cpu().numpy()
+    return np.split(total, np.cumsum(counts)[:-1])
 
 
 def _plain_batches(order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -276,20 +294,14 @@ def score_paths(model, tokenizer, prompts: list[str], paths: list[str], *, batch
         with torch.no_grad():
             for batch in _plain_batches(singles, lengths, batch_size):
                 logprob[batch] = _score_plain(model, tokenizer, [pairs[i] for i in batch])
-            # Shared-prompt groups: chunks of <= batch_size paths, longest first, packed into batches of <= batch_size.
-            chunks = [sorted(idx, key=lambda i: -lengths[i])[k: k + batch_size]
-                      for idx in shared for k in range(0, len(idx), batch_size)]
-            chunks.sort(key=lambda c: -(len(pairs[c[0]][0]) + max(len(pairs[i][1]) for i in c)))
-            batch: list[list[int]] = []
-            for c in chunks + [None]:
-                if batch and (c is None or sum(map(len, batch)) + len(c) > batch_size):
-                    scores = _score_shared(model, tokenizer, [pairs[b[0]][0] for b in batch],
-                                           [[pairs[i][1] for i in b] for b in batch])
-                    for b, s in zip(batch, scores):
-                        logprob[b] = s
-                    batch = []
-                if c is not None:
-                    batch.append(c)
+            # Shared-prompt groups, by prompt length, batch_size prompts per prefix pass.
+            shared.sort(key=lambda idx: -len(pairs[idx[0]][0]))
+            for k in range(0, len(shared), batch_size):
+                chunk = shared[k: k + batch_size]
+                scores = _score_shared(model, tokenizer, [pairs[idx[0]][0] for idx in chunk],
+                                       [[pairs[i][1] for i in idx] for idx in chunk], batch_size)
+                for idx, s in zip(chunk, scores):
+                    logprob[idx] = s
     finally:
         model.train(was_training)
     return PathScores(logprob, num_tokens)
@@ -344,16 +356,6 @@ def _stopping_criteria(tokenizer, prompt_width: int):
         pass
 
     return StoppingCriteriaList([_Stop(tokenizer, prompt_width)])
-
-
-def _left_pad(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    W = max(len(x) for x in ids)
-    out = torch.full((len(ids), W), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), W), dtype=torch.long)
-    for b, x in enumerate(ids):
-        out[b, W - len(x):] = torch.tensor(x)
-        mask[b, W - len(x):] = 1
-    return out, mask
 
 
 def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temperature: float = 1.0,

@@ -192,6 +192,9 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         info["cache"] = str(path)
         if (path / "config.json").is_file():
             model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
+            stored = path / "fedlada_pretrain.json"
+            if stored.is_file():
+                info.update({k: v for k, v in json.loads(stored.read_text()).items() if k not in ("role",)})
             info["cached"] = True
         else:
             from fedlada.models import PromptFormatter
@@ -222,8 +225,12 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if spec.lora:
-        model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                           target_modules=spec.lora_target_modules or None)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # adapter init is seeded: same run, same numbers
+            torch.manual_seed(cfg.models.pretrain_seed + sum(role.encode()))
+            model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                               target_modules=spec.lora_target_modules or None)
     info["parameters"] = count_parameters(model)
     info["trainable_parameters"] = count_parameters(model, trainable_only=True)
     return model, tok, info

@@ -49,6 +49,15 @@ from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, train
 
 log = logging.getLogger(__name__)
 
+
+def _secs(t0: float) -> float:
+    # (a helper because ``round`` is a parameter name throughout this module)
+    return float(f"{time.perf_counter() - t0:.2f}")
+
+
+def _r2(x: float) -> float:
+    return float(f"{x:.2f}")
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -160,7 +169,7 @@ def _selection_records(sel: Selection, *, round: int, pair: str, scalars: dict[s
 
 def _f(x) -> float | None:
     x = float(x)
-    return None if not math.isfinite(x) else round(x, 6)
+    return None if not math.isfinite(x) else float(f"{x:.6g}")
 
 
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
@@ -210,7 +219,7 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     msg = TeachMessage(round=round, question_ids=tuple(qids), paths=tuple(items))
     m = {"llm_paths_sampled": len(flat_y), "llm_paths_correct": len(items),
          "llm_questions_with_correct_path": n_correct_q, "llm_pass_rate": n_correct_q / max(len(qids), 1),
-         "teach_seconds": round(time.perf_counter() - t0, 2)}
+         "teach_seconds": _secs(t0)}
     return msg, StepLog(m)
 
 
@@ -231,7 +240,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
     if lc.method == "local":
         stats = train(side.model, side.tokenizer, sft=sft, **train_kw)
         logd.metrics.update(_stats(stats, "train"))
-        logd.metrics["client_seconds"] = round(time.perf_counter() - t0, 2)
+        logd.metrics["client_seconds"] = _secs(t0)
         return ReportMessage(round=round, client=k, metrics={"selected": 0}), logd
 
     qids = list(teach.question_ids)
@@ -314,7 +323,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         logd.metrics.update({"reward": _f(R), "filter_fit": fit})
     logd.metrics.update({"candidates": len(qids), "with_teacher_path": len(cand), "selected": len(selected_q),
                          "preference_pairs": len(pref), "listwise_groups": len(listwise),
-                         "distill_sft": len(dist), "client_seconds": round(time.perf_counter() - t0, 2)})
+                         "distill_sft": len(dist), "client_seconds": _secs(t0)})
 
     # the reply: the SLM's answer-correct paths (deduplicated), scored by the SLM before its update
     out = []
@@ -331,7 +340,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
 
 def _stats(stats, prefix: str) -> dict:
     return {f"{prefix}_steps": stats.steps, f"{prefix}_tokens": stats.tokens, f"{prefix}_loss": _f(stats.loss),
-            f"{prefix}_seconds": round(stats.seconds, 2),
+            f"{prefix}_seconds": _r2(stats.seconds),
             **{f"{prefix}_{k}": _f(v) for k, v in stats.components.items()}}
 
 
@@ -429,7 +438,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                 logd.metrics[f"server_filter_fit_client{k}"] = state.filters[k].fit()
             start += n
     logd.metrics.update({"server_selected": len(dist), "server_preference_pairs": len(pref),
-                         "server_seconds": round(time.perf_counter() - t0, 2)})
+                         "server_seconds": _secs(t0)})
     return logd
 
 

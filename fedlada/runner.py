@@ -43,6 +43,15 @@ from fedlada.rounds import (ClientState, ServerState, Side, StepLog, client_step
 log = logging.getLogger(__name__)
 
 
+def _secs(t0: float) -> float:
+    # (a helper because ``round`` is a parameter name throughout this module)
+    return float(f"{time.perf_counter() - t0:.2f}")
+
+
+def _r2(x: float) -> float:
+    return float(f"{x:.2f}")
+
+
 class Events:
     """Hooks the application uses for progress display; the library itself only logs."""
 
@@ -318,7 +327,7 @@ def drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm
         rd.append("selections.jsonl", llog.selections)
         events.stage(f"round {t}/{cfg.rounds}: evaluation")
         rows += pool.evaluate(t) + [_llm_eval(server, llm_test, cfg, t)]
-        rows.append({"round": t, "event": "round_time", "seconds": round(time.perf_counter() - t_round, 2)})
+        rows.append({"round": t, "event": "round_time", "seconds": _secs(t_round)})
         rd.append("metrics.jsonl", rows)
         rd.append("audit.jsonl", audit)
         save_checkpoint(rd, t, server, pool)

@@ -125,7 +125,7 @@ def test_score_paths_equals_one_at_a_time(tok, model, pairs_and_reference, reuse
 
 
 def test_score_paths_prefix_reuse_with_many_paths_per_prompt(tok, model):
-    """M = 6 paths for each of 3 prompts of different lengths; groups larger than a batch are split."""
+    """M = 6 paths for each of 3 prompts of different lengths; a prompt's paths spread over several batches."""
     rng = random.Random(3)
     prompts, paths = [], []
     for k in range(3):

@@ -1,0 +1,152 @@
+"""The in-process runner end to end on tiny models: run directory contents, determinism, resume, privacy,
+client failures and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlada.config import load_config
+from fedlada.data import make_benchmark, read_records, write_records
+from fedlada.errors import DataError
+from fedlada.messages import ReportMessage, TeachMessage
+from fedlada.prepare import load_data
+from fedlada.runner import ClientFailure, run
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    """Metrics without wall-clock fields (the only thing allowed to differ between identical runs)."""
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return [clean(r) for r in rows if r.get("event") != "round_time"]
+
+
+def _rows(path: Path, name: str) -> list[dict]:
+    return [json.loads(x) for x in (path / name).read_text().splitlines() if x.strip()]
+
+
+def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler, tmp_path):
+    cfg = load_config(overrides=tiny_overrides)
+    data = load_data(cfg)
+    gold_sampler(data.public)
+    full = run(cfg)
+    rd = full.run_dir
+    for name in ("config.toml", "metrics.jsonl", "selections.jsonl", "audit.jsonl", "summary.json"):
+        assert (rd / name).is_file(), name
+    assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["round_001", "round_002"]
+    sel = _rows(rd, "selections.jsonl")
+    pairs = {s["pair"] for s in sel}
+    assert {"llm->client0", "llm->client1"} <= pairs
+    assert any(p.endswith("->llm") for p in pairs)
+    assert all(s["reason"] for s in sel) and any(s["selected"] for s in sel)
+    assert all("learnability_gap" in s for s in sel if s["pair"].startswith("llm->"))
+    evals = [r for r in _rows(rd, "metrics.jsonl") if r["event"] == "eval"]
+    assert {(r["round"], r["who"]) for r in evals} == {(t, w) for t in range(3) for w in ("client0", "client1", "llm")}
+    assert json.loads((rd / "summary.json").read_text())["rounds_done"] == 2
+
+    # interrupted after round 1, then resumed: the same numbers as the uninterrupted run
+    cfg2 = load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'resumed'}"])
+    part = run(cfg2, stop_after_round=1)
+    assert part.summary["rounds_done"] == 1
+    # a crash mid-round 2 leaves partial lines behind: they must be dropped on resume
+    with open(part.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": 2, "event": "client_step", "who": "client0", "partial": True}) + "\n")
+    resumed = run(cfg2)
+    assert resumed.resumed_from == 1
+    assert _strip(_rows(resumed.run_dir, "metrics.jsonl")) == _strip(_rows(rd, "metrics.jsonl"))
+    assert _rows(resumed.run_dir, "selections.jsonl") == sel
+
+
+def test_a_failing_client_is_reported_and_the_round_continues(tiny_overrides):
+    def fail(round, client):
+        if round == 2 and client == 1:
+            raise ClientFailure("simulated crash")
+
+    res = run(load_config(overrides=tiny_overrides), fail_hook=fail)
+    rows = _rows(res.run_dir, "metrics.jsonl")
+    failed = [r for r in rows if r["event"] == "client_failed"]
+    assert failed == [{"round": 2, "event": "client_failed", "who": "client1", "reason": "simulated crash"}]
+    assert res.summary["rounds_done"] == 2
+    assert {r["who"] for r in rows if r["event"] == "client_step" and r["round"] == 2} == {"client0"}
+
+
+def test_too_few_clients_fails_the_round_after_checkpointing(tiny_overrides):
+    from fedlada.runner import RoundFailed
+
+    def fail(round, client):
+        if round == 2:
+            raise ClientFailure("down")
+
+    cfg = load_config(overrides=tiny_overrides + ["min_clients=2"])
+    with pytest.raises(RoundFailed, match="only 0 client"):
+        run(cfg, fail_hook=fail)
+    assert (Path(cfg.out_dir) / "checkpoints" / "round_001" / "COMPLETE").is_file()
+
+
+def _canary_data(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """A user-data layout whose client files carry a unique canary string in every record."""
+    layout = make_benchmark(tmp_path / "bench", num_clients=2, train_per_client=40, test_per_client=12,
+                            public_size=30, general_size=200)
+    canaries, overrides = [], []
+    for k, c in enumerate(layout.clients):
+        for split, path in (("train", c.train), ("test", c.test)):
+            recs = []
+            for i, r in enumerate(read_records(path)):
+                tag = f"CANARY{k}x{split}x{i}Z"
+                canaries.append(tag)
+                rationale = (r.rationale or "") + f"\nNote {tag}."
+                recs.append(type(r)(r.id, f"{r.question} ({tag})", r.answer, rationale, r.domain))
+            write_records(recs, tmp_path / f"c{k}_{split}.jsonl")
+        overrides += [f"data.clients.{k}.train={tmp_path / f'c{k}_train.jsonl'}",
+                      f"data.clients.{k}.test={tmp_path / f'c{k}_test.jsonl'}"]
+    return canaries, overrides + [f"data.public={layout.public}", f"data.general={layout.general}"]
+
+
+def test_no_private_record_leaves_a_client(tiny_overrides, gold_sampler, tmp_path, monkeypatch):
+    canaries, data_over = _canary_data(tmp_path)
+    # clients listed as a TOML-like list through overrides: build the list first, then set its items
+    over = [o for o in tiny_overrides if not o.startswith("data.")] + [
+        'data.clients=[{"train": "x", "test": "y"}, {"train": "x", "test": "y"}]'] + data_over + [
+        "data.eval_limit=12", "data.holdout_size=6"]
+    cfg = load_config(overrides=over)
+    data = load_data(cfg)
+    gold_sampler(data.public)
+    sent: list[bytes] = []
+    for cls in (TeachMessage, ReportMessage):
+        real = cls.to_bytes
+
+        def spy(self, _real=real):
+            b = _real(self)
+            sent.append(b)
+            return b
+
+        monkeypatch.setattr(cls, "to_bytes", spy)
+    res = run(cfg)
+    assert res.summary["rounds_done"] == 2
+    reports = [b for b in sent if b.startswith(b'{"kind":"report"')]
+    assert len(reports) >= 4 and any(json.loads(b)["paths"] for b in reports)
+    blob = b"\n".join(sent)
+    leaked = [c for c in canaries if c.encode() in blob or b"CANARY" in blob]
+    assert leaked == []
+    # ...while the canaries really are in what the clients trained on
+    assert any("CANARY0xtrainx" in r.question for r in data.clients[0].train)
+
+
+def test_bad_data_fails_before_any_work(tmp_path, model_cache):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "a", "question": "", "answer": 2}\nnot json\n')
+    cfg = load_config(overrides=[f"out_dir={tmp_path / 'run'}", 'data.clients=[{"train": "%s", "test": "%s"}]'
+                                 % (bad, bad), f"data.public={bad}"])
+    with pytest.raises(DataError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert "bad.jsonl:2" in msg and "bad.jsonl:3" in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()
