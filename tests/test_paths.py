@@ -258,3 +258,19 @@ def test_question_embeddings_shape_and_batch_invariance(tok, model):
     with torch.no_grad():
         h = model.model(input_ids=ids).last_hidden_state[0].mean(0)
     np.testing.assert_allclose(emb[0], h.numpy(), rtol=0, atol=1e-5)
+
+
+def test_score_paths_on_a_lora_model(tok, pairs_and_reference):
+    from fedlada.models import apply_lora
+
+    lora = apply_lora(build_tiny_model(tok, hidden_size=48, num_layers=2, num_heads=4, seed=0), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    prompts, paths, base_ref = pairs_and_reference
+    ref = np.array([_reference_logprob(lora, tok, p, y) for p, y in zip(prompts, paths)])
+    assert np.abs(ref - base_ref).max() > 1e-3  # the adapters change the scores
+    for reuse_prefix in (False, True):
+        s = score_paths(lora, tok, prompts, paths, batch_size=8, reuse_prefix=reuse_prefix)
+        np.testing.assert_allclose(s.logprob, ref, rtol=0, atol=1e-5)
