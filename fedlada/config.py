@@ -23,7 +23,7 @@ from typing import Any
 
 from fedlada.errors import ConfigError
 
-METHODS = ("lada", "local", "all", "random", "lada-sft", "no-distill")
+METHODS = ("lada", "local", "all", "random", "lada-sft", "host", "host-random")
 LOSSES = ("pairwise", "listwise", "sft")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -222,7 +222,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     bf16: bool = False
-    max_length: int = 192
+    max_length: int = 256
 
     def __post_init__(self):
         _check(self.client_lr > 0, "train.client_lr", "a float > 0", self.client_lr)
@@ -232,6 +232,39 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
         _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
         _check(self.max_length >= 16, "train.max_length", "an integer >= 16", self.max_length)
+
+
+HOSTS = ("none", "fedmkt", "fedcollm")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """The collaboration framework LaDa plugs into (``fedlada.hosts``, ``fedlada.host_rounds``).
+
+    ``name``: "none" (LaDa alone), "fedmkt" (per-token top-k logits exchanged both ways, min-CE target choice) or
+    "fedcollm" (FedAvg of the SLMs' trainable weights + mutual KD between the LLM and the aggregated SLM).
+    ``lada.method`` "host" runs the host alone on every candidate, "host-random" on a random subset at LaDa's budget.
+    """
+
+    name: str = "none"
+    topk: int = 128  # logits kept per token position (values fp16 + indices)
+    kd_weight: float = 1.0  # weight of the token-level KD term in the host's step
+    kd_temperature: float = 1.0
+    lm_weight: float = 0.0  # weight of plain NLL on the same path tokens (FedCoLLM's lm_loss; FedMKT's kd_alpha)
+    kd_epochs: int = 1  # epochs of the host's KD step per round and side
+    kd_student: str = "topk"  # student log-softmax over the teacher's k indices ("topk") or the whole vocab ("full")
+    adapter_dtype: str = "float32"  # fedcollm: dtype of the weights on the wire (float32 | float16)
+
+    def __post_init__(self):
+        _check(self.name in HOSTS, "host.name", f"one of {HOSTS}", self.name)
+        _check(self.topk >= 1, "host.topk", "an integer >= 1", self.topk)
+        _check(self.kd_weight >= 0, "host.kd_weight", "a float >= 0", self.kd_weight)
+        _check(self.kd_temperature > 0, "host.kd_temperature", "a float > 0", self.kd_temperature)
+        _check(self.lm_weight >= 0, "host.lm_weight", "a float >= 0", self.lm_weight)
+        _check(self.kd_epochs >= 0, "host.kd_epochs", "an integer >= 0", self.kd_epochs)
+        _check(self.kd_student in ("topk", "full"), "host.kd_student", "'topk' or 'full'", self.kd_student)
+        _check(self.adapter_dtype in ("float32", "float16"), "host.adapter_dtype", "'float32' or 'float16'",
+               self.adapter_dtype)
 
 
 @dataclass(frozen=True)
@@ -246,6 +279,7 @@ class RunConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     lada: LadaConfig = field(default_factory=LadaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    host: HostConfig = field(default_factory=HostConfig)
 
     def __post_init__(self):
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
