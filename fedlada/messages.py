@@ -8,10 +8,17 @@ client's private data and scans every serialised message of a whole run for them
 Messages serialise to UTF-8 JSON (``to_bytes``); their byte size is what the run directory reports per round and
 per direction. ``from_bytes`` validates the content and raises :class:`MessageError` on anything malformed, so a
 server can reject a bad client reply with a logged reason instead of crashing.
+
+With a host framework configured (``host.name``, see ``fedlada.hosts``) a message may carry one more thing, the
+host's payload (``host``): per-token top-k logits on public paths (FedMKT-like) or trainable weights and public
+question ids (FedCoLLM-like). It travels base64-encoded in the JSON and counts in the message's byte size;
+``from_bytes`` checks the encoding, ``fedlada.hosts`` checks the content.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -66,11 +73,13 @@ class TeachMessage:
     round: int
     question_ids: tuple[str, ...]
     paths: tuple[PathItem, ...] = ()
+    host: bytes | None = None  # the host framework's payload (fedlada.hosts), base64 in the JSON
     kind: str = field(default="teach", init=False)
 
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round,
              "question_ids": list(self.question_ids), "paths": [asdict(p) for p in self.paths]}
+        _put_host(d, self.host)
         return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -80,7 +89,7 @@ class TeachMessage:
         if not isinstance(qids, list) or not all(isinstance(q, str) for q in qids):
             raise MessageError("teach message: 'question_ids' must be a list of strings")
         return cls(round=_int(d, "round", "teach message"), question_ids=tuple(qids),
-                   paths=tuple(_items_from(d.get("paths", []), "teach message")))
+                   paths=tuple(_items_from(d.get("paths", []), "teach message")), host=_get_host(d, "teach message"))
 
 
 @dataclass(frozen=True)
@@ -92,11 +101,13 @@ class ReportMessage:
     client: int
     paths: tuple[PathItem, ...] = ()
     metrics: dict = field(default_factory=dict)
+    host: bytes | None = None  # the host framework's payload (fedlada.hosts), base64 in the JSON
     kind: str = field(default="report", init=False)
 
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round, "client": self.client,
              "paths": [asdict(p) for p in self.paths], "metrics": self.metrics}
+        _put_host(d, self.host)
         return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -107,13 +118,15 @@ class ReportMessage:
                 isinstance(v, (int, float, type(None))) and not isinstance(v, bool) for v in metrics.values()):
             raise MessageError("report message: 'metrics' must map names to numbers")
         return cls(round=_int(d, "round", "report message"), client=_int(d, "client", "report message"),
-                   paths=tuple(_items_from(d.get("paths", []), "report message")), metrics=metrics)
+                   paths=tuple(_items_from(d.get("paths", []), "report message")), metrics=metrics,
+                   host=_get_host(d, "report message"))
 
     def audit(self) -> dict:
         """What this message carries out of the client, by record kind (for the run's privacy audit)."""
         return {"paths_on_public_questions": len(self.paths), "scalar_scores": 2 * len(self.paths),
                 "metrics": len(self.metrics), "bytes": len(self.to_bytes()),
-                "path_text_bytes": sum(len(p.text.encode("utf-8")) for p in self.paths)}
+                "path_text_bytes": sum(len(p.text.encode("utf-8")) for p in self.paths),
+                "host_payload_bytes": len(self.host or b"")}
 
 
 def _load(data: bytes, kind: str) -> dict:
@@ -133,3 +146,22 @@ def _int(d: dict, key: str, where: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise MessageError(f"{where}: '{key}' must be an integer, found {v!r}")
     return v
+
+
+def _put_host(d: dict, payload: bytes | None) -> None:
+    # absent when there is no host payload, so messages without one serialise exactly as before
+    if payload is not None:
+        d["host"] = base64.b64encode(payload).decode("ascii")
+
+
+def _get_host(d: dict, where: str) -> bytes | None:
+    """The host payload's bytes, or None when the message has none. Its content is checked by ``fedlada.hosts``."""
+    v = d.get("host")
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise MessageError(f"{where}: 'host' must be a base64 string, found {type(v).__name__}")
+    try:
+        return base64.b64decode(v.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise MessageError(f"{where}: 'host' is not valid base64 ({e})") from None

@@ -25,6 +25,12 @@ examples are sorted by length inside windows of 16 chunks before chunking (less 
 shuffled again. ``n_steps = ceil(n / grad_accum)``; the last step of an epoch may hold fewer micro-batches and is
 normalised by its own counts.
 
+Prefix reuse (``reuse_prefix``, on by default): the paths of one prompt -- chosen and rejected, or a listwise
+example's valid paths -- are scored after a single pass over the prompt whose key/value cache is shared by all of
+them, with gradients flowing through the cache. This is the same computation as running every (prompt, path) row in
+full (tested to float rounding, gradients included) with one prompt pass per prompt instead of one per path; the
+reference pass uses it too. SFT examples have one path per prompt and always run as plain rows.
+
 Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped before anything is computed, so
 ``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate (no schedule), AdamW over the
 parameters with ``requires_grad`` only (a peft model trains only its adapters), weight decay on all of them.
@@ -34,6 +40,7 @@ Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -45,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlada.errors import ConfigError
-from fedlada.losses import contrastive_path_loss, listwise_path_loss, sft_loss
+from fedlada.losses import contrastive_path_loss, listwise_path_loss, sequence_logprobs, sft_loss
 from fedlada.paths import collate, encode_pair, path_logprobs
 
 logger = logging.getLogger(__name__)
@@ -84,7 +91,8 @@ class ListwiseExample:
 
 @dataclass
 class TrainStats:
-    """steps: optimizer steps; tokens: non-pad tokens in training forward passes (not the reference pass);
+    """steps: optimizer steps; tokens: non-pad tokens fed to the model in training forward passes (not the reference
+    pass; with ``reuse_prefix`` a prompt counts once for all of its paths);
     loss: mean over steps of the objective; components: mean over steps of each unweighted term (``sft``, ``da``,
     ``distill``; NaN where a term had no data); seconds: wall-clock time of ``train``, reference pass included."""
 
@@ -136,24 +144,52 @@ def _chunks(items: list[dict], n: int, rng: random.Random, bucket: bool) -> list
     return chunks
 
 
-def _collate_kind(tokenizer, kind: str, chunk: list[dict], device) -> dict:
+def _collate_shared(tokenizer, prompts: list[list[int]], paths: list[list[int]], group: list[int]) -> dict:
+    """Batch for :func:`_shared_logprobs`: G prompts left-padded (G,P); R paths right-padded (R,C), C = longest
+    path - 1 (a path's last token is only predicted, never fed in); ``group[r]`` = the prompt of path r."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    G, P = len(prompts), max(len(p) for p in prompts)
+    R, C = len(paths), max(len(y) for y in paths) - 1
+    b = dict(prompt_ids=torch.full((G, P), pad), prompt_mask=torch.zeros((G, P), dtype=torch.long),
+             path_ids=torch.full((R, C), pad), path_labels=torch.full((R, C), pad),
+             path_mask=torch.zeros((R, C), dtype=torch.long), first=torch.tensor([y[0] for y in paths]),
+             group=torch.tensor(group), path_len=torch.tensor([len(y) for y in paths]))
+    for g, p in enumerate(prompts):
+        b["prompt_ids"][g, P - len(p):] = torch.tensor(p)
+        b["prompt_mask"][g, P - len(p):] = 1
+    for r, y in enumerate(paths):
+        b["path_ids"][r, :len(y) - 1] = torch.tensor(y[:-1], dtype=torch.long)
+        b["path_labels"][r, :len(y) - 1] = torch.tensor(y[1:], dtype=torch.long)
+        b["path_mask"][r, :len(y) - 1] = 1
+    return b
+
+
+def _collate_kind(tokenizer, kind: str, chunk: list[dict], device, *, reuse_prefix: bool = False) -> dict:
     """One padded batch for one kind; rows are [chosen..., rejected...] for pairs, flattened valid paths for lists.
 
-    Adds ``count`` (this batch's contribution to the step-global normaliser: path tokens for SFT kinds, examples
-    otherwise) and ``tokens`` (non-pad tokens), both counted on the CPU before the move to ``device``.
+    With ``reuse_prefix`` (pairs and lists only) each prompt appears once and its paths follow it through the key/value
+    cache (:func:`_collate_shared`). Adds ``count`` (this batch's share of the step-global normaliser: path tokens for
+    SFT kinds, examples otherwise) and ``tokens`` (non-pad tokens run through the model), counted on the CPU.
     """
     if kind == "pref":
         pairs = [it["pairs"][0] for it in chunk] + [it["pairs"][1] for it in chunk]
+        group = list(range(len(chunk))) * 2
     else:
         pairs = [p for it in chunk for p in it["pairs"]]
-    batch = collate(tokenizer, pairs)
-    extra = dict(tokens=int(batch["attention_mask"].sum()))
+        group = [g for g, it in enumerate(chunk) for _ in it["pairs"]]
+    if reuse_prefix and kind in ("pref", "list"):
+        batch = _collate_shared(tokenizer, [it["pairs"][0][0] for it in chunk], [y for _, y in pairs], group)
+        extra = dict(tokens=int(batch["prompt_mask"].sum() + batch["path_mask"].sum()))
+    else:
+        batch = collate(tokenizer, pairs)
+        batch["path_len"] = batch["loss_mask"].sum(-1)
+        extra = dict(tokens=int(batch["attention_mask"].sum()))
     if kind in ("sft", "distill"):
         extra["count"] = int(batch["loss_mask"].sum())
         batch["weights"] = batch["loss_mask"].float() * torch.tensor([it["weight"] for it in chunk])[:, None]
     elif kind == "pref":
         extra["count"] = len(chunk)
-        batch["ref"] = torch.tensor([it["ref"] for it in chunk])
+        batch["ref"] = torch.tensor([it.get("ref", (0.0, 0.0)) for it in chunk])
     elif kind == "list":
         extra["count"] = len(chunk)
         m = max(len(it["pairs"]) for it in chunk)
@@ -165,24 +201,65 @@ def _collate_kind(tokenizer, kind: str, chunk: list[dict], device) -> dict:
 # ------------------------------------------------------------------------------------------------ losses per kind
 
 
-def _term(model, kind: str, batch: dict, denom: float, *, beta: float) -> torch.Tensor:
+def _forward_parameters(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(type(base).forward).parameters)
+
+
+def _can_reuse_prefix(model) -> bool:
+    """A key/value cache is needed; transformers drops it when activation checkpointing is on."""
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _shared_logprobs(model, batch: dict) -> torch.Tensor:
+    """log pi(path | prompt) (R,), differentiable, running each prompt once for all of its paths.
+
+    A prefix pass over the left-padded prompts (explicit position ids, so padding changes nothing) returns the
+    distribution of every path's first token and the key/value cache; the cache rows are repeated for the paths of
+    each prompt (a differentiable gather) and the paths run through right-padded after them. Equal to
+    ``path_logprobs`` on the concatenated rows up to float rounding, with one prompt pass instead of one per path.
+    """
+    pmask, group = batch["prompt_mask"], batch["group"]
+    params = _forward_parameters(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_argument = "cache" if "cache" in params else "past_key_values"  # the name before transformers 5
+    out = model(input_ids=batch["prompt_ids"], attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, **keep)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[group].gather(-1, batch["first"][:, None])[:, 0]
+    if batch["path_ids"].shape[1] == 0:  # every path is a single token
+        return first
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_select_indices(group)
+    cmask = batch["path_mask"]
+    positions = pmask.sum(-1)[group][:, None] + torch.arange(cmask.shape[1], device=cmask.device)[None, :]
+    logits = model(input_ids=batch["path_ids"], attention_mask=torch.cat([pmask[group], cmask], dim=1),
+                   position_ids=positions, use_cache=True, **{cache_argument: cache}).logits
+    return first + sequence_logprobs(logits, batch["path_labels"], cmask)
+
+
+def _logprobs(model, batch: dict) -> torch.Tensor:
+    return _shared_logprobs(model, batch) if "prompt_ids" in batch else path_logprobs(model, batch)
+
+
+def _term(model, kind: str, batch: dict, denom: float, *, beta: float, tau: float) -> torch.Tensor:
     """This micro-batch's share of one objective term: its sum divided by the step-global count ``denom``."""
     if kind in ("sft", "distill"):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sft_loss(logits, batch["labels"], batch["weights"], num_tokens=denom)  # labels[:, t] = ids[:, t+1]
-    logp = path_logprobs(model, batch)
+    logp = _logprobs(model, batch)
     if kind == "pref":
         chosen, rejected = logp.chunk(2)
         ref = batch["ref"]
         return contrastive_path_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=beta, reduction="sum") / denom
     valid = batch["valid"]
     student = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
-    lengths = torch.zeros(valid.shape, device=logp.device).masked_scatter(valid, batch["loss_mask"].sum(-1).float())
-    return listwise_path_loss(student, batch["teacher"], lengths, valid, reduction="sum") / denom
+    lengths = torch.zeros(valid.shape, device=logp.device).masked_scatter(valid, batch["path_len"].float())
+    return listwise_path_loss(student, batch["teacher"], lengths, valid, tau=tau, reduction="sum") / denom
 
 
 @torch.no_grad()
-def _reference_logprobs(model, tokenizer, items: list[dict], *, batch_size: int, autocast) -> None:
+def _reference_logprobs(model, tokenizer, items: list[dict], *, batch_size: int, autocast,
+                        reuse_prefix: bool) -> None:
     """Store log pi_ref(chosen), log pi_ref(rejected) of the model as it is now in each preference item."""
     was_training = model.training
     model.eval()
@@ -190,11 +267,11 @@ def _reference_logprobs(model, tokenizer, items: list[dict], *, batch_size: int,
     order = sorted(range(len(items)), key=lambda i: items[i]["length"])  # similar lengths together: less padding
     for s in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[s:s + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(tokenizer, [p for it in chunk for p in it["pairs"]]).items()}
+        batch = _collate_kind(tokenizer, "pref", chunk, device, reuse_prefix=reuse_prefix)
         with autocast():
-            logp = path_logprobs(model, batch).float().view(len(chunk), 2).tolist()
-        for it, ref in zip(chunk, logp):
-            it["ref"] = ref
+            chosen, rejected = _logprobs(model, batch).float().chunk(2)
+        for it, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            it["ref"] = (c, r)
     model.train(was_training)
 
 
@@ -205,8 +282,8 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
           listwise: Sequence[ListwiseExample] = (), distill_sft: Sequence[SFTExample] = (), lr: float,
           epochs: int = 1, batch_size: int = 16, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
           weight_decay: float = 0.0, bf16: bool = False, beta: float = 0.1, lambda_da: float = 1.0, mu: float = 0.5,
-          max_length: int = 256, seed: int = 0, bucket_by_length: bool = True,
-          progress: Callable[[int, int], None] | None = None) -> TrainStats:
+          tau: float = 1.0, max_length: int = 256, seed: int = 0, bucket_by_length: bool = True,
+          reuse_prefix: bool = True, progress: Callable[[int, int], None] | None = None) -> TrainStats:
     """Train ``model`` in place on the LaDa objective (module docstring) and return what it did.
 
     ``batch_size`` is per kind and per micro-batch (in examples; a preference example is two rows, a listwise example
@@ -217,6 +294,7 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
             ("lr", lr, lr > 0, "> 0"), ("epochs", epochs, epochs >= 0, "an integer >= 0"),
             ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
             ("grad_accum", grad_accum, grad_accum >= 1, "an integer >= 1"), ("beta", beta, beta > 0, "> 0"),
+            ("tau", tau, tau > 0, "> 0"),
             ("lambda_da", lambda_da, lambda_da >= 0, ">= 0"), ("mu", mu, mu >= 0, ">= 0"),
             ("max_length", max_length, max_length >= 2, "an integer >= 2")):
         if not ok:
@@ -238,8 +316,12 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
     if not params:
         raise ConfigError("train: the model has no parameter with requires_grad=True")
     autocast = ((lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if bf16 else nullcontext)
+    if reuse_prefix and not _can_reuse_prefix(model):
+        logger.info("train: activation checkpointing is on, so prompts are not shared between paths (reuse_prefix off)")
+        reuse_prefix = False
     if "pref" in data:
-        _reference_logprobs(model, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast)
+        _reference_logprobs(model, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast,
+                            reuse_prefix=reuse_prefix)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rngs = {k: random.Random(f"{seed}/{k}") for k in data}
     logger.info("train: %s; %d steps of up to %d x %d micro-batches",
@@ -254,14 +336,15 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
         for _epoch in range(epochs):
             chunks = {k: _chunks(v, n_micro, rngs[k], bucket_by_length) for k, v in data.items()}
             for s in range(0, n_micro, grad_accum):
-                micro = [{k: _collate_kind(tokenizer, k, chunks[k][i], device)
+                micro = [{k: _collate_kind(tokenizer, k, chunks[k][i], device, reuse_prefix=reuse_prefix)
                           for k in data if chunks[k][i]} for i in range(s, min(s + grad_accum, n_micro))]
-                denom = {k: sum(mb[k]["count"] for mb in micro if k in mb) for k in data}
-                term_sums = {k: torch.zeros((), device=device) for k in data}
+                present = [k for k in data if any(k in mb for mb in micro)]  # a small set may miss some steps
+                denom = {k: sum(mb[k]["count"] for mb in micro if k in mb) for k in present}
+                term_sums = {k: torch.zeros((), device=device) for k in present}
                 for mb in micro:
                     for kind, batch in mb.items():
                         with autocast():
-                            term = _term(model, kind, batch, max(denom[kind], 1), beta=beta)
+                            term = _term(model, kind, batch, max(denom[kind], 1), beta=beta, tau=tau)
                         (weights[kind] * term).backward()  # accumulate now: one graph alive at a time
                         term_sums[kind] += term.detach().float()
                         tokens += batch["tokens"]

@@ -132,6 +132,17 @@ def test_sft_term_matches_path_logprobs_convention(tok):
     assert abs(stats.loss - expected) < 1e-4
 
 
+def test_small_distill_set_is_spread_and_its_component_averages_present_steps_only(tok):
+    """2 distillation examples among 4 SFT micro-batches: they land in 2 different steps, and the reported
+    component is the mean over those steps only (lr ~ 0, so each step's term is the untrained per-token NLL)."""
+    model = _model(tok)
+    distill = SFT[14:16]
+    per_example = [_mean_nll(model, tok, [e]) for e in distill]
+    stats = train(model, tok, sft=SFT[:16], distill_sft=distill, lr=1e-12, batch_size=4)
+    assert stats.steps == 4
+    assert abs(stats.components["distill"] - sum(per_example) / 2) < 1e-4
+
+
 def test_sft_training_lowers_the_loss(tok):
     model = _model(tok)
     before = _mean_nll(model, tok, SFT)
@@ -185,6 +196,63 @@ def test_accumulation_matches_one_big_batch(tok, monkeypatch):
     for n in start:
         assert_close(deltas[1][n], deltas[0][n], rtol=1e-4, atol=1e-6)
     assert max(float(d.abs().max()) for d in deltas[0].values()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["preference", "listwise"])
+def test_prefix_reuse_gives_the_same_gradient(tok, monkeypatch, kind):
+    """Running a prompt once for all its paths (reuse_prefix) == running every (prompt, path) row in full."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    if kind == "preference":
+        data = dict(preference=PREF)
+    else:
+        data = dict(listwise=[ListwiseExample(e.prompt, [e.chosen, e.rejected, e.chosen + " ok"], [-3.0, -9.0, -1.0],
+                                              [True, True, i % 2 == 0]) for i, e in enumerate(PREF)])
+    start = _params(_model(tok))
+    deltas, tokens = [], []
+    for reuse in (False, True):
+        model = _model(tok)
+        stats = train(model, tok, lr=1.0, batch_size=len(PREF), max_grad_norm=None, reuse_prefix=reuse, **data)
+        deltas.append({n: p.detach() - start[n] for n, p in model.named_parameters()})
+        tokens.append(stats.tokens)
+    for n in start:
+        assert_close(deltas[1][n], deltas[0][n], rtol=1e-4, atol=1e-6)
+    assert max(float(d.abs().max()) for d in deltas[0].values()) > 1e-3
+    if kind == "preference":  # each prompt runs once instead of twice; a path's last token is never fed in
+        enc = [(encode_pair(tok, e.prompt, e.chosen, max_length=256), encode_pair(tok, e.prompt, e.rejected,
+                                                                                 max_length=256)) for e in PREF]
+        assert tokens[0] == sum(2 * len(p) + len(yc) + len(yr) for (p, yc), (_, yr) in enc)
+        assert tokens[1] == sum(len(p) + len(yc) - 1 + len(yr) - 1 for (p, yc), (_, yr) in enc)
+
+
+def test_activation_checkpointing_falls_back_to_full_rows(tok):
+    """Checkpointing drops the key/value cache that prefix reuse needs; training must still work (full rows)."""
+    model = _model(tok)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    before = _margins(model, tok, PREF)
+    stats = train(model, tok, preference=PREF, lr=1e-2, epochs=2, batch_size=len(PREF))
+    assert stats.steps == 2
+    assert float((_margins(model, tok, PREF) - before).mean()) > 0
+
+
+def test_shared_prefix_logprobs_match_path_logprobs(tok):
+    from fedlada.train import _collate_kind, _shared_logprobs
+
+    model = _model(tok)
+    with torch.no_grad():  # larger weights: sharp attention, so that a wrong position or mask shows in the values
+        for p in model.parameters():
+            p.mul_(8)
+    items = [dict(pairs=[encode_pair(tok, e.prompt + "x" * i, y, max_length=256) for y in (e.chosen, "", e.rejected)])
+             for i, e in enumerate(PREF[:4])]  # prompts of different lengths; "" is a path of one token (eos)
+    pairs = [p for it in items for p in it["pairs"]]
+    want = path_logprobs(model, collate(tok, pairs))
+    got = _shared_logprobs(model, _collate_kind(tok, "list", [dict(it, teacher=[0.0] * 3) for it in items], "cpu",
+                                                reuse_prefix=True))
+    assert_close(got, want, rtol=1e-6, atol=2e-4)  # log-probs of order -300
+    only_eos = [dict(pairs=[encode_pair(tok, e.prompt, "", max_length=256)] * 2, teacher=[0.0, 0.0]) for e in PREF[:3]]
+    got = _shared_logprobs(model, _collate_kind(tok, "list", only_eos, "cpu", reuse_prefix=True))
+    want = path_logprobs(model, collate(tok, [p for it in only_eos for p in it["pairs"]]))
+    assert_close(got, want, rtol=1e-6, atol=2e-4)
 
 
 def test_empty_inputs_do_nothing(tok):

@@ -1,0 +1,300 @@
+"""The Flower ClientApp of LaDa: one client of the library's round, behind Flower messages.
+
+Each handler unpacks a request (``fedlada_app.records``), calls the library, packs the reply:
+
+- ``query``: which client this node is (its node config ``partition-id`` and ``num-partitions``; Flower's
+  simulation sets them, a SuperNode gets them from ``--node-config``).
+- ``query.setup``: prepare the client's data and SLM (pretraining a tiny SLM into the shared model cache if it is
+  not there yet), report what was prepared (the server writes it into the run's ``setup`` line) and, when asked,
+  evaluate the SLM before round 1.
+- ``train``: ``fedlada.rounds.client_step`` on the server's teach bytes; replies with the report bytes, unless
+  switched off the client's local log (``records`` explains the telemetry record), and, when asked, the evaluation
+  of the updated SLM (one message per client and round instead of two; its state is final for the round).
+- ``evaluate``: greedy accuracy of the SLM on the client's test split (``fedlada.rounds.evaluate``); the server
+  sends it to clients whose train step failed.
+- ``query.save``: write the client's state after a completed round to ``checkpoints/round_NNN/client_K.pt`` (and
+  ``client_K_filter.pt``): the files ``fedlada.runner.InProcessClients.save`` writes, so a run directory looks the
+  same for both engines.
+
+State. The SLM's trained weights and filter state live in the node's ``context.state`` between messages (Flower keeps
+it per node and run; the process that handles the next message may be another one). Preparing a SLM and its data
+is the slow part of a message, so a process keeps up to ``flower.model_cache`` prepared clients, keyed by (config
+digest, partition); before a message is handled the cached model is brought to the state the node's context
+holds (a no-op when this process produced that state). Deployment SuperNodes start a new ClientApp process per
+message, so there the cache never hits and every message prepares the SLM from the model cache on disk.
+
+Resume. Every request names the last round with a complete checkpoint. A node whose context holds no state (the
+run was resumed, or its SuperNode restarted) loads its newest files up to that round from the checkpoint
+directory: the node config's ``checkpoint-dir`` if set, else the run's own.
+
+Testing hook: the environment variable ``FEDLADA_TEST_FAIL="ROUND:CLIENT[,ROUND:CLIENT...]"`` makes the train
+handler of that client raise in that round before any work (Flower turns it into an error reply). It exists for
+the fault tests; nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlada.config import RunConfig
+from fedlada.errors import ConfigError, DataError
+from fedlada_app import records
+
+log = logging.getLogger(__name__)
+
+FAIL_ENV = "FEDLADA_TEST_FAIL"
+
+app = ClientApp()
+
+
+@dataclass
+class _Entry:
+    """A prepared client: its library state, the public pool, what preparing it reported."""
+
+    state: object  # fedlada.rounds.ClientState
+    public: dict
+    info: dict
+    sizes: dict
+    initial: dict  # trainable weights as prepared (restored when a node starts afresh)
+    holds: str = "init"  # which state the model holds: "init", "resume-R", a state id, or "" (unknown)
+
+
+_CACHE: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+
+
+def trainable_state(model) -> dict:
+    """The model's trainable tensors (what the runner checkpoints for a client)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def _client_files(cfg: RunConfig, k: int):
+    """This client's train/test records, the public pool and the general corpus; never another client's files."""
+    from fedlada.data import read_records, validate_files
+    from fedlada.prepare import ClientFiles, FederatedData, load_data
+
+    if cfg.data.builtin:  # generated from its seed, identical on every node; this node uses its partition only
+        data = load_data(cfg)
+        return data.clients[k], data
+    c, d = cfg.data.clients[k], cfg.data
+    files = [(c.train, c.format), (c.test, c.format), (d.public, d.public_format)]
+    if d.general:
+        files.append((d.general, d.general_format))
+    problems = [p for path, fmt in files for p in validate_files([path], format=fmt)]
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in client {k}'s data files", problems)
+    mine = ClientFiles(read_records(c.train, format=c.format), read_records(c.test, format=c.format))
+    general = read_records(d.general, format=d.general_format) if d.general else []
+    return mine, FederatedData([mine], read_records(d.public, format=d.public_format), general,
+                               {"client": asdict(c), "public": d.public, "general": d.general})
+
+
+def _prepare(cfg: RunConfig, k: int) -> _Entry:
+    # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
+    from fedlada.models import PromptFormatter
+    from fedlada.prepare import prepare_model, split_holdout
+    from fedlada.rounds import ClientState, Side, derive_seed
+
+    files, data = _client_files(cfg, k)
+    spec = cfg.models.slm_for(k)
+    model, tok, info = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data)
+    train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
+    test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
+    state = ClientState(k, Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template)),
+                        train, hold, test)
+    return _Entry(state, {r.id: r for r in data.public}, info,
+                  {"train": len(train), "holdout": len(hold), "test": len(test)}, trainable_state(model))
+
+
+def _entry(cfg: RunConfig, digest: str, k: int, cache_size: int) -> _Entry:
+    key = (digest, k)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    entry = _prepare(cfg, k)
+    if cache_size > 0:
+        _CACHE[key] = entry
+        while len(_CACHE) > cache_size:
+            _CACHE.popitem(last=False)
+    return entry
+
+
+def _filter(state: dict | None, cfg: RunConfig, k: int):
+    from fedlada.rounds import _filter_for, derive_seed
+
+    if state is None:
+        return None
+    flt = _filter_for(None, state["feature_dim"], cfg, derive_seed(cfg.seed, "filter", k))
+    flt.load_state_dict(state)
+    return flt
+
+
+def _checkpoint_root(context: Context, req: records.Request) -> Path:
+    return Path(str(context.node_config.get("checkpoint-dir") or req.checkpoint_dir))
+
+
+def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig, k: int) -> None:
+    """Bring the cached client to the state its node holds: context state, else a resume checkpoint, else fresh."""
+    import torch
+
+    model = entry.state.side.model
+    node = records.load_state(context.state)
+    if node is not None:
+        if node.digest != req.digest:
+            raise ConfigError(f"client {k}: its state belongs to config {node.digest}, the server runs {req.digest}")
+        if entry.holds != node.state_id:
+            model.load_state_dict(node.weights(), strict=False)
+            entry.state.filter = _filter(node.filter_state(), cfg, k)
+            entry.holds = node.state_id
+    elif req.resume_round > 0:  # a resumed run, or a node that lost its state (restarted): its newest files
+        root = _checkpoint_root(context, req)
+        r = next((r for r in range(req.resume_round, 0, -1)
+                  if (root / f"round_{r:03d}" / f"client_{k}.pt").is_file()), None)
+        if r is None:
+            raise FileNotFoundError(f"client {k}: no checkpoint client_{k}.pt in {root}/round_001.."
+                                    f"round_{req.resume_round:03d} to resume from")
+        if entry.holds != f"resume-{r}":
+            d = root / f"round_{r:03d}"
+            model.load_state_dict(torch.load(d / f"client_{k}.pt"), strict=False)
+            ff = d / f"client_{k}_filter.pt"
+            entry.state.filter = _filter(torch.load(ff, weights_only=True) if ff.is_file() else None, cfg, k)
+            entry.holds = f"resume-{r}"
+    elif entry.holds != "init":
+        model.load_state_dict(entry.initial, strict=False)
+        entry.state.filter = None
+        entry.holds = "init"
+
+
+def _unpack(msg: Message, context: Context):
+    """(request, config, flower config, client index) of a message, after checking the config and the node."""
+    import torch
+
+    req = records.request_from(msg.content)
+    cfg, fcfg = records.config_from_wire(req.config)
+    if records.config_digest(cfg) != req.digest:
+        raise ConfigError(f"config digest {records.config_digest(cfg)} differs from the server's {req.digest} "
+                          f"(do both sides run the same fedlada version?)")
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ConfigError("node config lacks 'partition-id': start the SuperNode with "
+                          "--node-config 'partition-id=N num-partitions=K'")
+    k, n = int(nc["partition-id"]), int(nc.get("num-partitions", cfg.data.n_clients))
+    if n != cfg.data.n_clients or not 0 <= k < n:
+        raise ConfigError(f"node config partition-id={k} num-partitions={n}; the run has "
+                          f"{cfg.data.n_clients} clients (partition-id 0..{cfg.data.n_clients - 1})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return req, cfg, fcfg, k
+
+
+def _injected_failure(round: int, k: int) -> None:
+    for item in filter(None, (s.strip() for s in os.environ.get(FAIL_ENV, "").split(","))):
+        r, _, c = item.partition(":")
+        if r.isdigit() and c.isdigit() and (int(r), int(c)) == (round, k):
+            raise RuntimeError(f"injected failure ({FAIL_ENV}) of client {k} in round {round}")
+
+
+def _evaluate(entry: _Entry, cfg: RunConfig) -> dict:
+    from fedlada.rounds import evaluate
+
+    return evaluate(entry.state.side, entry.state.test, max_new_tokens=cfg.lada.max_new_tokens)
+
+
+def _telemetry(context: Context, on: bool) -> bool:
+    return on and str(context.node_config.get("telemetry", "true")).lower() not in ("false", "0", "off", "no")
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this node is."""
+    req = records.request_from(msg.content)
+    cfg, _ = records.config_from_wire(req.config)
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ConfigError("node config lacks 'partition-id'")
+    return Message(records.node_content(int(nc["partition-id"]), int(nc.get("num-partitions", cfg.data.n_clients))),
+                   reply_to=msg)
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """Prepare this client's data and SLM; report what was prepared."""
+    req, cfg, fcfg, k = _unpack(msg, context)
+    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+    content = records.setup_content(k, entry.info, entry.sizes)
+    if req.evaluate:  # the evaluation before round 1, in the same message
+        _sync(entry, context, req, cfg, k)
+        records.eval_content(_evaluate(entry, cfg), content)
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One LaDa client step on the server's teach message."""
+    from fedlada.messages import TeachMessage
+    from fedlada.rounds import client_step
+
+    req, cfg, fcfg, k = _unpack(msg, context)
+    _injected_failure(req.round, k)
+    if req.teach is None:
+        raise records.RecordError("train request without teach bytes")
+    teach = TeachMessage.from_bytes(req.teach)
+    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+    _sync(entry, context, req, cfg, k)
+    entry.holds = ""  # the model is about to change: unknown until the new state is stored
+    report, clog = client_step(entry.state, teach, public=entry.public, cfg=cfg, round=req.round)
+    state_id = uuid.uuid4().hex
+    flt = entry.state.filter
+    records.store_state(context.state, weights=trainable_state(entry.state.side.model),
+                        filter_state=flt.state_dict() if flt is not None else None, state_id=state_id,
+                        round=req.round, digest=req.digest)
+    entry.holds = state_id
+    if _telemetry(context, fcfg.telemetry):
+        content = records.report_content(report.to_bytes(), clog.metrics, clog.selections)
+    else:
+        content = records.report_content(report.to_bytes())
+    if req.evaluate:  # this round's evaluation of the updated SLM, in the same message
+        records.eval_content(_evaluate(entry, cfg), content)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Greedy accuracy of this client's SLM on its test split."""
+    req, cfg, fcfg, k = _unpack(msg, context)
+    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+    _sync(entry, context, req, cfg, k)
+    return Message(records.eval_content(_evaluate(entry, cfg)), reply_to=msg)
+
+
+@app.query("save")
+def save(msg: Message, context: Context) -> Message:
+    """Write this client's state after round ``req.round`` where the runner keeps client checkpoints."""
+    import torch
+
+    req, cfg, fcfg, k = _unpack(msg, context)
+    d = _checkpoint_root(context, req) / f"round_{req.round:03d}"
+    d.mkdir(parents=True, exist_ok=True)
+    node = records.load_state(context.state)
+    written = [d / f"client_{k}.pt"]
+    if node is not None:  # the state this node trained: no need to prepare the SLM
+        torch.save(node.weights(), written[0])
+        if node.filter_bytes is not None:
+            written.append(d / f"client_{k}_filter.pt")
+            written[-1].write_bytes(node.filter_bytes)
+    else:  # never trained in this run: the prepared (or resumed) state
+        entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        _sync(entry, context, req, cfg, k)
+        torch.save(trainable_state(entry.state.side.model), written[0])
+        if entry.state.filter is not None:
+            written.append(d / f"client_{k}_filter.pt")
+            torch.save(entry.state.filter.state_dict(), written[-1])
+    return Message(records.saved_content([str(p) for p in written]), reply_to=msg)

@@ -1,0 +1,302 @@
+"""The Flower ServerApp of LaDa: the library's round loop (``fedlada.runner.drive``) over a Flower Grid.
+
+``serve`` does what ``fedlada.runner.run`` does (run directory, data, the LLM, the loop), with
+:class:`FlowerClients` in place of ``InProcessClients``: the same four methods, each one Flower message per client.
+Every line of the round logic (teach, the checks on each report, learn, evaluation, checkpoints, resume) is the
+library's.
+
+The server loads the data of the whole run, including every client's test split: the LLM's accuracy is measured
+on the union of the clients' test splits, as in the in-process runner and the paper. That is evaluation-only
+access for the experimenter; no training step of the server reads a client's records.
+
+Faults. A node whose reply is a Flower error, or malformed (``records.RecordError``), or missing after
+``flower.timeout`` seconds, becomes a failed client of that round (``client_failed`` in ``metrics.jsonl``, with the
+reason); the round goes on when at least ``min_clients`` reported (else ``drive`` stops after the last checkpoint).
+A report whose bytes do not parse is rejected by ``drive`` itself. A node that failed keeps its previous state
+(Flower does not store the context of a failed message), as a failed client does in the in-process runner. One
+asymmetry remains: a node that replies after the timeout has trained although the server counted it as failed.
+
+Besides the run directory's files, the server appends one line per Flower exchange to ``flower.jsonl`` (round,
+step, seconds, clients asked, bytes of the messages' content each way, failed clients).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedlada.config import RunConfig
+from fedlada.errors import FedLadaError
+from fedlada.runner import ClientResult, Events, RunDir, RunResult
+from fedlada_app import records
+from fedlada_app.settings import FlowerConfig, split_run_config
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class ConnectError(FedLadaError):
+    """Too few SuperNodes of the run's partitions connected in time."""
+
+
+@dataclass
+class _Reply:
+    client_id: int
+    message: Message | None = None
+    error: str | None = None
+
+
+def _last_line(reason: str, limit: int = 400) -> str:
+    """The telling line of a Flower error reason (which may carry a whole remote traceback)."""
+    lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
+    last = (lines[-1] if lines else "").removesuffix("'>").strip()
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+class FlowerClients:
+    """The clients of a run, reached through a Flower Grid (same methods as ``fedlada.runner.InProcessClients``)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, rd: RunDir, events: Events | None = None):
+        self.grid, self.cfg, self.fcfg, self.rd = grid, cfg, fcfg, rd
+        self.events = events or Events()
+        self.config, self.digest = records.wire_config(cfg, fcfg), records.config_digest(cfg)
+        self.nodes: dict[int, int] = {}  # client id -> node id
+        self._ignored: set[int] = set()  # nodes that are not a client of this run
+        self.checkpointed = 0  # last round with a complete checkpoint (a node without state loads its files)
+        self.setup: dict[int, tuple[dict, dict]] = {}  # client id -> (SLM info, split sizes)
+        self._evals: dict[int, dict[int, dict]] = {}  # round -> client id -> evaluation that came with a reply
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(self.cfg.data.n_clients))
+
+    # ----------------------------------------------------------------------------------------- messaging
+
+    def _request(self, round: int = 0, teach: bytes | None = None, evaluate: bool = False) -> records.Request:
+        return records.Request(self.config, self.digest, round=round, resume_round=self.checkpointed,
+                               checkpoint_dir=str(self.rd.ckpt.resolve()), teach=teach, evaluate=evaluate)
+
+    def _keep_eval(self, round: int, rep: "_Reply") -> None:
+        if rep.message is not None and records.has_eval(rep.message.content):
+            try:
+                self._evals.setdefault(round, {})[rep.client_id] = records.eval_from(rep.message.content)
+            except records.RecordError as e:  # evaluated again by a plain evaluate message
+                log.warning("round %d: client %d: malformed evaluation ignored: %s", round, rep.client_id, e)
+
+    def _exchange(self, kind: str, targets: dict[int, int], req: records.Request, *, round: int,
+                  timeout: float) -> list[_Reply]:
+        """Send ``req`` as a ``kind`` message to each target (key -> node id); one reply or error per key."""
+        if not targets:
+            return []
+        content = records.request_content(req)
+        size = records.content_bytes(content)
+        msgs = {key: Message(content=records.request_content(req), dst_node_id=node, message_type=kind,
+                             group_id=str(round)) for key, node in targets.items()}
+        by_node = {node: key for key, node in targets.items()}
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=timeout))
+        got: dict[int, _Reply] = {}
+        received = 0
+        for rep in replies:
+            key = by_node.get(rep.metadata.src_node_id)
+            if key is None:
+                continue
+            if rep.has_error():
+                log.debug("%s reply of %s: Flower error %s: %s", kind, key, rep.error.code, rep.error.reason)
+                got[key] = _Reply(key, error=f"Flower error {rep.error.code}: {_last_line(rep.error.reason)}")
+            else:
+                got[key] = _Reply(key, message=rep)
+                received += records.content_bytes(rep.content)
+        out = [got.get(key) or _Reply(key, error=f"no reply within flower.timeout={timeout:g}s")
+               for key in targets]
+        self.rd.append("flower.jsonl", [{
+            "round": round, "event": kind, "seconds": float(f"{time.perf_counter() - t0:.2f}"),
+            "clients": len(targets), "sent_bytes": size * len(targets), "received_bytes": received,
+            "failed": sorted(r.client_id for r in out if r.error is not None)}])
+        return out
+
+    def _discover(self) -> None:
+        """Ask nodes not seen yet which partition they serve."""
+        new = {n: n for n in self.grid.get_node_ids() if n not in self.nodes.values() and n not in self._ignored}
+        for rep in self._exchange(records.QUERY, new, self._request(), round=0, timeout=min(self.fcfg.timeout, 60)):
+            node = rep.client_id
+            if rep.error is not None:
+                log.warning("node %s did not identify itself: %s", node, rep.error)
+                self._ignored.add(node)
+                continue
+            try:
+                k, n = records.node_from(rep.message.content)
+            except records.RecordError as e:
+                log.warning("node %s: malformed identification: %s", node, e)
+                self._ignored.add(node)
+                continue
+            if n != self.cfg.data.n_clients or not 0 <= k < n or k in self.nodes:
+                log.warning("node %s serves partition %d of %d; the run has %d clients%s: ignored", node, k, n,
+                            self.cfg.data.n_clients, " and that partition is taken" if k in self.nodes else "")
+                self._ignored.add(node)
+                continue
+            self.nodes[k] = node
+
+    def connect(self, *, evaluate: bool = True) -> None:
+        """Wait until a node serves every partition (or ``flower.connect_timeout``), then prepare each client
+        (and, with ``evaluate``, evaluate its SLM before round 1 in the same message)."""
+        n = self.cfg.data.n_clients
+        deadline = time.monotonic() + self.fcfg.connect_timeout
+        self.events.stage(f"waiting for the SuperNodes of {n} clients")
+        while True:
+            self._discover()
+            if len(self.nodes) == n or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if len(self.nodes) < max(self.cfg.min_clients, 1):
+            raise ConnectError(f"{len(self.nodes)} of {n} clients connected within flower.connect_timeout="
+                               f"{self.fcfg.connect_timeout:g}s; min_clients={self.cfg.min_clients}")
+        if len(self.nodes) < n:
+            log.warning("clients %s did not connect; continuing with %s",
+                        sorted(set(self.ids) - set(self.nodes)), sorted(self.nodes))
+        self.events.stage("preparing the clients' SLMs")
+        for rep in self._exchange(records.SETUP_TYPE, dict(self.nodes), self._request(evaluate=evaluate), round=0,
+                                  timeout=self.fcfg.timeout):
+            if rep.error is not None:
+                log.warning("client %d: setup failed: %s", rep.client_id, rep.error)
+                continue
+            try:
+                _, info, sizes = records.setup_from(rep.message.content)
+            except records.RecordError as e:
+                log.warning("client %d: malformed setup reply: %s", rep.client_id, e)
+                continue
+            self.setup[rep.client_id] = (info, sizes)
+            self._keep_eval(0, rep)
+
+    def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None
+                    ) -> list[_Reply]:
+        if len(self.nodes) < self.cfg.data.n_clients:
+            self._discover()  # a SuperNode may have (re)joined
+        targets = {k: n for k, n in self.nodes.items() if only is None or k in only}
+        replies = {r.client_id: r for r in self._exchange(kind, targets, req, round=round,
+                                                         timeout=self.fcfg.timeout)}
+        return [replies.get(k) or _Reply(k, error="no SuperNode serves this client")
+                for k in self.ids if only is None or k in only]
+
+    # ------------------------------------------------------------------------------ the pool's contract
+
+    def step(self, teach: bytes, round: int) -> list[ClientResult]:
+        self.events.stage(f"round {round}/{self.cfg.rounds}: {len(self.nodes)} clients")
+        out = []
+        for rep in self._to_clients(records.TRAIN, self._request(round, teach, evaluate=True), round):
+            self._keep_eval(round, rep)
+            if rep.error is not None:
+                out.append(ClientResult(rep.client_id, error=rep.error))
+                continue
+            try:
+                report, metrics, selections = records.report_from(rep.message.content)
+            except records.RecordError as e:
+                out.append(ClientResult(rep.client_id, error=f"malformed reply rejected: {e}"))
+                continue
+            out.append(ClientResult(rep.client_id, report, metrics, selections))
+        return out
+
+    def evaluate(self, round: int) -> list[dict]:
+        """Each client's evaluation: the one that came with its setup or train reply, else an evaluate message
+        (a client whose step failed is evaluated in the state it kept, as the in-process runner does)."""
+        done = self._evals.pop(round, {})
+        missing = set(self.ids) - set(done)
+        asked = {r.client_id: r for r in self._to_clients(records.EVALUATE, self._request(round), round, missing)
+                 } if missing else {}
+        rows = []
+        for k in self.ids:
+            who = f"client{k}"
+            if k in done:
+                rows.append({"round": round, "event": "eval", "who": who, **done[k]})
+                continue
+            rep = asked[k]
+            if rep.error is None:
+                try:
+                    rows.append({"round": round, "event": "eval", "who": who,
+                                 **records.eval_from(rep.message.content)})
+                    continue
+                except records.RecordError as e:
+                    rep.error = f"malformed reply rejected: {e}"
+            log.warning("round %d: evaluation of %s failed: %s", round, who, rep.error)
+            rows.append({"round": round, "event": "eval_failed", "who": who, "reason": rep.error})
+        return rows
+
+    def save(self, d: Path) -> None:
+        round = int(d.name.split("_")[1])
+        for rep in self._to_clients(records.SAVE_TYPE, self._request(round), round):
+            if rep.error is not None:
+                log.warning("round %d: client %d could not save its state: %s", round, rep.client_id, rep.error)
+        self.checkpointed = round
+
+    def load(self, d: Path) -> None:
+        """Nodes load their own state of this round on their next message (their context holds none)."""
+        self.checkpointed = int(d.name.split("_")[1])
+        self.rd.truncate_after("flower.jsonl", self.checkpointed)
+
+
+def _eval_split(test: list, cfg: RunConfig) -> list:
+    # as fedlada.runner.build_states slices each client's test split
+    return test[: cfg.data.eval_limit] if cfg.data.eval_limit else test
+
+
+def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, events: Events | None = None,
+          t_start: float | None = None) -> RunResult:
+    """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
+    import torch
+
+    from fedlada.models import PromptFormatter
+    from fedlada.prepare import load_data, prepare_model
+    from fedlada.rounds import ServerState, Side
+    from fedlada.runner import drive, setup_run_dir
+
+    events = events or Events()
+    t_start = t_start if t_start is not None else time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rd, start = setup_run_dir(cfg, resume=resume)
+    if not start:
+        (rd.path / "flower.jsonl").unlink(missing_ok=True)
+    events.stage("loading data")
+    data = load_data(cfg)
+    events.stage("preparing the LLM")
+    llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data, progress=events.progress)
+    server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
+                         {r.id: r for r in data.public})
+    pool = FlowerClients(grid, cfg, fcfg, rd, events)
+    pool.connect(evaluate=not start)
+    llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]
+    infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
+    setup = {"models": infos, "data": data.source, "public": len(data.public),
+             "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}
+    return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, t_start=t_start)
+
+
+def make_server_app(cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, events: Events | None = None,
+                    t_start: float | None = None, done: Callable[[RunResult], None] | None = None) -> ServerApp:
+    """A ServerApp bound to a config (for ``flwr.simulation.run_simulation``, which passes no run config)."""
+    bound = ServerApp()
+
+    @bound.main()
+    def main(grid: Grid, context: Context) -> None:
+        result = serve(grid, cfg, fcfg, resume=resume, events=events, t_start=t_start)
+        if done is not None:
+            done(result)
+
+    return bound
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run``: the config is Flower's run config (pyproject defaults plus ``--run-config`` overrides)."""
+    logging.getLogger("fedlada").setLevel(logging.INFO)
+    cfg, fcfg = split_run_config(context.run_config)
+    result = serve(grid, cfg, fcfg)
+    log.info("run finished: %s", json.dumps(result.summary.get("final", {})))

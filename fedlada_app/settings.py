@@ -1,0 +1,125 @@
+"""The Flower-only knobs of a run (the ``flower.*`` keys of Flower's run config) and the split of a run config.
+
+Flower hands the ServerApp one flat ``run_config`` (``{"lada.budget": 0.4, "flower.timeout": 3600.0, ...}``).
+Keys under ``flower.`` configure the engine, not the method, so they are parsed here into :class:`FlowerConfig` and
+stripped before the rest goes to :func:`fedlada.config.load_config` (which rejects unknown keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedlada.config import RunConfig, load_config
+from fedlada.errors import ConfigError
+
+PREFIX = "flower."
+
+
+@dataclass(frozen=True)
+class FlowerConfig:
+    """How the Flower engine runs a LaDa run (none of it changes the method's numbers)."""
+
+    timeout: float = 3600.0  # seconds the server waits for a step's replies; a node without a reply by then failed
+    connect_timeout: float = 300.0  # seconds to wait for the SuperNodes of all partitions before round 1
+    telemetry: bool = True  # clients also send their local log (metrics, filter selections) for the run directory
+    model_cache: int = 8  # prepared SLMs (with their data) kept per ClientApp process; 0 = prepare on every message
+    client_cpus: float = 1.0  # simulation only: CPUs reserved per ClientApp worker
+
+    def __post_init__(self):
+        for key in ("timeout", "connect_timeout", "client_cpus"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"config key 'flower.{key}': expected a number > 0, found {getattr(self, key)!r}")
+        if self.model_cache < 0:
+            raise ConfigError(f"config key 'flower.model_cache': expected an integer >= 0, found {self.model_cache!r}")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"config key '{key}': expected true or false, found {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+
+
+def flower_config(values: Mapping[str, Any]) -> FlowerConfig:
+    """``{"timeout": 60, ...}`` (keys without the ``flower.`` prefix) -> FlowerConfig; unknown keys are an error."""
+    defaults = FlowerConfig()
+    names = {f.name for f in dataclasses.fields(FlowerConfig)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"unknown config key '{PREFIX}{k}' (known: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(PREFIX + k, v, getattr(defaults, k))
+    return FlowerConfig(**kwargs)
+
+
+def split_run_config(run_config: Mapping[str, Any]) -> tuple[RunConfig, FlowerConfig]:
+    """Flower's flat run config -> (the typed LaDa config, the engine knobs). Unknown keys: ConfigError."""
+    flower = {k[len(PREFIX):]: v for k, v in run_config.items() if k.startswith(PREFIX)}
+    rest = {k: v for k, v in run_config.items() if not k.startswith(PREFIX)}
+    return load_config(overrides=rest), flower_config(flower)
+
+
+def as_run_config(fcfg: FlowerConfig) -> dict[str, Any]:
+    """The ``flower.*`` keys of a FlowerConfig, flat, as they appear in Flower's run config."""
+    return {PREFIX + f.name: getattr(fcfg, f.name) for f in dataclasses.fields(FlowerConfig)}
+
+
+def pyproject_section(cfg: RunConfig | None = None, fcfg: FlowerConfig | None = None) -> str:
+    """``[tool.flwr.app.config]`` for ``cfg`` (default: the app's defaults) as TOML.
+
+    Flower's run config holds scalars only, and ``flwr run --run-config`` may set only keys that exist here, so
+    every key is spelled out: list-of-table entries as ``models.slms.N`` tables, string lists as one
+    comma-separated string, ``data.clients`` as a JSON string (empty: the built-in benchmark). ``python -m
+    fedlada_app.settings`` prints it (to refresh ``pyproject.toml`` after the config gains a key)."""
+    import json
+
+    from fedlada.config import to_dict
+
+    cfg = cfg or dataclasses.replace(RunConfig(), out_dir="runs/flower", engine="flower")
+    fcfg = fcfg or FlowerConfig()
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):  # string lists (lora_target_modules) and data.clients
+            return json.dumps(",".join(v) if all(isinstance(x, str) for x in v) else json.dumps(v))
+        return repr(v)
+
+    lines: list[str] = []
+
+    def table(d: dict, name: str) -> None:
+        lines.append(f"\n[{name}]")
+        for k, v in d.items():
+            if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict)
+                                                and k != "clients"):
+                lines.append(f"{k} = {val(v)}")
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(v, f"{name}.{k}")
+            elif isinstance(v, list) and v and isinstance(v[0], dict) and k != "clients":
+                for i, item in enumerate(v):
+                    table(item, f"{name}.{k}.{i}")
+
+    table(to_dict(cfg), "tool.flwr.app.config")
+    table(dataclasses.asdict(fcfg), "tool.flwr.app.config.flower")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(pyproject_section(), end="")

@@ -1,0 +1,72 @@
+"""``fedlada run --engine flower``: the ServerApp and ClientApp in Flower's simulation engine, from Python.
+
+One virtual SuperNode per client (``partition-id`` = client index); the ServerApp runs in a thread of this process,
+the ClientApps in Ray workers with ``flower.client_cpus`` CPUs each (so ``cores / client_cpus`` clients work in
+parallel, each with ``cfg.threads`` torch threads). ``flwr.simulation.run_simulation`` passes no run config, so the
+ServerApp is bound to ``cfg`` here and sends the config to the clients with every message (see ``records``).
+Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run`` (it logs a warning); ``flwr run . local``
+runs the same apps from ``pyproject.toml`` (docs/deployment.md).
+
+Start-up costs what Ray costs: on a 2-core machine about 8-10 s to start Ray and a few seconds for each worker's
+first import of torch/transformers and its first SLM; models then stay loaded in the workers (``flower.model_cache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from fedlada.config import RunConfig
+from fedlada.runner import Events, RunDir, RunResult, summarize_run
+from fedlada_app.settings import FlowerConfig
+
+log = logging.getLogger(__name__)
+
+# Flower and Ray must not phone home or install anything at run time (set unless the caller chose otherwise).
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def backend_config(fcfg: FlowerConfig) -> dict:
+    return {"client_resources": {"num_cpus": fcfg.client_cpus, "num_gpus": 0.0},
+            # Ray on loopback only, without its dashboard: both shorten start-up
+            "init_args": {"include_dashboard": False, "logging_level": "ERROR", "_node_ip_address": "127.0.0.1"}}
+
+
+def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
+                   flower: FlowerConfig | None = None, verbose: bool = False) -> RunResult:
+    """Run (or resume) ``cfg`` in Flower's simulation engine; the RunResult is read back from the run directory.
+
+    ``flower`` sets the engine's knobs (default ``FlowerConfig()``). A user error raised by the ServerApp (bad
+    config, bad data, too few clients) propagates as that error."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fedlada_app.client_app import app as client_app
+    from fedlada_app.server_app import make_server_app
+
+    fcfg = flower or FlowerConfig()
+    t0 = time.perf_counter()
+    done: list[RunResult] = []
+    server_app = make_server_app(cfg, fcfg, resume=resume, events=events, t_start=t0, done=done.append)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    pythonpath = os.environ.get("PYTHONPATH")  # Flower's Ray backend rewrites it for its workers
+    try:
+        flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.n_clients,
+                            backend_config=backend_config(fcfg), verbose_logging=verbose)
+    finally:
+        flwr_logger.setLevel(level)
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
+    if not done:
+        raise RuntimeError("the Flower simulation ended without finishing the run (see the log above)")
+    rd = RunDir(cfg.out_dir)
+    return RunResult(rd.path, summarize_run(rd, cfg), time.perf_counter() - t0, resumed_from=done[0].resumed_from,
+                     extra={"engine": "flower-simulation"})

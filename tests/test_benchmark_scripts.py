@@ -1,0 +1,57 @@
+"""The prepared benchmark scripts run to completion on a CPU and write the JSON they promise: the GPU check in its
+``--tiny`` mode, and the pool-memory benchmark on small pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_on_cpu_writes_its_json(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu"],
+                          cwd=tmp_path, env=_env(OUT=str(out)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())  # $OUT wins over --out
+    assert result["mode"] == "tiny" and result["device"] == "cpu" and result["matmul_bf16_tflops"] > 0
+    assert result["tokenizer"]["vocab"] > 100 and result["model"]["params_total"] > 0
+    w = result["workload"]
+    assert result["generation"]["rows"] == w["questions"] * w["paths"] and result["generation"]["tokens_per_second"] > 0
+    for key in ("reference_paths", "sampled_paths"):
+        assert result["scoring"][key]["tokens"] > 0 and 0 < result["scoring"][key]["mfu"] < 1
+    assert result["scoring"]["reference_paths"]["pairs"] == w["score_pairs"]
+    train = result["training"]
+    assert train["steps"] == w["train_pairs"] // w["train_batch"] and train["tokens"] > 0 and 0 < train["mfu"] < 1
+    assert train["trainable_params"] < result["model"]["params_total"]  # LoRA adapters only
+    assert "training:" in proc.stdout and "MFU" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pool_memory_benchmark_on_small_pools(tmp_path):
+    out = tmp_path / "pool.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pool_memory.py"), "--sizes", "200",
+                           "--chunk-size", "64", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pool_size"], r["mode"]) for r in rows] == [(200, "stream"), (200, "eager")]
+    for r in rows:
+        assert r["records"] == r["pool_size"] and r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
+        assert r["scored_tokens"] > r["records"] and r["mean_nll"] > 0
+    assert rows[0]["mean_nll"] == rows[1]["mean_nll"]  # same records, same model: same scores
+    assert rows[0]["cpu_seconds"] > 0
+    assert "| pool |" in proc.stdout

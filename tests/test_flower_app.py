@@ -1,0 +1,220 @@
+"""The Flower glue without a Flower runtime: record conversion, the flower.* config, the app's run config in
+pyproject.toml, the FAB's contents, a client's state across messages and resume, and a flwr-free library."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlada.config import RunConfig, load_config
+from fedlada.errors import ConfigError
+from fedlada_app import records
+from fedlada_app.settings import FlowerConfig, pyproject_section, split_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_imports_no_flower_module():
+    code = ("import importlib, pkgutil, sys, fedlada\n"
+            "mods = [m.name for m in pkgutil.walk_packages(fedlada.__path__, 'fedlada.')]\n"
+            "[importlib.import_module(m) for m in mods]\n"
+            "from fedlada.cli import build_parser; build_parser()\n"
+            "bad = sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.'))\n"
+            "print(len(mods), bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    n, bad = out.stdout.split(" ", 1)
+    assert int(n) >= 15 and bad.strip() == "[]"
+
+
+def test_pyproject_run_config_is_the_default_config():
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.common.config import get_fused_config_from_dir
+
+    conf, warnings = load_and_validate(REPO / "pyproject.toml")
+    assert warnings == []
+    app = conf["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedlada_app.server_app:app",
+                                 "clientapp": "fedlada_app.client_app:app"}
+    run_config = get_fused_config_from_dir(REPO, {})  # exactly what Flower hands the ServerApp
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
+    cfg, fcfg = split_run_config(run_config)
+    assert (cfg.out_dir, cfg.engine) == ("runs/flower", "flower")
+    assert dataclasses.replace(cfg, out_dir=RunConfig().out_dir, engine=RunConfig().engine) == RunConfig()
+    assert fcfg == FlowerConfig()
+    # every key is spelled out (flwr run --run-config may only set listed keys): the section is the rendered one
+    text = (REPO / "pyproject.toml").read_text()
+    assert pyproject_section() in text, "refresh [tool.flwr.app.config] with: python -m fedlada_app.settings"
+
+
+def test_run_config_overrides_and_unknown_keys():
+    from flwr.common.config import get_fused_config_from_dir
+
+    base = get_fused_config_from_dir(REPO, {})
+    cfg, fcfg = split_run_config({**base, "lada.budget": 0.25, "models.slms.1.hidden_size": 40,
+                                  "flower.timeout": 12, "flower.telemetry": False, "data.clients": ""})
+    assert (cfg.lada.budget, cfg.models.slms[1].hidden_size, cfg.data.clients) == (0.25, 40, ())
+    assert (fcfg.timeout, fcfg.telemetry) == (12.0, False)
+    with pytest.raises(ConfigError, match="flower.nope"):
+        split_run_config({**base, "flower.nope": 1})
+    with pytest.raises(ConfigError, match="lada.nope"):
+        split_run_config({**base, "lada.nope": 1})
+    with pytest.raises(ConfigError, match="flower.telemetry"):
+        split_run_config({**base, "flower.telemetry": "maybe"})
+    with pytest.raises(ConfigError, match="flower.timeout"):
+        split_run_config({**base, "flower.timeout": 0})
+    clients = json.dumps([{"train": "a.jsonl", "test": "b.jsonl"}])
+    cfg, _ = split_run_config({**base, "data.clients": clients, "data.public": "p.jsonl"})
+    assert [c.train for c in cfg.data.clients] == ["a.jsonl"]
+
+
+def test_the_fab_holds_the_library_and_the_app_but_no_tests():
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert {"fedlada/runner.py", "fedlada/rounds.py", "fedlada_app/client_app.py", "fedlada_app/server_app.py",
+            "pyproject.toml"} <= names
+    assert not any(n.startswith(("tests/", ".venv/", "runs/", "benchmarks/")) for n in names)
+    assert len(fab) < 2_000_000
+
+
+def _cfg(**over) -> RunConfig:
+    over_list = [f"{k}={v}" for k, v in over.items()]
+    return load_config(overrides=['data.clients=[{"train": "t0.jsonl", "test": "e0.jsonl"}, '
+                                  '{"train": "t1.jsonl", "test": "e1.jsonl", "format": "gsm8k"}]',
+                                  "data.public=pub.jsonl", "models.slms.1.hidden_size=96", "lada.budget=0.3"]
+                       + over_list)
+
+
+def test_requests_and_config_round_trip_exactly():
+    cfg, fcfg = _cfg(), FlowerConfig(timeout=7.5, model_cache=0)
+    wire = records.wire_config(cfg, fcfg)
+    assert records.config_from_wire(wire) == (cfg, fcfg)
+    assert records.config_from_wire(records.wire_config(RunConfig(), FlowerConfig())) == (RunConfig(), FlowerConfig())
+    digest = records.config_digest(cfg)
+    assert digest == records.config_digest(_cfg()) != records.config_digest(_cfg(**{"lada.budget": 0.31}))
+    for req in (records.Request(wire, digest), records.Request(wire, digest, round=3, resume_round=2,
+                                                              checkpoint_dir="/x/ck", teach=b'{"k": 1}',
+                                                              evaluate=True)):
+        assert records.request_from(records.request_content(req)) == req
+
+
+def test_replies_round_trip_and_malformed_replies_are_rejected():
+    metrics = {"train_loss": 0.5, "reward": None, "filter": {"counts": {"kept": 3}, "q": [0.1, 0.2]}}
+    selections = [{"round": 1, "id": "q1", "selected": True, "score": None, "reason": "kept: top"}]
+    content = records.report_content(b'{"kind":"report"}', metrics, selections)
+    assert records.report_from(content) == (b'{"kind":"report"}', metrics, selections)
+    assert records.report_from(records.report_content(b"r")) == (b"r", {}, [])  # telemetry off
+    result = {"accuracy": 0.25, "n": 8, "by_domain": {"a": 0.5}, "answer_extraction_version": "3"}
+    assert records.eval_from(records.eval_content(result)) == result
+    both = records.eval_content(result, records.report_content(b"r"))
+    assert records.has_eval(both) and records.report_from(both)[0] == b"r"
+    assert both[records.EVAL_METRICS]["accuracy"] == 0.25 and both[records.EVAL_METRICS]["num-examples"] == 8
+    assert records.setup_from(records.setup_content(2, {"parameters": 10}, {"train": 5})) == (
+        2, {"parameters": 10}, {"train": 5})
+    assert records.node_from(records.node_content(1, 3)) == (1, 3)
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    with pytest.raises(records.RecordError, match="lacks record 'report'"):
+        records.report_from(RecordDict({"other": ConfigRecord({"x": 1})}))
+    with pytest.raises(records.RecordError, match="'report'.*expected"):
+        records.report_from(RecordDict({records.REPORT: ConfigRecord({"report": "not bytes"})}))
+    bad_tel = RecordDict({records.REPORT: ConfigRecord({"report": b"r"}),
+                          records.TELEMETRY: ConfigRecord({"metrics": "{oops", "selections": "[]"})})
+    with pytest.raises(records.RecordError, match="not JSON"):
+        records.report_from(bad_tel)
+    with pytest.raises(records.RecordError, match="round"):
+        records.request_from(RecordDict({records.REQUEST: ConfigRecord(
+            {"config": "{}", "digest": "d", "round": True, "resume-round": 0, "checkpoint-dir": "",
+             "evaluate": False})}))
+
+
+def test_node_state_round_trips_weights_and_filter_exactly():
+    from flwr.app import RecordDict
+
+    from fedlada.filter import LearnabilityFilter
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"a.weight": torch.randn(5, 3, generator=g), "b.bias": torch.randn(7, generator=g)}
+    flt = LearnabilityFilter(6, hidden=8, seed=3)
+    flt.observe(torch.randn(10, 6, generator=g).numpy(), torch.randn(10, generator=g).numpy())
+    flt.fit()
+    state = RecordDict()
+    assert records.load_state(state) is None
+    records.store_state(state, weights=weights, filter_state=flt.state_dict(), state_id="s1", round=2, digest="d")
+    node = records.load_state(state)
+    assert (node.state_id, node.round, node.digest) == ("s1", 2, "d")
+    back = node.weights()
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+    fs = node.filter_state()
+    flt2 = LearnabilityFilter(6, hidden=8, seed=99)
+    flt2.load_state_dict(fs)
+    x = torch.randn(4, 6, generator=g).numpy()
+    for a, b in zip(flt.predict(x), flt2.predict(x)):
+        assert (a == b).all()
+    assert math.isclose(fs["reward_scale"], flt.reward_scale) and fs["num_fits"] == flt.num_fits
+
+
+def test_a_client_follows_its_node_state_and_resumes_from_checkpoint_files(tiny_overrides, tmp_path):
+    """The cached SLM is brought to whatever state the node's context holds, from any earlier state."""
+    from flwr.app import Context, RecordDict
+
+    from fedlada_app import client_app
+
+    cfg = load_config(overrides=tiny_overrides)
+    digest = records.config_digest(cfg)
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), digest, round=1,
+                          checkpoint_dir=str(tmp_path / "ck"))
+    entry = client_app._prepare(cfg, 1)
+    model = entry.state.side.model
+    initial = client_app.trainable_state(model)
+    assert initial.keys() and all(torch.equal(initial[k], entry.initial[k]) for k in initial)
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+
+    def now():
+        return client_app.trainable_state(model)
+
+    def equal(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # a "trained" state stored in the context, then the model is changed behind the cache's back
+    trained = {k: v + 0.5 for k, v in initial.items()}
+    records.store_state(ctx.state, weights=trained, filter_state=None, state_id="t1", round=1, digest=digest)
+    entry.holds = ""
+    client_app._sync(entry, ctx, req, cfg, 1)
+    assert entry.holds == "t1" and equal(now(), trained)
+    # a node without state on a fresh run: back to the prepared weights
+    fresh = Context(run_id=2, node_id=5, node_config=ctx.node_config, state=RecordDict(), run_config={})
+    client_app._sync(entry, fresh, req, cfg, 1)
+    assert entry.holds == "init" and equal(now(), initial)
+    # resume: the node loads the files of the round the server resumes from (those InProcessClients.save writes)
+    d = tmp_path / "ck" / "round_001"
+    d.mkdir(parents=True)
+    saved = {k: v * 2 for k, v in initial.items()}
+    torch.save(saved, d / "client_1.pt")
+    resume = dataclasses.replace(req, round=2, resume_round=1)
+    client_app._sync(entry, fresh, resume, cfg, 1)
+    assert entry.holds == "resume-1" and equal(now(), saved) and entry.state.filter is None
+    # its newest files up to the last checkpointed round (here round 3 has none for it: round 1's)
+    later = client_app._prepare(cfg, 1)
+    client_app._sync(later, fresh, dataclasses.replace(resume, resume_round=3), cfg, 1)
+    assert later.holds == "resume-1" and equal(client_app.trainable_state(later.state.side.model), saved)
+    with pytest.raises(FileNotFoundError, match="client 0"):
+        client_app._sync(client_app._prepare(cfg, 0), fresh, resume, cfg, 0)
+    # a state from another config is refused
+    other = dataclasses.replace(req, digest="0" * 16)
+    with pytest.raises(ConfigError, match="belongs to config"):
+        client_app._sync(entry, ctx, other, cfg, 1)

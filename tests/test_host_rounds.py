@@ -1,0 +1,285 @@
+"""Host round steps on tiny models: configurations refused up front, the KD step aligned with the logits it is given,
+a FedMKT-like and a FedCoLLM-like round end to end with their payloads counted, and FedAvg applied as computed."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from fedlada import host_rounds
+from fedlada.config import load_config
+from fedlada.errors import ConfigError
+from fedlada.hosts import decode_state, decode_topk, encode_topk, fedavg, tokenizer_fingerprint
+from fedlada.messages import ReportMessage, TeachMessage
+from fedlada.paths import encode_pair, score_paths
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+IDENTICAL_SLMS = ['models.slms=[{"hidden_size": 24, "num_layers": 2, "num_heads": 4, "pretrain_tokens": 2000, '
+                  '"lora": true, "lora_r": 4}]']
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and much faster than on two when the CPU is shared."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("scenario, supported", [
+    ("scenario-a-identical", {"none", "fedmkt", "fedcollm"}),
+    ("scenario-b-sizes", {"none", "fedmkt"}),
+    ("scenario-c-depths", {"none", "fedmkt"}),
+    ("scenario-d-tokenizer", {"none"}),
+])
+def test_scenarios_support_the_hosts_their_files_document(scenario, supported):
+    path = CONFIGS / f"{scenario}.toml"
+    text = path.read_text()
+    for host in ("none", "fedmkt", "fedcollm"):
+        cfg = load_config(path, [f"host.name={host}"])
+        assert cfg.rounds == 3 and cfg.data.num_clients == 3
+        if host in supported:
+            host_rounds.check_host_config(cfg)
+        else:
+            with pytest.raises(ConfigError):
+                host_rounds.check_host_config(cfg)
+    assert "Hosts that support it" in text
+
+
+def test_a_mismatched_tokenizer_is_refused_naming_both_models():
+    cfg = load_config(CONFIGS / "scenario-d-tokenizer.toml", ["host.name=fedmkt"])
+    with pytest.raises(ConfigError) as e:
+        host_rounds.check_host_config(cfg)
+    msg = str(e.value)
+    assert "client 2's SLM (tiny Llama hidden=48 layers=2 heads=4, own tokenizer" in msg
+    assert "the LLM (tiny Llama hidden=128 layers=4 heads=4, shared tokenizer" in msg
+    assert "No host here supports mixed tokenizers" in msg and "exchanges text only" in msg
+    # 'local' exchanges nothing, so the host is never involved
+    host_rounds.check_host_config(replace(cfg, lada=replace(cfg.lada, method="local")))
+
+
+def test_other_refusals_name_the_key_and_the_difference():
+    with pytest.raises(ConfigError, match="'host' runs a host framework without LaDa"):
+        host_rounds.check_host_config(load_config(overrides=["lada.method=host"]))
+    cfg = load_config(CONFIGS / "scenario-b-sizes.toml", ["host.name=fedcollm"])
+    with pytest.raises(ConfigError, match=r"client 1's SLM differs from client 0's in hidden_size \(32 vs 48\)"):
+        host_rounds.check_host_config(cfg)
+    with pytest.raises(ConfigError, match="host.kd_student"):
+        load_config(overrides=["host.kd_student=vocab"])
+
+
+def test_host_only_methods_run_lada_without_its_losses():
+    cfg = host_rounds.lada_config(load_config(overrides=["lada.method=host-random", "host.name=fedmkt"]))
+    assert (cfg.lada.method, cfg.lada.lambda_da, cfg.lada.mu) == ("random", 0.0, 0.0)
+    lada = load_config(overrides=["host.name=fedmkt"])
+    assert host_rounds.lada_config(lada) is lada
+
+
+# ------------------------------------------------------------------------------------------------ KD step
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    from fedlada.models import apply_lora, build_tiny_model, train_tokenizer
+    from fedlada.reasoning import format_path, format_prompt
+
+    texts = [format_prompt(f"{a} boxes hold {b} pens each. How many pens?") + format_path(f"{a} * {b} = {a * b}",
+                                                                                          str(a * b))
+             for a in range(2, 9) for b in range(2, 9)]
+    tok = train_tokenizer(texts, vocab_size=300)
+    student = apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1), r=4)
+    teacher = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=2)
+    prompts = [format_prompt(f"{a} boxes hold 3 pens each. How many pens?") for a in range(2, 8)]
+    paths = [format_path(f"{a} * 3 = {3 * a}", str(3 * a)) for a in range(2, 8)]
+    return tok, student, teacher, prompts, paths
+
+
+def test_topk_targets_align_with_path_tokens_and_carry_the_path_nll(tiny_pair):
+    tok, student, teacher, prompts, paths = tiny_pair
+    got = host_rounds.topk_targets(teacher, tok, prompts, paths, k=8, max_length=64, batch_size=4)
+    ref = score_paths(teacher, tok, prompts, paths, max_length=64)
+    for i, t in enumerate(got):
+        n = len(encode_pair(tok, prompts[i], paths[i], max_length=64)[1])
+        assert t.path_index == i and t.values.shape == t.indices.shape == (n, 8)
+        assert np.all(np.diff(t.values.astype(np.float32), axis=1) <= 0)  # sorted, largest first
+    # the CE that travels with the logits is the path's per-token NLL, LaDa's l(x, y; pi)
+    assert_close(torch.tensor([t.ce for t in got]), torch.from_numpy(ref.nll).float(), atol=1e-4, rtol=0)
+
+
+def test_kd_step_toward_own_targets_costs_nothing_and_toward_a_teacher_trains_adapters_only(tiny_pair):
+    tok, student, teacher, prompts, paths = tiny_pair
+    V = student.get_output_embeddings().weight.shape[0]
+    own = host_rounds.topk_targets(student, tok, prompts, paths, k=V, max_length=64)
+    ex = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, own)]
+    stats = host_rounds.kd_train(student, tok, ex, lr=1e-3, batch_size=len(ex), max_length=64)
+    assert stats.steps == 1 and stats.components["kd"] < 1e-5  # KL of identical distributions (fp16 logits)
+
+    theirs = host_rounds.topk_targets(teacher, tok, prompts, paths, k=16, max_length=64)
+    ex = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, theirs)]
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stats = host_rounds.kd_train(student, tok, ex, lr=1e-2, epochs=3, batch_size=4, max_length=64, lm_weight=0.5)
+    assert stats.steps == 6 and stats.components["kd"] > 1e-3 and stats.components["lm"] > 0
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    after = host_rounds.topk_targets(student, tok, prompts, paths, k=16, max_length=64)
+    again = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, theirs)]
+    assert host_rounds.kd_train(student, tok, again, lr=1e-9, batch_size=len(ex), max_length=64) \
+        .components["kd"] < stats.components["kd"]  # distillation moved the student toward the teacher
+    assert len(after) == len(prompts)
+
+
+def test_weights_that_do_not_fit_and_foreign_tokenizers_are_refused(tiny_pair):
+    tok, student, teacher, prompts, paths = tiny_pair
+    state = host_rounds.trainable_state(student)
+    name = next(iter(state))
+    with pytest.raises(ConfigError, match="needs identical SLMs"):
+        host_rounds.load_trainable(student, {**state, name: torch.zeros(3)}, where="teach")
+    with pytest.raises(ConfigError, match="unexpected"):
+        host_rounds.load_trainable(student, {**state, "extra.weight": torch.zeros(1)}, where="teach")
+    from fedlada.models import train_tokenizer
+
+    other = train_tokenizer(["entirely different text, no digits"] * 10, vocab_size=280)
+    payload = encode_topk([], k=4, meta={"tokenizer": tokenizer_fingerprint(other), "model": "an SLM"})
+    with pytest.raises(ConfigError, match="LaDa alone"):
+        host_rounds._topk_by_question(payload, [], tok, where="teach", sender="x", receiver="the LLM")
+
+
+# ------------------------------------------------------------------------------------------------ rounds
+
+
+def _states(overrides):
+    from fedlada.prepare import load_data
+    from fedlada.runner import Events, build_states
+
+    cfg = load_config(overrides=overrides)
+    data = load_data(cfg)
+    server, clients, _ = build_states(cfg, data, Events())
+    return cfg, data, server, clients
+
+
+def _host_bytes(msg) -> int:
+    """What the host payload adds to a message on the wire."""
+    return len(msg.to_bytes()) - len(replace(msg, host=None).to_bytes())
+
+
+def test_fedmkt_round_exchanges_counted_top_k_logits_and_distils_on_the_selection(tiny_overrides, gold_sampler):
+    cfg, data, server, clients = _states(tiny_overrides + ["host.name=fedmkt", "host.topk=16"])
+    gold_sampler(data.public)
+    teach, slog = host_rounds.server_teach(server, cfg=cfg, round=1)
+    entries, meta = decode_topk(teach.host)
+    assert meta["tokenizer"] == tokenizer_fingerprint(server.side.tokenizer)
+    assert len(entries) == len({p.question_id for p in teach.paths}) > 0  # one path per question with a correct one
+    for e in entries:
+        p = teach.paths[e.path_index]
+        prompt = server.side.prompts([server.public[p.question_id].question])[0]
+        n = len(encode_pair(server.side.tokenizer, prompt, p.text, max_length=cfg.train.max_length)[1])
+        assert e.values.shape == (n, 16)
+        assert abs(e.ce - p.nll) < 1e-4  # the most confident path's CE is its LLM per-token NLL
+    assert _host_bytes(teach) == len(b',"host":""') + len(base64.b64encode(teach.host))
+    assert slog.metrics["host_payload_bytes"] == len(teach.host) > 16 * 2 * sum(len(e.values) for e in entries)
+
+    rep, clog = host_rounds.client_step(clients[0], TeachMessage.from_bytes(teach.to_bytes()), public=server.public,
+                                        cfg=cfg, round=1)
+    selected = [r["id"] for r in clog.selections if r["selected"]]
+    with_logits = {teach.paths[e.path_index].question_id for e in entries}
+    assert clog.metrics["host_kd_examples"] == len([q for q in selected if q in with_logits]) > 0
+    assert clog.metrics["host_kd_steps"] >= 1 and 0 <= clog.metrics["host_kd_other_target"] <= len(selected)
+    assert clog.metrics["train_tokens"] > clog.metrics["host_kd_tokens"] > 0  # the KD step counts as training
+    rep_entries, _ = decode_topk(rep.host)
+    assert len(rep_entries) == len({p.question_id for p in rep.paths})
+    assert rep.audit()["host_payload_bytes"] == clog.metrics["host_payload_bytes"] == len(rep.host)
+
+    rep = ReportMessage.from_bytes(rep.to_bytes())
+    broken = replace(rep, client=1, host=b"not a payload")
+    llm_before = host_rounds.trainable_state(server.side.model)
+    llog = host_rounds.server_learn(server, [rep, broken], cfg=cfg, round=1)
+    assert "does not fit" in llog.metrics["host_rejected_client1"]
+    sel0 = [r["id"] for r in llog.selections if r["pair"] == "client0->llm" and r["selected"]]
+    by_q = {rep.paths[e.path_index].question_id for e in rep_entries}
+    assert llog.metrics["host_llm_kd_examples"] == len([q for q in sel0 if q in by_q])
+    llm_after = host_rounds.trainable_state(server.side.model)
+    assert any(not torch.equal(llm_before[n], llm_after[n]) for n in llm_before)
+
+
+def test_fedcollm_round_averages_adapters_by_train_size_and_distils_mutually(tiny_overrides, gold_sampler, tmp_path):
+    cfg, data, server, clients = _states(tiny_overrides + IDENTICAL_SLMS + ["host.name=fedcollm",
+                                                                           "host.kd_epochs=0"])
+    gold_sampler(data.public)
+    teach, slog = host_rounds.server_teach(server, cfg=cfg, round=1)
+    sent, _ = decode_state(teach.host)
+    assert set(sent) == set(host_rounds.trainable_state(clients[0].side.model))
+    assert all("lora_" in n for n in sent) and slog.metrics["host_payload_bytes"] == len(teach.host)
+    assert len(teach.host) > 4 * sum(v.numel() for v in sent.values())  # float32 adapters on the wire
+    reports = []
+    for c in clients:
+        rep, clog = host_rounds.client_step(c, TeachMessage.from_bytes(teach.to_bytes()), public=server.public,
+                                            cfg=cfg, round=1)
+        reports.append(ReportMessage.from_bytes(rep.to_bytes()))
+        assert _host_bytes(rep) == len(b',"host":""') + len(base64.b64encode(rep.host))
+    states = [decode_state(r.host) for r in reports]
+    assert [m["train_size"] for _, m in states] == [len(c.train) for c in clients]
+
+    host_rounds.server_learn(server, reports, cfg=cfg, round=1)
+    expected = {n: sum(m["train_size"] * w[n] for w, m in states) / sum(m["train_size"] for _, m in states)
+                for n in sent}
+    slm = host_rounds.trainable_state(server.host.slm.model)
+    for n in expected:
+        assert_close(slm[n], expected[n], atol=1e-6, rtol=1e-5)
+    assert_close(slm[n], fedavg([w for w, _ in states], [m["train_size"] for _, m in states])[n])
+
+    # with the KD step on: the aggregated SLM learns from the LLM, then the LLM from the SLM
+    cfg_kd = load_config(overrides=tiny_overrides + IDENTICAL_SLMS + ["host.name=fedcollm"])
+    llog = host_rounds.server_learn(server, reports, cfg=cfg_kd, round=1)
+    assert llog.metrics["host_aggregated_clients"] == 2
+    assert llog.metrics["host_slm_kd_steps"] >= 1 and llog.metrics["host_llm_kd_steps"] >= 1
+    assert llog.metrics["server_train_tokens"] >= llog.metrics["host_slm_kd_tokens"] + llog.metrics["host_llm_kd_tokens"]
+    slm = host_rounds.trainable_state(server.host.slm.model)
+    assert any(not torch.allclose(slm[n], expected[n], atol=1e-6) for n in expected)
+    # ...and that SLM is what the next round sends every client
+    teach2, _ = host_rounds.server_teach(server, cfg=cfg_kd, round=2)
+    got, _ = decode_state(teach2.host)
+    for n in slm:
+        assert_close(got[n], slm[n], atol=0, rtol=0)
+    # the server's SLM survives a checkpoint (resume)
+    from fedlada.rounds import ServerState
+
+    host_rounds.save_host_state(server, tmp_path)
+    fresh = ServerState(server.side, server.public)
+    host_rounds.load_host_state(fresh, tmp_path, cfg_kd)
+    restored = host_rounds.trainable_state(fresh.host.slm.model)
+    assert all(torch.equal(restored[n], slm[n]) for n in slm)
+
+
+def test_bytes_benchmark_counts_what_each_host_adds(model_cache, tmp_path):
+    import importlib.util
+    import json
+
+    path = CONFIGS.parent / "benchmarks" / "bench_host_bytes.py"
+    spec = importlib.util.spec_from_file_location("bench_host_bytes", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bytes.json"
+    res = bench.main(["--candidates", "4", "--topk", "8,32", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    rows = {r["method"]: r for r in res["rows"]}
+    lada = rows["LaDa (paths + scalars)"]
+    assert lada["payload_down"] == lada["payload_up"] == 0 and lada["x_lada"] == 1.0
+    tokens = res["path_tokens_per_direction"]
+    for k in (8, 32):
+        r = rows[f"FedMKT-like, top-{k} logits"]
+        # fp16 value + uint16 id per kept logit per path token, plus a small header and per-path scalars
+        assert tokens * k * 4 < r["payload_down"] < tokens * k * 4 + 1500
+        assert r["server_to_client"] - lada["server_to_client"] > r["payload_down"]  # base64 in the JSON
+    assert rows["FedMKT-like, top-32 logits"]["total"] > rows["FedMKT-like, top-8 logits"]["total"] > lada["total"]
+    adapters = rows["FedCoLLM-like, float32 adapters"]
+    assert adapters["payload_up"] > 4 * res["slm_trainable_params"]
