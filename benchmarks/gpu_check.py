@@ -20,6 +20,7 @@ pass ``train`` runs once per call, so 6N per token for one epoch. MFU = achieved
 
     python benchmarks/gpu_check.py                         # on a CUDA machine: ~0.47B model, bf16
     python benchmarks/gpu_check.py --tiny --device cpu     # seconds on a CPU: checks the script runs
+    python benchmarks/gpu_check.py --profile               # plus torch.profiler tables of each phase
 
 The JSON goes to ``$OUT/gpu_check.json`` when ``$OUT`` is set, else to ``--out``. Progress lines go to stdout.
 """
@@ -92,6 +93,36 @@ def flops_per_token(model, context: float) -> dict:
     return {"params_total": total, "params_matmul": n_matmul, "forward_flops_per_token": 2 * n_matmul + attention}
 
 
+def profile_phases(device, model, tok, backend, prompts, ref_p, ref_y, pairs, w, train_kw) -> str:
+    """torch.profiler tables (top operators by device time, then by CPU time) of a 16-token generation, one scoring
+    call of ``score_batch`` pairs and one training step: where each phase spends its time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedlada.paths import score_paths
+    from fedlada.train import train
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_device = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    phases = {
+        "generation (16 new tokens)": lambda: backend.sample(prompts, num_paths=w["paths"], temperature=1.0,
+                                                             max_new_tokens=16, seed=1),
+        "scoring (one batch)": lambda: score_paths(model, tok, ref_p[: w["score_batch"]], ref_y[: w["score_batch"]],
+                                                   batch_size=w["score_batch"]),
+        "training (one step)": lambda: train(model, tok, preference=pairs[: w["train_batch"]], **train_kw),
+    }
+    out = []
+    for name, fn in phases.items():
+        say(f"profiling {name}")
+        with profile(activities=acts) as prof:
+            fn()
+            sync(device)
+        avg = prof.key_averages()
+        out.append(f"=== {name}: by device time\n{avg.table(sort_by=sort_device, row_limit=25)}")
+        out.append(f"=== {name}: by CPU time\n{avg.table(sort_by='cpu_time_total', row_limit=25)}")
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a small model and workload (CPU check)")
@@ -100,6 +131,9 @@ def main(argv=None) -> int:
                                                     "bfloat16 | float32")
     ap.add_argument("--out", default="gpu_check.json", help="JSON path when $OUT is not set")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile a short generation, a scoring batch and one training step (torch.profiler); "
+                         "tables go to gpu_check_profile.txt next to the JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -240,9 +274,13 @@ def main(argv=None) -> int:
     say(f"training: {stats.steps} steps, {stats.tokens} tokens in {stats.seconds:.1f}s = "
         f"{stats.tokens / stats.seconds:.0f} tok/s, loss {stats.loss:.4f}")
 
-    result["total_seconds"] = round(time.perf_counter() - T0, 1)
     out = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        tables = profile_phases(device, model, tok, backend, prompts, ref_p, ref_y, pairs, w, kw)
+        (out.parent / "gpu_check_profile.txt").write_text(tables)
+        say(f"profile tables written to {out.parent / 'gpu_check_profile.txt'}")
+    result["total_seconds"] = round(time.perf_counter() - T0, 1)
     out.write_text(json.dumps(result, indent=1) + "\n")
     say(f"MFU: generation {result['generation']['mfu']:.1%}, scoring "
         f"{scoring['reference_paths']['mfu']:.1%}, training {result['training']['mfu']:.1%} of "
