@@ -41,11 +41,19 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     for method in methods:
         for seed in seeds:
             flat = flat_items(base)
-            flat.update({"lada.method": method, "seed": seed, "out_dir": str(out / method / f"seed{seed}")})
+            host = base.host.name
+            name = method if host == "none" else f"{host}-{method}"
+            flat.update({"lada.method": method, "seed": seed, "out_dir": str(out / name / f"seed{seed}")})
             extra = (overrides_per_method or {}).get(method, [])
             cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
+                from fedlada.config import dump_toml
+                from fedlada.errors import ConfigError
+
+                if (Path(cfg.out_dir) / "config.toml").read_text(encoding="utf-8") != dump_toml(cfg):
+                    raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config; use another "
+                                      f"--out for a table with other settings")
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
             else:

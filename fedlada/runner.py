@@ -37,8 +37,8 @@ from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
-from fedlada.rounds import (ClientState, ServerState, Side, StepLog, client_step, derive_seed, evaluate,
-                            server_learn, server_teach)
+from fedlada.host_rounds import check_host_config, client_step, load_host_state, save_host_state, server_learn, server_teach
+from fedlada.rounds import ClientState, ServerState, Side, StepLog, derive_seed, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def save_checkpoint(rd: RunDir, round: int, server: ServerState, pool) -> None:
     torch.save(_trainable_state(server.side.model), d / "llm.pt")
     torch.save({"server_filters": {k: f.state_dict() for k, f in server.filters.items()}, "round": round},
                d / "server_state.pt")
+    save_host_state(server, d)
     pool.save(d)
     (d / "COMPLETE").write_text(str(round))
 
@@ -128,6 +129,7 @@ def load_checkpoint(rd: RunDir, round: int, server: ServerState, cfg: RunConfig)
     for k, s in st["server_filters"].items():
         server.filters[k] = _filter_for(None, s["feature_dim"], cfg, derive_seed(cfg.seed, "server-filter", k))
         server.filters[k].load_state_dict(s)
+    load_host_state(server, d, cfg)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -260,6 +262,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     ``fail_hook(round, client)`` is called before each client step (tests use it to simulate a crash)."""
     events = events or Events()
     t_start = time.perf_counter()
+    check_host_config(cfg)  # a refused host/model pairing fails before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rd, start = setup_run_dir(cfg, resume=resume)

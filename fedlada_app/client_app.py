@@ -240,7 +240,7 @@ def setup(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One LaDa client step on the server's teach message."""
     from fedlada.messages import TeachMessage
-    from fedlada.rounds import client_step
+    from fedlada.host_rounds import client_step
 
     req, cfg, fcfg, k = _unpack(msg, context)
     _injected_failure(req.round, k)

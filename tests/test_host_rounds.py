@@ -97,7 +97,9 @@ def tiny_pair():
                                                                                           str(a * b))
              for a in range(2, 9) for b in range(2, 9)]
     tok = train_tokenizer(texts, vocab_size=300)
-    student = apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1), r=4)
+    with torch.random.fork_rng(devices=[]):  # LoRA's initialisation draws from the global RNG
+        torch.manual_seed(0)
+        student = apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1), r=4)
     teacher = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=2)
     prompts = [format_prompt(f"{a} boxes hold 3 pens each. How many pens?") for a in range(2, 8)]
     paths = [format_path(f"{a} * 3 = {3 * a}", str(3 * a)) for a in range(2, 8)]
@@ -126,16 +128,17 @@ def test_kd_step_toward_own_targets_costs_nothing_and_toward_a_teacher_trains_ad
 
     theirs = host_rounds.topk_targets(teacher, tok, prompts, paths, k=16, max_length=64)
     ex = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, theirs)]
+
+    def kd_now() -> float:  # the KD loss of the whole set, measured with a step too small to move anything
+        return host_rounds.kd_train(student, tok, ex, lr=1e-12, batch_size=len(ex), max_length=64).components["kd"]
+
+    kd_before = kd_now()
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     stats = host_rounds.kd_train(student, tok, ex, lr=1e-2, epochs=3, batch_size=4, max_length=64, lm_weight=0.5)
     assert stats.steps == 6 and stats.components["kd"] > 1e-3 and stats.components["lm"] > 0
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
-    after = host_rounds.topk_targets(student, tok, prompts, paths, k=16, max_length=64)
-    again = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, theirs)]
-    assert host_rounds.kd_train(student, tok, again, lr=1e-9, batch_size=len(ex), max_length=64) \
-        .components["kd"] < stats.components["kd"]  # distillation moved the student toward the teacher
-    assert len(after) == len(prompts)
+    assert kd_now() < 0.9 * kd_before  # distillation moved the student toward the teacher
 
 
 def test_weights_that_do_not_fit_and_foreign_tokenizers_are_refused(tiny_pair):
