@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{engine}-{rep}"
             runs.append({"rep": rep, **_measure(engine, overrides, out, env), "run_dir": str(out)})
             print(json.dumps(runs[-1]), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # partial results survive an interruption
+            Path(args.out).write_text(json.dumps({"config": overrides, "partial": True, "runs": runs}, indent=1))
     ref = _comparable(work / "inprocess-0") if "inprocess" in engines else None
     results = []
     for engine in engines:

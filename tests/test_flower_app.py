@@ -167,6 +167,24 @@ def test_node_state_round_trips_weights_and_filter_exactly():
     assert math.isclose(fs["reward_scale"], flt.reward_scale) and fs["num_fits"] == flt.num_fits
 
 
+def test_a_node_reads_only_its_own_client_files(tmp_path):
+    """On separate machines only node K has client K's files: each node loads its own and the public pool."""
+    from fedlada.data import make_benchmark, read_records
+    from fedlada.errors import DataError
+    from fedlada_app.client_app import _client_files
+
+    lay = make_benchmark(tmp_path / "b", num_clients=2, train_per_client=20, test_per_client=6, public_size=10,
+                         general_size=0)
+    clients = json.dumps([{"train": str(c.train), "test": str(c.test)} for c in lay.clients])
+    cfg = load_config(overrides=[f"data.clients={clients}", f"data.public={lay.public}"])
+    lay.clients[0].train.unlink()  # this machine is node 1's
+    mine, data = _client_files(cfg, 1)
+    assert [r.id for r in mine.train] == [r.id for r in read_records(lay.clients[1].train)]
+    assert len(mine.test) == 6 and len(data.public) == 10 and data.general == []
+    with pytest.raises(DataError, match="client 0"):
+        _client_files(cfg, 0)
+
+
 def test_a_client_follows_its_node_state_and_resumes_from_checkpoint_files(tiny_overrides, tmp_path):
     """The cached SLM is brought to whatever state the node's context holds, from any earlier state."""
     from flwr.app import Context, RecordDict

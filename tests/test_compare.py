@@ -1,0 +1,32 @@
+"""The experiment table: aggregation (mean, sample std) and the written Markdown/CSV/plot."""
+
+import csv
+import math
+
+import pytest
+
+from fedlada.compare import aggregate, write_table
+
+
+def _summary(c0, c1, llm, llm0=0.1):
+    return {"final": {"client0": c0, "client1": c1, "llm": llm}, "mean_slm_accuracy": (c0 + c1) / 2,
+            "accuracy": {"client0": {"0": 0.0}, "client1": {"0": 0.2}, "llm": {"0": llm0}},
+            "bytes_client_to_server": 100, "bytes_server_to_client": 50, "train_tokens_federated": 1000}
+
+
+def test_aggregate_mean_and_sample_std(tmp_path):
+    rows = {("lada", 0): _summary(0.5, 0.7, 0.4), ("lada", 1): _summary(0.3, 0.5, 0.6),
+            ("local", 0): _summary(0.2, 0.2, 0.1), ("local", 1): _summary(0.2, 0.4, 0.1)}
+    res = aggregate(rows, methods=("local", "lada"), seeds=(0, 1))
+    lada = {e["method"]: e for e in res["table"]}["lada"]
+    assert lada["mean_slm"][0] == pytest.approx(0.5)
+    assert lada["mean_slm"][1] == pytest.approx(math.sqrt(((0.6 - 0.5) ** 2 + (0.4 - 0.5) ** 2) / 1))
+    assert lada["llm"] == (pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))
+    assert lada["slm_before"][0] == pytest.approx(0.1)
+    assert lada["bytes"] == (150, 0.0)
+    files = write_table(res, tmp_path, title="t")
+    md = files["markdown"].read_text()
+    assert "| lada | 50.0 ± 14.1 |" in md
+    rows_csv = list(csv.reader(open(files["csv"])))
+    assert ["lada", "mean_slm", "0.5", str(lada["mean_slm"][1])] in rows_csv
+    assert files["plot"].stat().st_size > 1000
