@@ -168,7 +168,7 @@ def _run_stats(out: Path) -> dict:
             "client_to_server": round(sum(r["received_bytes"] for r in flower) / max(replied, 1))}
         stats["flower_exchange_seconds"] = {e: round(sum(r["seconds"] for r in _rows(out, "flower.jsonl")
                                                          if r["event"] == e), 1)
-                                            for e in ("query", "query.setup", "train", "evaluate", "query.save")}
+                                            for e in ("query.setup", "train", "evaluate", "query.save")}
     return stats
 
 

@@ -2,11 +2,10 @@
 
 Each handler unpacks a request (``fedlada_app.records``), calls the library, packs the reply:
 
-- ``query``: which client this node is (its node config ``partition-id`` and ``num-partitions``; Flower's
-  simulation sets them, a SuperNode gets them from ``--node-config``).
-- ``query.setup``: prepare the client's data and SLM (pretraining a tiny SLM into the shared model cache if it is
-  not there yet), report what was prepared (the server writes it into the run's ``setup`` line) and, when asked,
-  evaluate the SLM before round 1.
+- ``query.setup``: which client this node is (its node config ``partition-id`` and ``num-partitions``; Flower's
+  simulation sets them, a SuperNode gets them from ``--node-config``); prepare the client's data and SLM
+  (pretraining a tiny SLM into the shared model cache if it is not there yet), report what was prepared (the server
+  writes it into the run's ``setup`` line) and, when asked, evaluate the SLM before round 1.
 - ``train``: ``fedlada.rounds.client_step`` on the server's teach bytes; replies with the report bytes, unless
   switched off the client's local log (``records`` explains the telemetry record), and, when asked, the evaluation
   of the updated SLM (one message per client and round instead of two; its state is final for the round).
@@ -212,24 +211,12 @@ def _telemetry(context: Context, on: bool) -> bool:
     return on and str(context.node_config.get("telemetry", "true")).lower() not in ("false", "0", "off", "no")
 
 
-@app.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Which client this node is."""
-    req = records.request_from(msg.content)
-    cfg, _ = records.config_from_wire(req.config)
-    nc = context.node_config
-    if "partition-id" not in nc:
-        raise ConfigError("node config lacks 'partition-id'")
-    return Message(records.node_content(int(nc["partition-id"]), int(nc.get("num-partitions", cfg.data.n_clients))),
-                   reply_to=msg)
-
-
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
-    """Prepare this client's data and SLM; report what was prepared."""
+    """Which client this node is; prepare its data and SLM; report what was prepared."""
     req, cfg, fcfg, k = _unpack(msg, context)
     entry = _entry(cfg, req.digest, k, fcfg.model_cache)
-    content = records.setup_content(k, entry.info, entry.sizes)
+    content = records.setup_content(k, cfg.data.n_clients, entry.info, entry.sizes)
     if req.evaluate:  # the evaluation before round 1, in the same message
         _sync(entry, context, req, cfg, k)
         records.eval_content(_evaluate(entry, cfg), content)

@@ -6,8 +6,8 @@ The library already serialises what crosses between the sides (``fedlada.message
 =================  ==============================================  ===============================================
 message type       server -> client (ConfigRecord ``fedlada``)     client -> server
 =================  ==============================================  ===============================================
-``query``          config, digest                                  ``node``: partition-id, num-partitions
-``query.setup``    config, digest, evaluate                        ``setup``: SLM info, split sizes (JSON);
+``query.setup``    config, digest, evaluate                        ``setup``: partition-id, num-partitions,
+                                                                   SLM info, split sizes (JSON);
                                                                    [``eval``] before round 1
 ``train``          config, digest, round, resume, evaluate,        ``report``: **report** bytes;
                    **teach** bytes                                 ``telemetry``: local metrics, selections (JSON);
@@ -49,7 +49,6 @@ from fedlada.config import RunConfig
 from fedlada_app.settings import FlowerConfig, flower_config
 
 REQUEST = "fedlada"
-NODE = "node"
 SETUP = "setup"
 REPORT = "report"
 TELEMETRY = "telemetry"
@@ -59,7 +58,7 @@ SAVED = "saved"
 STATE_WEIGHTS = "fedlada.weights"
 STATE_META = "fedlada.state"
 
-QUERY, SETUP_TYPE, TRAIN, EVALUATE, SAVE_TYPE = "query", "query.setup", "train", "evaluate", "query.save"
+SETUP_TYPE, TRAIN, EVALUATE, SAVE_TYPE = "query.setup", "train", "evaluate", "query.save"
 
 
 class RecordError(ValueError):
@@ -154,21 +153,15 @@ def request_from(content: RecordDict) -> Request:
 # ----------------------------------------------------------------------------------------------------- replies
 
 
-def node_content(partition: int, num_partitions: int) -> RecordDict:
-    return RecordDict({NODE: ConfigRecord({"partition-id": partition, "num-partitions": num_partitions})})
+def setup_content(partition: int, num_partitions: int, info: dict, sizes: dict) -> RecordDict:
+    """A node's answer to setup: which client it is, what it prepared."""
+    return RecordDict({SETUP: ConfigRecord({"partition-id": partition, "num-partitions": num_partitions,
+                                            "info": json.dumps(info), "sizes": json.dumps(sizes)})})
 
 
-def node_from(content: RecordDict) -> tuple[int, int]:
-    return _get(content, NODE, "partition-id", int), _get(content, NODE, "num-partitions", int)
-
-
-def setup_content(partition: int, info: dict, sizes: dict) -> RecordDict:
-    return RecordDict({SETUP: ConfigRecord({"partition-id": partition, "info": json.dumps(info),
-                                            "sizes": json.dumps(sizes)})})
-
-
-def setup_from(content: RecordDict) -> tuple[int, dict, dict]:
-    return (_get(content, SETUP, "partition-id", int), _json(_get(content, SETUP, "info", str), "setup info"),
+def setup_from(content: RecordDict) -> tuple[int, int, dict, dict]:
+    return (_get(content, SETUP, "partition-id", int), _get(content, SETUP, "num-partitions", int),
+            _json(_get(content, SETUP, "info", str), "setup info"),
             _json(_get(content, SETUP, "sizes", str), "setup sizes"))
 
 

@@ -123,19 +123,25 @@ class FlowerClients:
             "failed": sorted(r.client_id for r in out if r.error is not None)}])
         return out
 
-    def _discover(self) -> None:
-        """Ask nodes not seen yet which partition they serve."""
+    def _discover(self, *, evaluate: bool = False) -> None:
+        """Set up the nodes not seen yet: each prepares its SLM and replies with the partition it serves (and, with
+        ``evaluate``, its evaluation before round 1). One message per node, so the clients' start-up (imports, data,
+        SLM) happens once."""
         new = {n: n for n in self.grid.get_node_ids() if n not in self.nodes.values() and n not in self._ignored}
-        for rep in self._exchange(records.QUERY, new, self._request(), round=0, timeout=min(self.fcfg.timeout, 60)):
+        if not new:
+            return
+        self.events.stage(f"preparing the SLMs of {len(new)} SuperNode(s)")
+        for rep in self._exchange(records.SETUP_TYPE, new, self._request(evaluate=evaluate), round=0,
+                                  timeout=self.fcfg.timeout):
             node = rep.client_id
             if rep.error is not None:
-                log.warning("node %s did not identify itself: %s", node, rep.error)
+                log.warning("node %s: setup failed: %s", node, rep.error)
                 self._ignored.add(node)
                 continue
             try:
-                k, n = records.node_from(rep.message.content)
+                k, n, info, sizes = records.setup_from(rep.message.content)
             except records.RecordError as e:
-                log.warning("node %s: malformed identification: %s", node, e)
+                log.warning("node %s: malformed setup reply: %s", node, e)
                 self._ignored.add(node)
                 continue
             if n != self.cfg.data.n_clients or not 0 <= k < n or k in self.nodes:
@@ -144,15 +150,17 @@ class FlowerClients:
                 self._ignored.add(node)
                 continue
             self.nodes[k] = node
+            self.setup[k] = (info, sizes)
+            self._keep_eval(0, _Reply(k, message=rep.message))
 
     def connect(self, *, evaluate: bool = True) -> None:
-        """Wait until a node serves every partition (or ``flower.connect_timeout``), then prepare each client
-        (and, with ``evaluate``, evaluate its SLM before round 1 in the same message)."""
+        """Set up nodes as they come until one serves every partition (or ``flower.connect_timeout``); with
+        ``evaluate``, each client's SLM is also evaluated before round 1 in the same message."""
         n = self.cfg.data.n_clients
         deadline = time.monotonic() + self.fcfg.connect_timeout
         self.events.stage(f"waiting for the SuperNodes of {n} clients")
         while True:
-            self._discover()
+            self._discover(evaluate=evaluate)
             if len(self.nodes) == n or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -162,19 +170,6 @@ class FlowerClients:
         if len(self.nodes) < n:
             log.warning("clients %s did not connect; continuing with %s",
                         sorted(set(self.ids) - set(self.nodes)), sorted(self.nodes))
-        self.events.stage("preparing the clients' SLMs")
-        for rep in self._exchange(records.SETUP_TYPE, dict(self.nodes), self._request(evaluate=evaluate), round=0,
-                                  timeout=self.fcfg.timeout):
-            if rep.error is not None:
-                log.warning("client %d: setup failed: %s", rep.client_id, rep.error)
-                continue
-            try:
-                _, info, sizes = records.setup_from(rep.message.content)
-            except records.RecordError as e:
-                log.warning("client %d: malformed setup reply: %s", rep.client_id, e)
-                continue
-            self.setup[rep.client_id] = (info, sizes)
-            self._keep_eval(0, rep)
 
     def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None
                     ) -> list[_Reply]:

@@ -121,9 +121,8 @@ def test_replies_round_trip_and_malformed_replies_are_rejected():
     both = records.eval_content(result, records.report_content(b"r"))
     assert records.has_eval(both) and records.report_from(both)[0] == b"r"
     assert both[records.EVAL_METRICS]["accuracy"] == 0.25 and both[records.EVAL_METRICS]["num-examples"] == 8
-    assert records.setup_from(records.setup_content(2, {"parameters": 10}, {"train": 5})) == (
-        2, {"parameters": 10}, {"train": 5})
-    assert records.node_from(records.node_content(1, 3)) == (1, 3)
+    assert records.setup_from(records.setup_content(2, 3, {"parameters": 10}, {"train": 5})) == (
+        2, 3, {"parameters": 10}, {"train": 5})
 
     from flwr.app import ConfigRecord, RecordDict
 

@@ -37,5 +37,4 @@ def test_tls_authenticated_deployment_matches_inprocess(model_cache, tmp_path, t
     assert strip(rows(out)) == strip(rows(ref))
     assert rows(out, "selections.jsonl") == rows(ref, "selections.jsonl")
     steps = [(e["round"], e["event"]) for e in rows(out, "flower.jsonl")]
-    assert steps == [(0, "query"), (0, "query.setup"), (1, "train"), (1, "query.save"), (2, "train"),
-                     (2, "query.save")]
+    assert steps == [(0, "query.setup"), (1, "train"), (1, "query.save"), (2, "train"), (2, "query.save")]
