@@ -46,7 +46,10 @@ def main() -> int:
     layout = make_benchmark(work / "bench")
     general = read_records(layout.general)
     clients = [(c.domain, read_records(c.train), read_records(c.test)[: args.eval]) for c in layout.clients]
-    tok = train_tokenizer(_corpus_texts(general), vocab_size=cfg.models.llm.tokenizer_vocab)
+    # the tokenizer sees the domain words too (as the run's shared tokenizer sees the public pool's questions)
+    public = read_records(layout.public)
+    tok = train_tokenizer(_corpus_texts(general) + [r.question for r in public],
+                          vocab_size=cfg.models.llm.tokenizer_vocab)
     fmt = PromptFormatter(tok, use_chat_template="off")
     results = {"tokens_budget": args.tokens, "shape": [args.hidden, args.layers, args.heads], "variants": {}}
     for name, corpus in (("general only", general),
@@ -55,7 +58,7 @@ def main() -> int:
                                  max_position_embeddings=512, seed=0)
         ex, epochs = _pretrain_examples(fmt, corpus, tok, tokens=args.tokens, seed=0)
         t0 = time.perf_counter()
-        stats = train(model, tok, sft=ex, lr=args.lr, epochs=epochs, batch_size=32, max_length=256, seed=0)
+        stats = train(model, tok, sft=ex, lr=args.lr, epochs=epochs, batch_size=32, max_length=384, seed=0)
         secs = time.perf_counter() - t0
         side = Side(model, tok, fmt)
         evals = {dom: evaluate(side, te, max_new_tokens=96) for dom, _, te in clients}

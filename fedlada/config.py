@@ -222,7 +222,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     bf16: bool = False
-    max_length: int = 256
+    max_length: int = 384  # long benchmark questions reach ~260 tokens with the default 384-token vocabulary
 
     def __post_init__(self):
         _check(self.client_lr > 0, "train.client_lr", "a float > 0", self.client_lr)
