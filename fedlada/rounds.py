@@ -460,7 +460,10 @@ def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_si
     by_steps: dict[str, list[bool]] = {}
     for r, c in zip(records, ok):
         by_domain.setdefault(r.domain or "-", []).append(c)
-        s = steps_of(r)
+        try:  # user data may carry no step count (no "-s<N>-" id, no equation lines): then no per-step row
+            s = steps_of(r)
+        except ValueError:
+            s = None
         if s is not None:
             by_steps.setdefault(str(s), []).append(c)
     return {"accuracy": float(np.mean(ok)), "n": len(ok),

@@ -150,3 +150,15 @@ def test_bad_data_fails_before_any_work(tmp_path, model_cache):
     msg = str(e.value)
     assert "bad.jsonl:2" in msg and "bad.jsonl:3" in msg
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_handles_records_without_step_counts(monkeypatch):
+    from fedlada import rounds
+    from fedlada.data import Record
+
+    monkeypatch.setattr(rounds, "sample_paths",
+                        lambda m, t, prompts, **kw: [["Answer: 7"] if "seven" in p else ["Answer: 1"] for p in prompts])
+    side = rounds.Side(None, None, lambda q: q)
+    recs = [Record("a", "say seven", "7", "Just say it."), Record("b", "say two", "2", None, "d")]
+    out = rounds.evaluate(side, recs, max_new_tokens=4)
+    assert out["accuracy"] == 0.5 and out["by_steps"] == {} and out["by_domain"] == {"-": 1.0, "d": 0.0}
