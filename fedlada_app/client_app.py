@@ -22,9 +22,10 @@ digest, partition); before a message is handled the cached model is brought to t
 holds (a no-op when this process produced that state). Deployment SuperNodes start a new ClientApp process per
 message, so there the cache never hits and every message prepares the SLM from the model cache on disk.
 
-Resume. Every request names the last round with a complete checkpoint. A node whose context holds no state (the
+Resume. Every request names the last round this client saved its state. A node whose context holds no state (the
 run was resumed, or its SuperNode restarted) loads its newest files up to that round from the checkpoint
-directory: the node config's ``checkpoint-dir`` if set, else the run's own.
+directory (the node config's ``checkpoint-dir`` if set, else the run's own); with none named it starts from the
+prepared SLM (a node that joined late).
 
 Testing hook: the environment variable ``FEDLADA_TEST_FAIL="ROUND:CLIENT[,ROUND:CLIENT...]"`` makes the train
 handler of that client raise in that round before any work (Flower turns it into an error reply). It exists for

@@ -127,7 +127,8 @@ class Request:
     config: str
     digest: str
     round: int = 0
-    resume_round: int = 0  # the last checkpointed round: a node without state loads its newest files up to it
+    resume_round: int = 0  # the last round this client saved its state: a node without state in its context loads
+    # its newest files up to that round (0: the node starts from the prepared SLM)
     checkpoint_dir: str = ""  # the run's checkpoints directory (a node's own ``checkpoint-dir`` overrides it)
     teach: bytes | None = None
     evaluate: bool = False  # setup/train: also evaluate the SLM afterwards and add an ``eval`` record to the reply

@@ -70,7 +70,7 @@ class FlowerClients:
         self.config, self.digest = records.wire_config(cfg, fcfg), records.config_digest(cfg)
         self.nodes: dict[int, int] = {}  # client id -> node id
         self._ignored: set[int] = set()  # nodes that are not a client of this run
-        self.checkpointed = 0  # last round with a complete checkpoint (a node without state loads its files)
+        self.saved: dict[int, int] = {}  # client id -> last round it saved its state (a node without state loads it)
         self.setup: dict[int, tuple[dict, dict]] = {}  # client id -> (SLM info, split sizes)
         self._evals: dict[int, dict[int, dict]] = {}  # round -> client id -> evaluation that came with a reply
 
@@ -80,9 +80,12 @@ class FlowerClients:
 
     # ----------------------------------------------------------------------------------------- messaging
 
-    def _request(self, round: int = 0, teach: bytes | None = None, evaluate: bool = False) -> records.Request:
-        return records.Request(self.config, self.digest, round=round, resume_round=self.checkpointed,
-                               checkpoint_dir=str(self.rd.ckpt.resolve()), teach=teach, evaluate=evaluate)
+    def _request(self, round: int = 0, teach: bytes | None = None, evaluate: bool = False
+                 ) -> Callable[[int], records.Request]:
+        """Client id -> its request (each names the last round that client saved its state)."""
+        ckpt = str(self.rd.ckpt.resolve())
+        return lambda k: records.Request(self.config, self.digest, round=round, resume_round=self.saved.get(k, 0),
+                                         checkpoint_dir=ckpt, teach=teach, evaluate=evaluate)
 
     def _keep_eval(self, round: int, rep: "_Reply") -> None:
         if rep.message is not None and records.has_eval(rep.message.content):
@@ -91,15 +94,15 @@ class FlowerClients:
             except records.RecordError as e:  # evaluated again by a plain evaluate message
                 log.warning("round %d: client %d: malformed evaluation ignored: %s", round, rep.client_id, e)
 
-    def _exchange(self, kind: str, targets: dict[int, int], req: records.Request, *, round: int,
+    def _exchange(self, kind: str, targets: dict[int, int], req: Callable[[int], records.Request], *, round: int,
                   timeout: float) -> list[_Reply]:
-        """Send ``req`` as a ``kind`` message to each target (key -> node id); one reply or error per key."""
+        """Send ``req(key)`` as a ``kind`` message to each target (key -> node id); one reply or error per key."""
         if not targets:
             return []
-        content = records.request_content(req)
-        size = records.content_bytes(content)
-        msgs = {key: Message(content=records.request_content(req), dst_node_id=node, message_type=kind,
-                             group_id=str(round)) for key, node in targets.items()}
+        contents = {key: records.request_content(req(key)) for key in targets}
+        size = sum(records.content_bytes(c) for c in contents.values())
+        msgs = {key: Message(content=contents[key], dst_node_id=node, message_type=kind, group_id=str(round))
+                for key, node in targets.items()}
         by_node = {node: key for key, node in targets.items()}
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=timeout))
@@ -119,7 +122,7 @@ class FlowerClients:
                for key in targets]
         self.rd.append("flower.jsonl", [{
             "round": round, "event": kind, "seconds": float(f"{time.perf_counter() - t0:.2f}"),
-            "clients": len(targets), "sent_bytes": size * len(targets), "received_bytes": received,
+            "clients": len(targets), "sent_bytes": size, "received_bytes": received,
             "failed": sorted(r.client_id for r in out if r.error is not None)}])
         return out
 
@@ -131,7 +134,8 @@ class FlowerClients:
         if not new:
             return
         self.events.stage(f"preparing the SLMs of {len(new)} SuperNode(s)")
-        for rep in self._exchange(records.SETUP_TYPE, new, self._request(evaluate=evaluate), round=0,
+        setup = self._request(evaluate=evaluate)
+        for rep in self._exchange(records.SETUP_TYPE, new, lambda node: setup(-1), round=0,
                                   timeout=self.fcfg.timeout):
             node = rep.client_id
             if rep.error is not None:
@@ -229,12 +233,14 @@ class FlowerClients:
         for rep in self._to_clients(records.SAVE_TYPE, self._request(round), round):
             if rep.error is not None:
                 log.warning("round %d: client %d could not save its state: %s", round, rep.client_id, rep.error)
-        self.checkpointed = round
+            else:
+                self.saved[rep.client_id] = round
 
     def load(self, d: Path) -> None:
         """Nodes load their own state of this round on their next message (their context holds none)."""
-        self.checkpointed = int(d.name.split("_")[1])
-        self.rd.truncate_after("flower.jsonl", self.checkpointed)
+        start = int(d.name.split("_")[1])
+        self.saved = {k: start for k in self.ids}
+        self.rd.truncate_after("flower.jsonl", start)
 
 
 def _eval_split(test: list, cfg: RunConfig) -> list:

@@ -2,13 +2,15 @@
 
 ``iter_records`` yields the same records, in the same order, as ``read_records`` and applies the same validation
 (same ``Problem`` file, line, key and message); ``scan_problems`` returns exactly ``scan_file``'s problems. What
-stays in memory while streaming a JSONL or Parquet file is one line (one Parquet batch) plus the set of ids seen so
-far, which the duplicate-id check needs; records are never accumulated.
+stays in memory while streaming a JSONL or Parquet file is one line (one Parquet batch) plus, during validation, the
+table of ids seen so far, which the duplicate-id check needs; records are never accumulated.
 
 Where this departs from ``read_records``:
 
 * ``read_records`` raises before returning anything. ``iter_records(check_first=True)`` (the default) keeps that
-  promise by reading the file twice: a validating pass that keeps only problems and ids, then the yielding pass.
+  promise by reading the file twice: a validating pass that keeps only problems and ids, then the yielding pass,
+  which trusts the first one's duplicate-id check and keeps no id table (a file rewritten between the two passes
+  could slip a duplicate id through; every other check runs again).
   With ``check_first=False`` the file is read once and ``DataError`` is raised at the first problem, after the
   records before it have been yielded (the error names that problem's file and line).
 * Only JSONL (and ``.json`` files that are JSONL) and Parquet are read incrementally. A ``.json`` list or a ``.csv``
@@ -96,9 +98,10 @@ def _stream_items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterab
     return _jsonl_lines(path, max_bytes)
 
 
-def _convert_stream(items: Iterable[Item], *, source: str, stem: str, format: str,
-                    problems: list[Problem]) -> Iterator[Record]:
-    """``validate.convert_items`` as a generator: yields records, appends problems to ``problems`` as found."""
+def _convert_stream(items: Iterable[Item], *, source: str, stem: str, format: str, problems: list[Problem],
+                    check_duplicates: bool = True) -> Iterator[Record]:
+    """``validate.convert_items`` as a generator: yields records, appends problems to ``problems`` as found.
+    ``check_duplicates=False`` skips the duplicate-id check and the id table it needs (for a validated file)."""
     fmt = None if format == "auto" else format
     first_line: dict[str, int] = {}
     count = 0
@@ -126,11 +129,12 @@ def _convert_stream(items: Iterable[Item], *, source: str, stem: str, format: st
         problems.extend(Problem(source, where, key, prefix + message) for key, message in issues)
         if record is None:
             continue
-        if record.id in first_line:
-            problems.append(Problem(source, where, "id", (
-                f"{prefix}duplicate id {record.id!r} (first on line {first_line[record.id]})")))
-            continue
-        first_line[record.id] = line
+        if check_duplicates:
+            if record.id in first_line:
+                problems.append(Problem(source, where, "id", (
+                    f"{prefix}duplicate id {record.id!r} (first on line {first_line[record.id]})")))
+                continue
+            first_line[record.id] = line
         yield record
     if count == 0 and not problems:
         problems.append(Problem(source, None, None, "empty file: no records"))
@@ -144,13 +148,15 @@ def _missing(path: Path) -> list[Problem]:
     return []
 
 
-def _reader(path: Path, format: str, max_record_bytes: int) -> tuple[Iterator[Record], list[Problem], list[Problem]]:
+def _reader(path: Path, format: str, max_record_bytes: int, *,
+            check_duplicates: bool = True) -> tuple[Iterator[Record], list[Problem], list[Problem]]:
     """(records of ``path`` as they are read, whole-file read problems, record problems); both lists fill up while
     the iterator runs, each problem before the next record is yielded. ``_merged`` gives ``scan_file``'s list."""
     read_problems: list[Problem] = []  # whole-file decoding problems (csv, json list): scan_file lists them first
     record_problems: list[Problem] = []
     items = _stream_items(path, max_record_bytes, read_problems)
-    records = _convert_stream(items, source=str(path), stem=path.stem, format=format, problems=record_problems)
+    records = _convert_stream(items, source=str(path), stem=path.stem, format=format, problems=record_problems,
+                              check_duplicates=check_duplicates)
     return records, read_problems, record_problems
 
 
@@ -199,7 +205,8 @@ def iter_records(path: str | os.PathLike, *, format: str = "auto", max_record_by
         problems = scan_problems(path, format=format, max_record_bytes=max_record_bytes)
         if problems:
             _raise(path, problems)
-    records, read_problems, record_problems = _reader(path, format, max_record_bytes)
+    # After a clean validating pass the ids are known to be unique: the yielding pass keeps no id table.
+    records, read_problems, record_problems = _reader(path, format, max_record_bytes, check_duplicates=not check_first)
     for record in records:
         if read_problems or record_problems:
             break
