@@ -173,14 +173,9 @@ def _run_stats(out: Path) -> dict:
 
 
 def _comparable(run_dir: Path) -> list[dict]:
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
+    from fedlada.runner import comparable_metrics
 
-    return [clean(r) for r in _rows(run_dir, "metrics.jsonl") if r["event"] != "round_time"]
+    return comparable_metrics(_rows(run_dir, "metrics.jsonl"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,6 @@ def flops_per_token(model, context: float) -> dict:
 def profile_phases(device, model, tok, backend, prompts, ref_p, ref_y, pairs, w, train_kw) -> str:
     """torch.profiler tables (top operators by device time, then by CPU time) of a 16-token generation, one scoring
     call of ``score_batch`` pairs and one training step: where each phase spends its time."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from fedlada.paths import score_paths

@@ -357,7 +357,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
     t0 = time.perf_counter()
     side = state.side
     rng = random.Random(derive_seed(cfg.seed, "server-holdout", round))
-    pref, listwise, dist, sel_feats_all, holdout = [], [], [], [], []
+    pref, listwise, dist, holdout = [], [], [], []
     per_client_feats: list[tuple[int, np.ndarray, int]] = []
     for rep in sorted(reports, key=lambda r: r.client):
         k = rep.client

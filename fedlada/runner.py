@@ -38,7 +38,7 @@ from fedlada.errors import ConfigError, FedLadaError
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
 from fedlada.host_rounds import check_host_config, client_step, load_host_state, save_host_state, server_learn, server_teach
-from fedlada.rounds import ClientState, ServerState, Side, StepLog, derive_seed, evaluate
+from fedlada.rounds import ClientState, ServerState, Side, derive_seed, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,20 @@ class RunDir:
             return 0
         done = [int(p.name.split("_")[1]) for p in self.ckpt.glob("round_*") if (p / "COMPLETE").is_file()]
         return max(done, default=0)
+
+
+def comparable_metrics(rows: list[dict]) -> list[dict]:
+    """Metric rows without wall-clock fields and cache bookkeeping: what must be identical between two runs of
+    the same config and seed (a resumed run, another engine)."""
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return [clean(r) for r in rows if r.get("event") != "round_time"]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:

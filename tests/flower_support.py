@@ -13,6 +13,8 @@ from pathlib import Path
 
 from conftest import TINY
 
+from fedlada.runner import RunDir, comparable_metrics
+
 # TINY with less generation per round (the Flower tests pay engine start-up on top)
 FAST = TINY + ["data.eval_limit=6", "lada.candidates_per_round=8", "lada.max_new_tokens=16"]
 
@@ -20,23 +22,10 @@ _REFERENCE: dict[str, Path] = {}
 
 
 def rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
-    p = Path(run_dir) / name
-    if not p.is_file():  # the run directory writes a JSONL file with its first line
-        return []
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return RunDir(run_dir).read(name)
 
 
-def strip(records: list[dict]) -> list[dict]:
-    """Metrics without wall-clock fields and cache bookkeeping (the only things that may differ between engines)."""
-
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return [clean(r) for r in records if r.get("event") != "round_time"]
+strip = comparable_metrics
 
 
 def overrides_dict(overrides: list[str]) -> dict[str, str]:

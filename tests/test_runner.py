@@ -13,24 +13,11 @@ from fedlada.data import make_benchmark, read_records, write_records
 from fedlada.errors import DataError
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import load_data
-from fedlada.runner import ClientFailure, run
-
-
-def _strip(rows: list[dict]) -> list[dict]:
-    """Metrics without wall-clock fields (the only thing allowed to differ between identical runs)."""
-
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    return [clean(r) for r in rows if r.get("event") != "round_time"]
+from fedlada.runner import ClientFailure, RunDir, comparable_metrics, run
 
 
 def _rows(path: Path, name: str) -> list[dict]:
-    return [json.loads(x) for x in (path / name).read_text().splitlines() if x.strip()]
+    return RunDir(path).read(name)
 
 
 def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler, tmp_path):
@@ -61,7 +48,7 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
         f.write(json.dumps({"round": 2, "event": "client_step", "who": "client0", "partial": True}) + "\n")
     resumed = run(cfg2)
     assert resumed.resumed_from == 1
-    assert _strip(_rows(resumed.run_dir, "metrics.jsonl")) == _strip(_rows(rd, "metrics.jsonl"))
+    assert comparable_metrics(_rows(resumed.run_dir, "metrics.jsonl")) == comparable_metrics(_rows(rd, "metrics.jsonl"))
     assert _rows(resumed.run_dir, "selections.jsonl") == sel
 
 
