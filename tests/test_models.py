@@ -206,3 +206,13 @@ def test_smollm2_gguf_loads_and_saves(tmp_path, monkeypatch):
     reused = score_paths(model, tok, prompts, paths, reuse_prefix=True, batch_size=2).logprob
     torch.testing.assert_close(torch.tensor(reused), torch.tensor(plain), rtol=1e-5, atol=1e-4)
     assert plain[0] > plain[2] and plain[3] > plain[4]  # a pretrained model prefers the right sums
+
+
+def test_smollm2_source_name_resolves_to_the_packaged_gguf(monkeypatch, tmp_path):
+    from fedlada import models
+
+    f = tmp_path / "pkg" / "model.gguf"
+    f.parent.mkdir()
+    f.write_bytes(b"")
+    monkeypatch.setattr(models, "find_smollm2_gguf", lambda: f)
+    assert models._split_source(models.SMOLLM2_SOURCE, None) == (str(f.parent), "model.gguf")
