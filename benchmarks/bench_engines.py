@@ -2,7 +2,10 @@
 the engines' numbers agree.
 
     python benchmarks/bench_engines.py [--out benchmarks/results/engines.json] [--engines inprocess,simulation,...]
-                                       [--repeat N] [--work DIR] [--set KEY=VALUE ...]
+                                       [--repeat N] [--work DIR] [--default] [--set KEY=VALUE ...]
+
+``--default`` measures the built-in default run (``fedlada run`` with no arguments); without it a small config
+(two rounds of tiny models) keeps the whole comparison to a few minutes.
 
 Engines (each in a fresh interpreter, one after the other):
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "engines.json"))
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (after the default)")
+    ap.add_argument("--default", action="store_true",
+                    help="measure the built-in default run (`fedlada run`'s config) instead of the small config")
     ap.add_argument("--work", default="", help="work directory (default: a temporary one); its model cache is reused")
     ap.add_argument("--repeat", type=int, default=1, help="repetitions, interleaved (the table shows medians)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker, list(args.set), Path(args.run_dir))
         return 0
 
-    overrides = CONFIG + list(args.set)
+    overrides = ([] if args.default else CONFIG) + list(args.set)
     work = Path(args.work or tempfile.mkdtemp(prefix="fedlada-bench-engines-"))
     work.mkdir(parents=True, exist_ok=True)
     from fedlada_app.loopback import base_env

@@ -4,7 +4,7 @@ Trains one tiny Llama-style model from scratch on (a) the general corpus only an
 client's private train split (which teach the domain rules), for the same token budget, then reports greedy
 accuracy on the clients' test splits by number of reasoning steps and by domain.
 
-    python benchmarks/learnability.py --tokens 1500000 --out benchmarks/results/learnability.json
+    python benchmarks/learnability.py --tokens 1000000 --hidden 96 --layers 3 --heads 4 --eval 100
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: models.pretrain_lr (the default run's recipe)")
     ap.add_argument("--eval", type=int, default=300, help="test questions per client")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/learnability.json")
@@ -51,14 +51,19 @@ def main() -> int:
     tok = train_tokenizer(_corpus_texts(general) + [r.question for r in public],
                           vocab_size=cfg.models.llm.tokenizer_vocab)
     fmt = PromptFormatter(tok, use_chat_template="off")
-    results = {"tokens_budget": args.tokens, "shape": [args.hidden, args.layers, args.heads], "variants": {}}
+    results = {"tokens_budget": args.tokens, "shape": [args.hidden, args.layers, args.heads], "variants": {},
+               "recipe": {"lr": args.lr or cfg.models.pretrain_lr, "batch_size": cfg.models.pretrain_batch_size,
+                          "schedule": cfg.models.pretrain_schedule, "eval_per_client": args.eval}}
     for name, corpus in (("general only", general),
                          ("general + client data", general + [r for _, tr, _ in clients for r in tr])):
         model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                                  max_position_embeddings=512, seed=0)
         ex, epochs = _pretrain_examples(fmt, corpus, tok, tokens=args.tokens, seed=0)
         t0 = time.perf_counter()
-        stats = train(model, tok, sft=ex, lr=args.lr, epochs=epochs, batch_size=32, max_length=384, seed=0)
+        mc = cfg.models  # the default tiny models' pretraining recipe (batch, schedule, warm-up)
+        stats = train(model, tok, sft=ex, lr=args.lr or mc.pretrain_lr, epochs=epochs,
+                      batch_size=mc.pretrain_batch_size, max_length=cfg.train.max_length, seed=0,
+                      lr_schedule=mc.pretrain_schedule, warmup=mc.pretrain_warmup, bf16=mc.pretrain_bf16)
         secs = time.perf_counter() - t0
         side = Side(model, tok, fmt)
         evals = {dom: evaluate(side, te, max_new_tokens=96) for dom, _, te in clients}

@@ -51,10 +51,22 @@ class _RichEvents:
         self.bar.update(self.task, completed=done, total=total)
 
 
-def _load_cfg(args):
+def _split_flower_sets(sets) -> tuple[list[str], dict[str, str]]:
+    """Split ``--set`` values into the run config's overrides and the Flower engine's ``flower.*`` knobs."""
+    rest, flower = [], {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if sep and key.strip().startswith("flower."):
+            flower[key.strip()[len("flower."):]] = value.strip()
+        else:
+            rest.append(item)
+    return rest, flower
+
+
+def _load_cfg(args, sets=None):
     from fedlada.config import load_config
 
-    overrides = list(args.set or [])
+    overrides = list((args.set or []) if sets is None else sets)
     if getattr(args, "out", None):
         overrides.append(f"out_dir={args.out}")
     if getattr(args, "engine", None):
@@ -63,18 +75,24 @@ def _load_cfg(args):
 
 
 def cmd_run(args) -> int:
-    cfg = _load_cfg(args)
+    from fedlada.errors import ConfigError, FedLadaError
+
+    sets, flower_sets = _split_flower_sets(args.set)
+    cfg = _load_cfg(args, sets)
     console = _console()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if flower_sets and cfg.engine != "flower":
+        raise ConfigError(f"config keys {', '.join('flower.' + k for k in flower_sets)} configure the Flower engine; "
+                          f"add --engine flower (or drop them)")
     if cfg.engine == "flower":
         try:
+            from fedlada_app.settings import flower_config
             from fedlada_app.simulate import run_simulation
         except ImportError as e:
-            from fedlada.errors import FedLadaError
-
             raise FedLadaError(f"engine=flower needs Flower: pip install 'flwr[simulation]>=1.42' ({e})") from None
+        fcfg = flower_config(flower_sets)
         with _RichEvents(console) as ev:
-            result = run_simulation(cfg, resume=not args.fresh, events=ev)
+            result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
     else:
         from fedlada.runner import run
 

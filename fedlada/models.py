@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -283,7 +284,9 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
         raise ModelError(f"apply_lora: found no linear layers to adapt in {type(model).__name__}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a transformers attribute deprecated in v5; not ours to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"apply_lora: cannot adapt modules {targets} of {type(model).__name__}: {e}") from e
 

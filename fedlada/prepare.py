@@ -187,6 +187,7 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         key = _digest({"v": PREPARE_VERSION, "tok": tok_key, "corpus": _records_digest(corpus),
                        "shape": [spec.hidden_size, spec.num_layers, spec.num_heads], "tokens": spec.pretrain_tokens,
                        "lr": mc.pretrain_lr, "bs": mc.pretrain_batch_size, "seed": mc.pretrain_seed,
+                       "sched": [mc.pretrain_schedule, mc.pretrain_warmup, mc.pretrain_bf16],
                        "len": cfg.train.max_length})
         path = cache_root(cfg) / "models" / key
         info["cache"] = str(path)
@@ -209,7 +210,8 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             if ex and spec.pretrain_tokens > 0:
                 stats = train(model, tok, sft=ex, lr=mc.pretrain_lr, epochs=epochs,
                               batch_size=mc.pretrain_batch_size, max_length=cfg.train.max_length,
-                              seed=mc.pretrain_seed, bf16=cfg.train.bf16, progress=progress)
+                              seed=mc.pretrain_seed, bf16=mc.pretrain_bf16, lr_schedule=mc.pretrain_schedule,
+                              warmup=mc.pretrain_warmup, progress=progress)
                 info.update(pretrain_tokens=stats.tokens, pretrain_seconds=round(stats.seconds, 1),
                             pretrain_loss=stats.loss)
                 (path.parent).mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ full (tested to float rounding, gradients included) with one prompt pass per pro
 reference pass uses it too. SFT examples have one path per prompt and always run as plain rows.
 
 Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped before anything is computed, so
-``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate (no schedule), AdamW over the
-parameters with ``requires_grad`` only (a peft model trains only its adapters), weight decay on all of them.
+``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate by default
+(``lr_schedule="cosine"`` for pretraining), AdamW over the parameters with ``requires_grad`` only (a peft model
+trains only its adapters), weight decay on all of them.
 Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG forked and seeded with
 ``seed`` (the caller's global RNG state is restored afterwards).
 """
@@ -48,6 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -278,17 +280,29 @@ def _reference_logprobs(model, tokenizer, items: list[dict], *, batch_size: int,
 # ------------------------------------------------------------------------------------------------ the loop
 
 
+def _cosine(step: int, *, total: int, warmup: float, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup * total`` steps, then cosine decay to ``floor``."""
+    n_warm = int(warmup * total)
+    if step < n_warm:
+        return (step + 1) / n_warm
+    frac = (step - n_warm) / max(total - n_warm, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
 def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Sequence[PreferenceExample] = (),
           listwise: Sequence[ListwiseExample] = (), distill_sft: Sequence[SFTExample] = (), lr: float,
           epochs: int = 1, batch_size: int = 16, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
           weight_decay: float = 0.0, bf16: bool = False, beta: float = 0.1, lambda_da: float = 1.0, mu: float = 0.5,
           tau: float = 1.0, max_length: int = 256, seed: int = 0, bucket_by_length: bool = True,
-          reuse_prefix: bool = True, progress: Callable[[int, int], None] | None = None) -> TrainStats:
+          reuse_prefix: bool = True, lr_schedule: str = "constant", warmup: float = 0.0,
+          progress: Callable[[int, int], None] | None = None) -> TrainStats:
     """Train ``model`` in place on the LaDa objective (module docstring) and return what it did.
 
     ``batch_size`` is per kind and per micro-batch (in examples; a preference example is two rows, a listwise example
     one row per valid path). ``max_grad_norm`` None or <= 0 disables clipping. ``progress(step, total)`` is called
-    after every optimizer step. The model ends in the train/eval mode it came in.
+    after every optimizer step. The model ends in the train/eval mode it came in. ``lr_schedule`` is ``"constant"``
+    (the default, used for the short federated updates) or ``"cosine"`` (linear warm-up over the first ``warmup``
+    fraction of steps, then cosine decay to 10% of ``lr``; used for pretraining the default tiny models).
     """
     for key, value, ok, expected in (
             ("lr", lr, lr > 0, "> 0"), ("epochs", epochs, epochs >= 0, "an integer >= 0"),
@@ -296,7 +310,9 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
             ("grad_accum", grad_accum, grad_accum >= 1, "an integer >= 1"), ("beta", beta, beta > 0, "> 0"),
             ("tau", tau, tau > 0, "> 0"),
             ("lambda_da", lambda_da, lambda_da >= 0, ">= 0"), ("mu", mu, mu >= 0, ">= 0"),
-            ("max_length", max_length, max_length >= 2, "an integer >= 2")):
+            ("max_length", max_length, max_length >= 2, "an integer >= 2"),
+            ("lr_schedule", lr_schedule, lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
+            ("warmup", warmup, 0 <= warmup < 1, "a fraction in [0, 1)")):
         if not ok:
             raise ConfigError(f"train: {key}: expected {expected}, found {value!r}")
     t0 = time.perf_counter()
@@ -323,6 +339,8 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
         _reference_logprobs(model, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast,
                             reuse_prefix=reuse_prefix)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, partial(_cosine, total=total_steps, warmup=warmup))
+             if lr_schedule == "cosine" else None)
     rngs = {k: random.Random(f"{seed}/{k}") for k in data}
     logger.info("train: %s; %d steps of up to %d x %d micro-batches",
                 ", ".join(f"{len(v)} {k}" for k, v in data.items()), total_steps, grad_accum, batch_size)
@@ -352,6 +370,8 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
 
                 step += 1
                 term_sums = {k: v.item() for k, v in term_sums.items()}  # one sync per kind per step

@@ -37,6 +37,14 @@ class FlowerConfig:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(value, str) and not isinstance(default, bool):  # from the command line: `--set flower.timeout=60`
+        try:
+            value = int(value.strip())
+        except ValueError:
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -51,3 +51,22 @@ def test_pool_memory_benchmark_on_small_pools(tmp_path):
     assert rows[0]["mean_nll"] == rows[1]["mean_nll"]  # same records, same model: same scores
     assert rows[0]["cpu_seconds"] > 0
     assert "| pool |" in proc.stdout
+
+
+def test_quality_benchmark_is_fedlada_compare_with_the_baselines(monkeypatch, capsys):
+    import importlib.util
+
+    import fedlada.cli
+
+    seen = []
+    monkeypatch.setattr(fedlada.cli, "main", lambda argv: seen.append(argv) or 0)
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--set", "rounds=3", "--seeds", "2", "--out", "x"])
+    assert mod.main() == 0
+    argv = seen[0]
+    assert argv[:2] == ["compare", "--methods"] and argv[2] == "local,all,random,lada-sft,lada"
+    assert argv[argv.index("--seeds") + 1] == "2" and argv[argv.index("--out") + 1] == "x"
+    assert argv[argv.index("--set") + 1] == "rounds=3"
+    assert "wall time" in capsys.readouterr().out

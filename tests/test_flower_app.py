@@ -75,6 +75,21 @@ def test_run_config_overrides_and_unknown_keys():
     assert [c.train for c in cfg.data.clients] == ["a.jsonl"]
 
 
+def test_fedlada_run_takes_flower_keys_only_with_the_flower_engine(capsys):
+    from fedlada.cli import _split_flower_sets, main
+    from fedlada_app.settings import flower_config
+
+    rest, flower = _split_flower_sets(["lada.budget=0.3", "flower.timeout=60", "flower.telemetry=false"])
+    assert rest == ["lada.budget=0.3"] and flower == {"timeout": "60", "telemetry": "false"}
+    fcfg = flower_config(flower)  # strings from the command line are parsed like run-config values
+    assert (fcfg.timeout, fcfg.telemetry) == (60.0, False)
+    with pytest.raises(ConfigError, match="flower.model_cache"):
+        flower_config({"model_cache": "lots"})
+    assert main(["run", "--set", "flower.timeout=60"]) != 0  # a user error: message, no traceback, no run
+    err = capsys.readouterr().err
+    assert "--engine flower" in err and "Traceback" not in err
+
+
 def test_the_fab_holds_the_library_and_the_app_but_no_tests():
     import io
     import zipfile

@@ -289,3 +289,25 @@ def test_bad_arguments_raise_config_error(tok):
         train(model, tok, sft=SFT, lr=1e-3, grad_accum=0)
     with pytest.raises(ValueError):
         ListwiseExample("q", ["a", "b"], [-1.0], [True, True])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    from fedlada.train import _cosine
+
+    mult = [_cosine(s, total=100, warmup=0.1) for s in range(100)]
+    assert mult[0] == pytest.approx(0.1) and mult[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert mult[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(mult[10:], mult[11:]))
+    assert mult[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert _cosine(0, total=10, warmup=0.0) == pytest.approx(1.0)
+
+
+def test_cosine_schedule_trains_and_is_validated(tok):
+    a, b = _model(tok), _model(tok)
+    const = train(a, tok, sft=SFT, lr=3e-3, epochs=2, batch_size=4, seed=1)
+    cos = train(b, tok, sft=SFT, lr=3e-3, epochs=2, batch_size=4, seed=1, lr_schedule="cosine", warmup=0.25)
+    assert const.steps == cos.steps == 8 and math.isfinite(cos.loss)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # the schedule was applied
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        train(_model(tok), tok, sft=SFT, lr=1e-3, lr_schedule="linear")
+    with pytest.raises(ConfigError, match="warmup"):
+        train(_model(tok), tok, sft=SFT, lr=1e-3, lr_schedule="cosine", warmup=1.0)
