@@ -45,6 +45,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fedlada-learnability-"))
     layout = make_benchmark(work / "bench")
     general = read_records(layout.general)
+    general, general_test = general[: -2 * args.eval], general[-2 * args.eval:]  # held out: no domain rule needed
     clients = [(c.domain, read_records(c.train), read_records(c.test)[: args.eval]) for c in layout.clients]
     # the tokenizer sees the domain words too (as the run's shared tokenizer sees the public pool's questions)
     public = read_records(layout.public)
@@ -67,6 +68,7 @@ def main() -> int:
         secs = time.perf_counter() - t0
         side = Side(model, tok, fmt)
         evals = {dom: evaluate(side, te, max_new_tokens=96) for dom, _, te in clients}
+        gen_eval = evaluate(side, general_test, max_new_tokens=96)
         by_steps: dict[str, list[float]] = {}
         for e in evals.values():
             for s, a in e["by_steps"].items():
@@ -74,18 +76,27 @@ def main() -> int:
         results["variants"][name] = {
             "params": sum(p.numel() for p in model.parameters()), "train_tokens": stats.tokens,
             "train_seconds": round(secs, 1), "final_loss": stats.loss,
-            "accuracy_by_domain": {d: e["accuracy"] for d, e in evals.items()},
+            "accuracy_by_domain": {d: e["accuracy"] for d, e in evals.items()} | {"general": gen_eval["accuracy"]},
             "accuracy_by_steps": {s: sum(v) / len(v) for s, v in sorted(by_steps.items(), key=lambda x: int(x[0]))},
+            "general_accuracy_by_steps": dict(sorted(gen_eval["by_steps"].items(), key=lambda x: int(x[0]))),
         }
         print(f"[{name}] {stats.tokens:,} tokens in {secs:.0f}s, loss {stats.loss:.3f}", flush=True)
     print()
     steps = sorted({s for v in results["variants"].values() for s in v["accuracy_by_steps"]}, key=int)
-    doms = [d for d, _, _ in clients]
-    print("| variant | " + " | ".join(f"{s} step(s)" for s in steps) + " | " + " | ".join(doms) + " |")
-    print("|---" * (1 + len(steps) + len(doms)) + "|")
+    doms = [d for d, _, _ in clients] + ["general"]
+    print("| variant | test set | " + " | ".join(f"{s} step(s)" for s in steps) + " | all |")
+    print("|---" * (3 + len(steps)) + "|")
     for name, v in results["variants"].items():
-        print(f"| {name} | " + " | ".join(f"{v['accuracy_by_steps'][s]:.2f}" for s in steps) + " | "
-              + " | ".join(f"{v['accuracy_by_domain'][d]:.2f}" for d in doms) + " |")
+        for label, acc, total in (("held-out general", v["general_accuracy_by_steps"],
+                                   v["accuracy_by_domain"]["general"]),
+                                  ("client domains", v["accuracy_by_steps"],
+                                   sum(v["accuracy_by_domain"][d] for d in doms[:-1]) / (len(doms) - 1))):
+            print(f"| {name} | {label} | " + " | ".join(f"{acc.get(s, float('nan')):.2f}" for s in steps)
+                  + f" | {total:.2f} |")
+    print("\n| variant | " + " | ".join(doms) + " |")
+    print("|---" * (1 + len(doms)) + "|")
+    for name, v in results["variants"].items():
+        print(f"| {name} | " + " | ".join(f"{v['accuracy_by_domain'][d]:.2f}" for d in doms) + " |")
     out = Path(os.environ["OUT"]) / "learnability.json" if os.environ.get("OUT") else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
