@@ -52,8 +52,9 @@ def main() -> int:
     tok = train_tokenizer(_corpus_texts(general) + [r.question for r in public],
                           vocab_size=cfg.models.llm.tokenizer_vocab)
     fmt = PromptFormatter(tok, use_chat_template="off")
+    lr = args.lr or cfg.models.pretrain_lr
     results = {"tokens_budget": args.tokens, "shape": [args.hidden, args.layers, args.heads], "variants": {},
-               "recipe": {"lr": args.lr or cfg.models.pretrain_lr, "batch_size": cfg.models.pretrain_batch_size,
+               "recipe": {"lr": lr, "batch_size": cfg.models.pretrain_batch_size,
                           "schedule": cfg.models.pretrain_schedule, "eval_per_client": args.eval}}
     for name, corpus in (("general only", general),
                          ("general + client data", general + [r for _, tr, _ in clients for r in tr])):
@@ -62,7 +63,7 @@ def main() -> int:
         ex, epochs = _pretrain_examples(fmt, corpus, tok, tokens=args.tokens, seed=0)
         t0 = time.perf_counter()
         mc = cfg.models  # the default tiny models' pretraining recipe (batch, schedule, warm-up)
-        stats = train(model, tok, sft=ex, lr=args.lr or mc.pretrain_lr, epochs=epochs,
+        stats = train(model, tok, sft=ex, lr=lr, epochs=epochs,
                       batch_size=mc.pretrain_batch_size, max_length=cfg.train.max_length, seed=0,
                       lr_schedule=mc.pretrain_schedule, warmup=mc.pretrain_warmup, bf16=mc.pretrain_bf16)
         secs = time.perf_counter() - t0

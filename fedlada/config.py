@@ -25,6 +25,7 @@ from fedlada.errors import ConfigError
 
 METHODS = ("lada", "local", "all", "random", "lada-sft", "host", "host-random")
 LOSSES = ("pairwise", "listwise", "sft")
+LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -161,7 +162,7 @@ class ModelsConfig:
         _check(self.pretrain_lr > 0, "models.pretrain_lr", "a float > 0", self.pretrain_lr)
         _check(self.pretrain_batch_size >= 1, "models.pretrain_batch_size", "an integer >= 1",
                self.pretrain_batch_size)
-        _check(self.pretrain_schedule in ("constant", "cosine"), "models.pretrain_schedule",
+        _check(self.pretrain_schedule in LR_SCHEDULES, "models.pretrain_schedule",
                "'constant' or 'cosine'", self.pretrain_schedule)
         _check(0 <= self.pretrain_warmup < 1, "models.pretrain_warmup", "a fraction in [0, 1)", self.pretrain_warmup)
 

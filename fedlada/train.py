@@ -53,6 +53,7 @@ from functools import partial
 
 import torch
 
+from fedlada.config import LR_SCHEDULES
 from fedlada.errors import ConfigError
 from fedlada.losses import contrastive_path_loss, listwise_path_loss, sequence_logprobs, sft_loss
 from fedlada.paths import collate, encode_pair, path_logprobs
@@ -311,7 +312,7 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
             ("tau", tau, tau > 0, "> 0"),
             ("lambda_da", lambda_da, lambda_da >= 0, ">= 0"), ("mu", mu, mu >= 0, ">= 0"),
             ("max_length", max_length, max_length >= 2, "an integer >= 2"),
-            ("lr_schedule", lr_schedule, lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
+            ("lr_schedule", lr_schedule, lr_schedule in LR_SCHEDULES, "'constant' or 'cosine'"),
             ("warmup", warmup, 0 <= warmup < 1, "a fraction in [0, 1)")):
         if not ok:
             raise ConfigError(f"train: {key}: expected {expected}, found {value!r}")
