@@ -34,7 +34,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
               events=None, overrides_per_method: dict[str, list[str]] | None = None) -> dict:
     """Run (or reuse) every (method, seed) and return the aggregated table."""
     from fedlada import runner
-    from fedlada.config import flat_items
+    from fedlada.config import dump_toml, flat_items
+    from fedlada.errors import ConfigError
 
     out = Path(out)
     rows = {}
@@ -48,9 +49,6 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
-                from fedlada.config import dump_toml
-                from fedlada.errors import ConfigError
-
                 if (Path(cfg.out_dir) / "config.toml").read_text(encoding="utf-8") != dump_toml(cfg):
                     raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config; use another "
                                       f"--out for a table with other settings")

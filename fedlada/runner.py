@@ -37,7 +37,8 @@ from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
-from fedlada.host_rounds import check_host_config, client_step, load_host_state, save_host_state, server_learn, server_teach
+from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
+                                 server_teach)
 from fedlada.rounds import ClientState, ServerState, Side, derive_seed, evaluate
 
 log = logging.getLogger(__name__)
