@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")
     c.add_argument("--config", help="a TOML config file shared by every run of the table")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    c.add_argument("--methods", help="comma-separated (default: local,all,random,lada-sft,lada)")
+    c.add_argument("--methods", help="comma-separated; each METHOD or HOST:METHOD, e.g. "
+                   "local,lada,fedmkt:host,fedmkt:host-random,fedmkt:lada (default: local,all,random,lada-sft,lada)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
     c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
     c.add_argument("--title", default="")

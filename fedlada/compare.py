@@ -30,21 +30,42 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     return m, sd
 
 
+def parse_method(entry: str, default_host: str) -> tuple[str, str, str]:
+    """``"lada"`` or ``"<host>:<method>"`` -> (host, method, row label). The label is the method alone for LaDa
+    without a host, else ``<host>-<method>`` (also the run's sub-directory)."""
+    from fedlada.config import HOSTS, METHODS
+    from fedlada.errors import ConfigError
+
+    host, _, method = entry.rpartition(":")
+    host = host or default_host
+    if host not in HOSTS:
+        raise ConfigError(f"--methods: {entry!r} names host {host!r}; expected one of {HOSTS}")
+    if method not in METHODS:
+        raise ConfigError(f"--methods: {entry!r} names method {method!r}; expected one of {METHODS}")
+    return host, method, (method if host == "none" else f"{host}-{method}")
+
+
 def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,
               events=None, overrides_per_method: dict[str, list[str]] | None = None) -> dict:
-    """Run (or reuse) every (method, seed) and return the aggregated table."""
+    """Run (or reuse) every (method, seed) and return the aggregated table.
+
+    A method is ``<method>`` (with the config's ``host.name``) or ``<host>:<method>``, so one table can hold LaDa
+    alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``)."""
     from fedlada import runner
     from fedlada.config import dump_toml, flat_items
     from fedlada.errors import ConfigError
 
     out = Path(out)
+    parsed = [parse_method(m, base.host.name) for m in methods]
+    labels = [p[2] for p in parsed]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--methods: {list(methods)} names a method twice")
     rows = {}
-    for method in methods:
+    for host, method, name in parsed:
         for seed in seeds:
             flat = flat_items(base)
-            host = base.host.name
-            name = method if host == "none" else f"{host}-{method}"
-            flat.update({"lada.method": method, "seed": seed, "out_dir": str(out / name / f"seed{seed}")})
+            flat.update({"host.name": host, "lada.method": method, "seed": seed,
+                         "out_dir": str(out / name / f"seed{seed}")})
             extra = (overrides_per_method or {}).get(method, [])
             cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
             summ = Path(cfg.out_dir) / "summary.json"
@@ -56,10 +77,10 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                 log.info("reusing %s", summ)
             else:
                 if events:
-                    events.stage(f"method {method}, seed {seed}")
+                    events.stage(f"{name}, seed {seed}")
                 s = runner.run(cfg, resume=True, events=events).summary
-            rows[(method, seed)] = s
-    return aggregate(rows, methods=methods, seeds=seeds)
+            rows[(name, seed)] = s
+    return aggregate(rows, methods=tuple(labels), seeds=seeds)
 
 
 def aggregate(rows: dict, *, methods, seeds) -> dict:

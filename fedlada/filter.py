@@ -63,6 +63,13 @@ def _vector(name: str, x, n: int | None = None) -> np.ndarray:
     return a
 
 
+def selection_cap(n: int, n_eligible: int, *, budget: float, min_count: int) -> int:
+    """How many of ``n`` candidates (``n_eligible`` of them usable) a selection may keep: ceil(budget * n), raised
+    to min(min_count, n_eligible) when the minimum count asks for more. The filter's cold start fills exactly this
+    many, and the ``random`` baseline draws exactly this many, so both transfer the same amount as LaDa's cap."""
+    return max(math.ceil(budget * n), min(min_count, n_eligible))
+
+
 def learnability_gap(nll_receiver, nll_teacher) -> np.ndarray:
     """g = l(y^L; pi_k) - l(y^L; pi_L): per-token NLL of the teacher's path under the receiver minus under the
     teacher. (N,), (N,) -> (N,) float64; NaN inputs give NaN."""
@@ -283,7 +290,7 @@ class LearnabilityFilter:
         if len(set(ids)) != n:
             raise ValueError("ids must be unique")
         n_ok = int(eligible.sum())
-        cap = max(math.ceil(self.budget * n), min(self.min_count, n_ok))
+        cap = selection_cap(n, n_ok, budget=self.budget, min_count=self.min_count)
         floor = min(self.min_count, n_ok)
         nan = np.full(n, np.nan)
         reasons = ["dropped: non-finite features (nan_policy='drop')"] * n

@@ -42,7 +42,7 @@ from fedlada import reasoning
 from fedlada.config import RunConfig
 from fedlada.data import Record
 from fedlada.filter import (LearnabilityFilter, Selection, build_features, learnability_gap, novelty_gap,
-                            perplexity_reward, sample_rewards, summarize)
+                            perplexity_reward, sample_rewards, selection_cap, summarize)
 from fedlada.messages import PathItem, ReportMessage, TeachMessage
 from fedlada.paths import question_embeddings, sample_paths, score_paths
 from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, train
@@ -140,7 +140,8 @@ def _filter_for(existing: LearnabilityFilter | None, dim: int, cfg: RunConfig, s
 
 def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndarray, *, round: int,
             budget: float, seed: int) -> Selection:
-    """LaDa's filter, or a baseline's rule recorded in the same Selection shape."""
+    """LaDa's filter, or a baseline's rule recorded in the same Selection shape. ``random`` draws as many as the
+    filter's cap (:func:`~fedlada.filter.selection_cap`, minimum count included), so it moves as much as LaDa."""
     n = len(ids)
     if method in ("lada", "lada-sft"):
         return flt.select(ids, feats, round=round)
@@ -148,7 +149,7 @@ def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndar
     if method == "all":
         return Selection(ids, np.ones(n, bool), zeros, zeros, zeros, ["all: no filter"] * n)
     if method == "random":
-        k = min(n, math.ceil(budget * n))
+        k = min(n, selection_cap(n, n, budget=budget, min_count=flt.min_count))
         pick = set(random.Random(seed).sample(range(n), k))
         sel = np.array([i in pick for i in range(n)], bool)
         return Selection(ids, sel, zeros, zeros, zeros,
@@ -191,8 +192,8 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     lc = cfg.lada
     qids = candidate_ids(state.public, n=lc.candidates_per_round, seed=cfg.seed, round=round)
     state.own_paths = {}
-    if lc.method == "local":
-        return TeachMessage(round=round, question_ids=tuple(qids)), StepLog({"llm_paths": 0})
+    if lc.method == "local":  # no exchange: an empty message (the clients only train locally)
+        return TeachMessage(round=round, question_ids=()), StepLog({"llm_paths": 0})
     t0 = time.perf_counter()
     side = state.side
     prompts = side.prompts([state.public[q].question for q in qids])

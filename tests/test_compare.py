@@ -30,3 +30,17 @@ def test_aggregate_mean_and_sample_std(tmp_path):
     rows_csv = list(csv.reader(open(files["csv"])))
     assert ["lada", "mean_slm", "0.5", str(lada["mean_slm"][1])] in rows_csv
     assert files["plot"].stat().st_size > 1000
+
+
+def test_methods_may_name_their_host():
+    from fedlada.compare import parse_method
+    from fedlada.errors import ConfigError
+
+    assert parse_method("lada", "none") == ("none", "lada", "lada")
+    assert parse_method("lada", "fedmkt") == ("fedmkt", "lada", "fedmkt-lada")
+    assert parse_method("fedcollm:host-random", "none") == ("fedcollm", "host-random", "fedcollm-host-random")
+    assert parse_method("none:all", "fedmkt") == ("none", "all", "all")
+    with pytest.raises(ConfigError, match="host 'fedx'"):
+        parse_method("fedx:lada", "none")
+    with pytest.raises(ConfigError, match="method 'ladda'"):
+        parse_method("ladda", "none")

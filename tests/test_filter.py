@@ -304,3 +304,19 @@ def test_filter_leaves_global_rngs_alone():
     LearnabilityFilter(6).select(["a", "b", "c"], np.eye(3, 6), round=1)
     assert_close(torch.rand(3), expected[0])
     assert_close(np.random.rand(3), expected[1])
+
+
+def test_selection_cap_and_random_baseline_move_as_much_as_the_filter():
+    from fedlada.filter import selection_cap
+    from fedlada.rounds import _select
+
+    assert selection_cap(10, 10, budget=0.25, min_count=0) == 3  # ceil(2.5)
+    assert selection_cap(10, 10, budget=0.25, min_count=5) == 5  # the minimum count wins
+    assert selection_cap(10, 2, budget=0.1, min_count=5) == 2  # but never more than the usable rows
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(20, 4))
+    ids = [f"q{i}" for i in range(20)]
+    flt = LearnabilityFilter(4, budget=0.1, min_count=6, seed=0)
+    cold = _select("lada", flt, ids, feats, round=1, budget=0.1, seed=1)
+    rand = _select("random", flt, ids, feats, round=1, budget=0.1, seed=1)
+    assert cold.selected.sum() == rand.selected.sum() == 6

@@ -149,3 +149,12 @@ def test_evaluate_handles_records_without_step_counts(monkeypatch):
     recs = [Record("a", "say seven", "7", "Just say it."), Record("b", "say two", "2", None, "d")]
     out = rounds.evaluate(side, recs, max_new_tokens=4)
     assert out["accuracy"] == 0.5 and out["by_steps"] == {} and out["by_domain"] == {"-": 1.0, "d": 0.0}
+
+
+def test_local_only_exchanges_nothing_but_empty_messages(tiny_overrides):
+    res = run(load_config(overrides=tiny_overrides + ["lada.method=local", "rounds=1"]))
+    teach = TeachMessage(round=1, question_ids=())
+    clients = load_config(overrides=tiny_overrides).data.num_clients
+    assert res.summary["bytes_server_to_client"] == clients * len(teach.to_bytes())
+    reports = [r for r in _rows(res.run_dir, "audit.jsonl")]
+    assert reports and all(r.get("paths", 0) == 0 for r in reports)
