@@ -52,7 +52,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     A method is ``<method>`` (with the config's ``host.name``) or ``<host>:<method>``, so one table can hold LaDa
     alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``)."""
     from fedlada import runner
-    from fedlada.config import dump_toml, flat_items
+    from fedlada.config import flat_items, same_config
     from fedlada.errors import ConfigError
 
     out = Path(out)
@@ -70,7 +70,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
-                if (Path(cfg.out_dir) / "config.toml").read_text(encoding="utf-8") != dump_toml(cfg):
+                if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
                     raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config; use another "
                                       f"--out for a table with other settings")
                 s = json.loads(summ.read_text())

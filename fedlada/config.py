@@ -27,6 +27,7 @@ METHODS = ("lada", "local", "all", "random", "lada-sft", "host", "host-random")
 LOSSES = ("pairwise", "listwise", "sft")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+GENERATION_BACKENDS = ("transformers", "vllm")  # fedlada.generation.BACKENDS
 
 
 def _check(cond: bool, key: str, expected: str, found: Any) -> None:
@@ -112,6 +113,8 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     chat_template: str = "auto"  # auto | on | off
     pretrain_tokens: int = 400_000  # tiny models only: tokens of server-side pretraining
+    generation: str = "transformers"  # who samples this model's paths: transformers | vllm (the LLM only; CUDA)
+    vllm_gpu_memory: float = 0.4  # vllm: share of GPU memory the engine reserves (the rest trains the model)
 
     def __post_init__(self):
         _check(bool(self.source), "models.*.source", "'tiny', a local path, an HF id or a .gguf file", self.source)
@@ -126,6 +129,16 @@ class ModelSpec:
                self.chat_template)
         _check(self.lora_r >= 1, "models.*.lora_r", "an integer >= 1", self.lora_r)
         _check(self.pretrain_tokens >= 0, "models.*.pretrain_tokens", "an integer >= 0", self.pretrain_tokens)
+        _check(self.generation in GENERATION_BACKENDS, "models.*.generation", f"one of {GENERATION_BACKENDS}",
+               self.generation)
+        _check(0 < self.vllm_gpu_memory <= 1, "models.*.vllm_gpu_memory", "a fraction in (0, 1]",
+               self.vllm_gpu_memory)
+        if self.generation == "vllm":
+            _check(self.lora, "models.*.lora", "true when generation = 'vllm' (the engine follows the trained "
+                   "model through its LoRA adapter)", self.lora)
+            _check(not (self.gguf_file or self.source.endswith(".gguf") or self.source == "smollm2-gguf"),
+                   "models.*.generation", "'transformers' for a GGUF model (vLLM loads a hub id or a model "
+                   "directory)", self.generation)
 
     @property
     def is_tiny(self) -> bool:
@@ -165,6 +178,11 @@ class ModelsConfig:
         _check(self.pretrain_schedule in LR_SCHEDULES, "models.pretrain_schedule",
                "'constant' or 'cosine'", self.pretrain_schedule)
         _check(0 <= self.pretrain_warmup < 1, "models.pretrain_warmup", "a fraction in [0, 1)", self.pretrain_warmup)
+
+        for k, spec in enumerate(self.slms):
+            _check(spec.generation == "transformers", f"models.slms.{k}.generation",
+                   "'transformers' (vLLM samples the LLM's paths; the SLMs sample with transformers)",
+                   spec.generation)
 
     def slm_for(self, client: int) -> ModelSpec:
         """Client k uses ``slms[k]``; with fewer specs than clients, specs are reused cyclically."""
@@ -479,6 +497,19 @@ def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) ->
             _merge(tree[k], v, defaults[k], full, source)
         else:
             tree[k] = v
+
+
+def same_config(stored: str | Path, cfg: RunConfig) -> bool:
+    """Whether a run directory's ``config.toml`` describes ``cfg``: the same text, or the same resolved config once
+    keys added since it was written take their defaults (so a run or a table started before a new key existed
+    still resumes). A stored file that no longer loads (a key since removed) is a different config."""
+    text = Path(stored).read_text(encoding="utf-8")
+    if text == dump_toml(cfg):
+        return True
+    try:
+        return load_config(stored) == cfg
+    except ConfigError:
+        return False
 
 
 def flat_items(cfg: RunConfig) -> dict[str, Any]:

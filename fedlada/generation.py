@@ -36,12 +36,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fedlada.config import GENERATION_BACKENDS, ModelSpec
 from fedlada.errors import ConfigError, ModelError
 from fedlada.paths import cut_after_answer_line, sample_paths
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = GENERATION_BACKENDS
 _VLLM_FIX = "install it with `pip install vllm` on a machine with a CUDA GPU, or use the 'transformers' backend"
 
 
@@ -194,4 +195,22 @@ def make_backend(name: str, *, model=None, tokenizer=None, source: str | None = 
     raise ConfigError(f"generation backend: expected one of {', '.join(BACKENDS)}, found {name!r}")
 
 
-__all__ = ["BACKENDS", "GenerationBackend", "TransformersBackend", "VLLMBackend", "make_backend", "require_vllm"]
+def check_generation(cfg) -> None:
+    """Fail before any work when the config asks for a backend this machine cannot run (vLLM: package + CUDA)."""
+    if cfg.models.llm.generation == "vllm":
+        require_vllm()
+
+
+def llm_backend(spec: ModelSpec, info: dict) -> GenerationBackend | None:
+    """The sampler of the LLM's M paths per question, from its spec (``models.llm.generation``): ``None`` for
+    ``"transformers"`` (the rounds then sample the in-memory model directly), else a :class:`VLLMBackend` over the
+    model's weights on disk (the tiny model's cache directory, or ``spec.source``) with LoRA up to the spec's rank.
+    vLLM keeps those weights in bfloat16 (float16 when the spec asks for it), whatever the trained copy's dtype."""
+    if spec.generation == "transformers":
+        return None
+    source = info.get("cache") or spec.source
+    return make_backend(spec.generation, source=source, dtype="float16" if spec.dtype == "float16" else "bfloat16",
+                        lora_rank=spec.lora_r, gpu_memory_utilization=spec.vllm_gpu_memory)
+
+
+__all__ = ["BACKENDS", "GenerationBackend", "TransformersBackend", "VLLMBackend", "check_generation", "llm_backend", "make_backend", "require_vllm"]

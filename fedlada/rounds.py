@@ -43,6 +43,7 @@ from fedlada.config import RunConfig
 from fedlada.data import Record
 from fedlada.filter import (LearnabilityFilter, Selection, build_features, learnability_gap, novelty_gap,
                             perplexity_reward, sample_rewards, selection_cap, summarize)
+from fedlada.generation import GenerationBackend
 from fedlada.messages import PathItem, ReportMessage, TeachMessage
 from fedlada.paths import question_embeddings, sample_paths, score_paths
 from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, train
@@ -96,6 +97,8 @@ class ServerState:
     filters: dict[int, LearnabilityFilter] = field(default_factory=dict)
     # the LLM's own paths of the current round: question id -> [(text, logprob, num_tokens, correct)]
     own_paths: dict[str, list[tuple[str, float, int, bool]]] = field(default_factory=dict)
+    # who samples the LLM's paths: None = transformers on ``side.model`` (``fedlada.generation.llm_backend``)
+    backend: GenerationBackend | None = None
 
 
 @dataclass
@@ -197,9 +200,13 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     t0 = time.perf_counter()
     side = state.side
     prompts = side.prompts([state.public[q].question for q in qids])
-    sampled = sample_paths(side.model, side.tokenizer, prompts, num_paths=lc.paths_per_question,
-                           temperature=lc.temperature, top_p=lc.top_p, max_new_tokens=lc.max_new_tokens,
-                           seed=derive_seed(cfg.seed, "llm-sample", round), batch_size=64)
+    sample_kw = dict(num_paths=lc.paths_per_question, temperature=lc.temperature, top_p=lc.top_p,
+                     max_new_tokens=lc.max_new_tokens, seed=derive_seed(cfg.seed, "llm-sample", round))
+    if state.backend is not None:  # e.g. vLLM: follow the LLM's current weights (its adapter), then sample
+        state.backend.sync(side.model)
+        sampled = state.backend.sample(prompts, **sample_kw)
+    else:
+        sampled = sample_paths(side.model, side.tokenizer, prompts, batch_size=64, **sample_kw)
     flat_p = [p for p, paths in zip(prompts, sampled) for _ in paths]
     flat_y = [y for paths in sampled for y in paths]
     sc = score_paths(side.model, side.tokenizer, flat_p, flat_y, batch_size=64, max_length=cfg.train.max_length)

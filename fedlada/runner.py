@@ -35,6 +35,7 @@ import torch
 from fedlada import config as config_mod
 from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
+from fedlada.generation import check_generation, llm_backend
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
 from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
@@ -169,8 +170,7 @@ def setup_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
         if not resume:
             raise ConfigError(f"run directory {rd.path} already holds a run; resume it (the default), or pick "
                               f"another out_dir")
-        old = existing.read_text(encoding="utf-8")
-        if old != text:
+        if not config_mod.same_config(existing, cfg):
             raise ConfigError(f"run directory {rd.path} holds a run with a different config ({existing}); "
                               f"use another out_dir or the same config to resume it")
         start = rd.last_complete_round()
@@ -193,6 +193,7 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
                                             progress=events.progress)
     server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
                          {r.id: r for r in data.public})
+    server.backend = llm_backend(cfg.models.llm, infos["llm"])
     clients = []
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
@@ -278,6 +279,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     events = events or Events()
     t_start = time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work
+    check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rd, start = setup_run_dir(cfg, resume=resume)

@@ -253,6 +253,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     import torch
 
+    from fedlada.generation import check_generation, llm_backend
     from fedlada.models import PromptFormatter
     from fedlada.prepare import load_data, prepare_model
     from fedlada.rounds import ServerState, Side
@@ -260,6 +261,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
+    check_generation(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rd, start = setup_run_dir(cfg, resume=resume)
@@ -271,6 +273,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data, progress=events.progress)
     server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
                          {r.id: r for r in data.public})
+    server.backend = llm_backend(cfg.models.llm, llm_info)
     pool = FlowerClients(grid, cfg, fcfg, rd, events)
     pool.connect(evaluate=not start)
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]

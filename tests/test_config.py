@@ -66,3 +66,17 @@ def test_bad_toml_file(tmp_path):
 def test_user_data_needs_public_pool():
     with pytest.raises(ConfigError, match="data.public"):
         load_config(overrides={"data.clients": [{"train": "a.jsonl", "test": "b.jsonl"}]})
+
+
+def test_a_stored_config_from_before_a_new_key_still_matches(tmp_path):
+    from fedlada.config import dump_toml, same_config
+
+    cfg = load_config(overrides=["rounds=2"])
+    text = dump_toml(cfg)
+    old = tmp_path / "old.toml"  # written before models.*.vllm_gpu_memory existed
+    old.write_text("\n".join(ln for ln in text.splitlines() if not ln.startswith("vllm_gpu_memory")) + "\n")
+    assert old.read_text() != text and same_config(old, cfg)
+    assert not same_config(old, load_config(overrides=["rounds=3"]))
+    gone = tmp_path / "gone.toml"  # a key that no longer exists: a different config, not a crash
+    gone.write_text(text + "\n[obsolete]\nx = 1\n")
+    assert not same_config(gone, cfg)

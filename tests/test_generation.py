@@ -205,3 +205,62 @@ def test_library_import_does_not_load_vllm():
     code = "import sys, fedlada.generation; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False" and generation.BACKENDS == ("transformers", "vllm")
+
+
+# --------------------------------------------------------------- the vLLM backend inside a run (stand-in engine)
+
+
+def test_llm_generation_config_is_checked():
+    from fedlada.config import load_config
+
+    with pytest.raises(ConfigError, match="models.slms.0.generation"):
+        load_config(overrides=["models.slms.0.generation=vllm", "models.slms.0.lora=true"])
+    with pytest.raises(ConfigError, match="lora"):
+        load_config(overrides=["models.llm.generation=vllm", "models.llm.lora=false"])
+    with pytest.raises(ConfigError, match="GGUF"):
+        load_config(overrides=["models.llm.generation=vllm", "models.llm.source=smollm2-gguf"])
+    with pytest.raises(ConfigError, match="generation"):
+        load_config(overrides=["models.llm.generation=sglang"])
+    assert load_config().models.llm.generation == "transformers"
+
+
+def test_a_run_samples_the_llm_through_its_generation_backend(monkeypatch, tiny_overrides):
+    """models.llm.generation = "vllm": the engine starts on the LLM's weights on disk, follows the trained adapter
+    each round (a new LoRA request), and its paths are what the round scores and sends."""
+    from transformers import AutoTokenizer
+
+    from fedlada.config import load_config
+    from fedlada.runner import run
+
+    class Engine(_FakeLLM):
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(self.options["model"])
+
+    _fake_vllm(monkeypatch)
+    sys.modules["vllm"].LLM = Engine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _FakeLLM.instances.clear()
+    cpu = [f"models.{m}.device=cpu" for m in ("llm", "slms.0", "slms.1", "slms.2")]  # "auto" would now pick cuda
+    res = run(load_config(overrides=tiny_overrides + cpu + ["models.llm.generation=vllm", "models.llm.lora=true"]))
+    (engine,) = _FakeLLM.instances
+    from pathlib import Path
+
+    weights = Path(engine.options["model"])  # the tiny LLM's cached base weights (the adapter comes by sync)
+    assert weights.parent.name == "models" and (weights / "config.json").is_file()
+    assert engine.options["enable_lora"] and engine.options["max_lora_rank"] == 4
+    assert [c[2].lora_int_id for c in engine.calls] == [1, 2]  # one sync + one generate per round
+    rows = [r for r in res.run_dir.joinpath("metrics.jsonl").read_text().splitlines() if '"server_teach"' in r]
+    assert rows and all('"llm_paths_sampled": 32' in r for r in rows)  # 16 candidates x 2 paths, from the engine
+
+
+def test_a_vllm_run_without_vllm_fails_before_any_work(monkeypatch, tiny_overrides, tmp_path):
+    from fedlada.config import load_config
+    from fedlada.runner import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cfg = load_config(overrides=tiny_overrides + ["models.llm.generation=vllm", "models.llm.lora=true",
+                                                  f"out_dir={tmp_path / 'never'}"])
+    with pytest.raises(ModelError, match="vllm package is not installed"):
+        run(cfg)
+    assert not (tmp_path / "never").exists()
