@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -302,7 +303,7 @@ class RunConfig:
     rounds: int = 5
     out_dir: str = "runs/default"
     engine: str = "inprocess"  # inprocess | flower
-    threads: int = 0  # torch threads (0 = leave torch's default)
+    threads: int = 0  # torch threads per process (0 = every core this process may use; see resolve_threads)
     min_clients: int = 1  # a round fails (after checkpointing the previous one) if fewer clients report
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -497,6 +498,21 @@ def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) ->
             _merge(tree[k], v, defaults[k], full, source)
         else:
             tree[k] = v
+
+
+def resolve_threads(threads: int) -> int:
+    """torch threads for ``threads``: itself when > 0, else every core this process may use (CPU affinity).
+
+    Resolved the same way in every engine, so the in-process runner, a Flower simulation worker (whose own default
+    Ray sets to 1 thread) and a SuperNode compute with the same thread count on the same machine: float sums over
+    a different number of threads differ in their last digits, which grows to about a point of accuracy after 5
+    rounds."""
+    if threads > 0:
+        return threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def same_config(stored: str | Path, cfg: RunConfig) -> bool:

@@ -280,8 +280,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     t_start = time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work
     check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = setup_run_dir(cfg, resume=resume)
     events.stage("loading data")
     data = load_data(cfg)

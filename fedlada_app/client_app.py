@@ -44,7 +44,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlada.config import RunConfig
+from fedlada.config import RunConfig, resolve_threads
 from fedlada.errors import ConfigError, DataError
 from fedlada_app import records
 
@@ -190,8 +190,7 @@ def _unpack(msg: Message, context: Context):
     if n != cfg.data.n_clients or not 0 <= k < n:
         raise ConfigError(f"node config partition-id={k} num-partitions={n}; the run has "
                           f"{cfg.data.n_clients} clients (partition-id 0..{cfg.data.n_clients - 1})")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))  # as the in-process runner does: the same numbers
     return req, cfg, fcfg, k
 
 

@@ -204,10 +204,15 @@ class Loopback:
 
 
 def run_local_simulation(flwr_home: str | Path, overrides: dict, *, num_supernodes: int, timeout: float,
-                         client_cpus: float = 1.0, env: dict | None = None, app: Path = REPO
+                         client_cpus: float | None = None, env: dict | None = None, app: Path = REPO
                          ) -> subprocess.CompletedProcess:
     """``flwr run <app> local`` (Flower's simulation runtime behind a local SuperLink that ``flwr`` starts
-    detached), then stop that SuperLink. ``flwr_home`` must be a directory of this run's own."""
+    detached), then stop that SuperLink. ``flwr_home`` must be a directory of this run's own. ``client_cpus``
+    (default: every core) is what each ClientApp reserves; with as many as its torch threads, they take turns."""
+    if client_cpus is None:
+        from fedlada.config import resolve_threads
+
+        client_cpus = resolve_threads(0)
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')

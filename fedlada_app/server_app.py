@@ -32,7 +32,7 @@ from typing import Callable
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedlada.config import RunConfig
+from fedlada.config import RunConfig, resolve_threads
 from fedlada.errors import FedLadaError
 from fedlada.runner import ClientResult, Events, RunDir, RunResult
 from fedlada_app import records
@@ -262,8 +262,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
     check_generation(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     rd, start = setup_run_dir(cfg, resume=resume)
     if not start:
         (rd.path / "flower.jsonl").unlink(missing_ok=True)

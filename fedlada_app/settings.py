@@ -26,12 +26,17 @@ class FlowerConfig:
     connect_timeout: float = 300.0  # seconds to wait for the SuperNodes of all partitions before round 1
     telemetry: bool = True  # clients also send their local log (metrics, filter selections) for the run directory
     model_cache: int = 8  # prepared SLMs (with their data) kept per ClientApp process; 0 = prepare on every message
-    client_cpus: float = 1.0  # simulation only: CPUs reserved per ClientApp worker
+    # simulation only: CPUs Ray reserves per ClientApp worker; 0 = the run's torch threads (``threads``, resolved),
+    # so workers take turns and each computes as the in-process runner does, never oversubscribing the cores
+    client_cpus: float = 0.0
 
     def __post_init__(self):
-        for key in ("timeout", "connect_timeout", "client_cpus"):
+        for key in ("timeout", "connect_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"config key 'flower.{key}': expected a number > 0, found {getattr(self, key)!r}")
+        if not self.client_cpus >= 0:
+            raise ConfigError(f"config key 'flower.client_cpus': expected a number >= 0 (0 = the run's threads), "
+                              f"found {self.client_cpus!r}")
         if self.model_cache < 0:
             raise ConfigError(f"config key 'flower.model_cache': expected an integer >= 0, found {self.model_cache!r}")
 

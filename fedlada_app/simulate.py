@@ -2,7 +2,7 @@
 
 One virtual SuperNode per client (``partition-id`` = client index); the ServerApp runs in a thread of this process,
 the ClientApps in Ray workers with ``flower.client_cpus`` CPUs each (so ``cores / client_cpus`` clients work in
-parallel, each with ``cfg.threads`` torch threads). ``flwr.simulation.run_simulation`` passes no run config, so the
+parallel, each with ``cfg.threads`` torch threads; by default as many CPUs as threads, so they take turns). ``flwr.simulation.run_simulation`` passes no run config, so the
 ServerApp is bound to ``cfg`` here and sends the config to the clients with every message (see ``records``).
 Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run`` (it logs a warning); ``flwr run . local``
 runs the same apps from ``pyproject.toml`` (docs/deployment.md).
@@ -17,7 +17,7 @@ import logging
 import os
 import time
 
-from fedlada.config import RunConfig
+from fedlada.config import RunConfig, resolve_threads
 from fedlada.runner import Events, RunDir, RunResult, summarize_run
 from fedlada_app.settings import FlowerConfig
 
@@ -28,8 +28,11 @@ QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def backend_config(fcfg: FlowerConfig) -> dict:
-    return {"client_resources": {"num_cpus": fcfg.client_cpus, "num_gpus": 0.0},
+def backend_config(fcfg: FlowerConfig, cfg: RunConfig) -> dict:
+    """Ray's resources per ClientApp: ``flower.client_cpus``, or (0, the default) the run's torch threads capped at
+    the cores Ray sees, so on the default config one ClientApp at a time uses every core, as in-process."""
+    cpus = fcfg.client_cpus or min(resolve_threads(cfg.threads), resolve_threads(0))
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
             # Ray on loopback only, without its dashboard: both shorten start-up
             "init_args": {"include_dashboard": False, "logging_level": "ERROR", "_node_ip_address": "127.0.0.1"}}
 
@@ -58,7 +61,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
     pythonpath = os.environ.get("PYTHONPATH")  # Flower's Ray backend rewrites it for its workers
     try:
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.n_clients,
-                            backend_config=backend_config(fcfg), verbose_logging=verbose)
+                            backend_config=backend_config(fcfg, cfg), verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)
         if pythonpath is None:

@@ -2,8 +2,9 @@
 
 Parity runs use no gold paths: ``conftest.gold_sampler`` patches this process only, and the ClientApps of the
 Flower engines run in other processes (Ray workers, SuperNode subprocesses). Every comparison is exact: each
-client's computation is the same deterministic code on the same number of CPU threads (``threads=2``), and the
-only fields allowed to differ are wall-clock ones and the model cache's bookkeeping.
+client's computation is the same deterministic code on the same number of CPU threads (the default ``threads=0``,
+which every engine resolves to the cores of its machine), and the only fields allowed to differ are wall-clock
+ones and the model cache's bookkeeping.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from conftest import TINY
 from fedlada.runner import RunDir, comparable_metrics
 
 # TINY with less generation per round (the Flower tests pay engine start-up on top)
-FAST = TINY + ["data.eval_limit=6", "lada.candidates_per_round=8", "lada.max_new_tokens=16"]
+# and the default threads=0: parity must hold with the default thread setting, not only with a pinned count
+FAST = [o for o in TINY if not o.startswith("threads=")] + [
+    "threads=0", "data.eval_limit=6", "lada.candidates_per_round=8", "lada.max_new_tokens=16"]
 
 _REFERENCE: dict[str, Path] = {}
 

@@ -70,3 +70,38 @@ def test_quality_benchmark_is_fedlada_compare_with_the_baselines(monkeypatch, ca
     assert argv[argv.index("--seeds") + 1] == "2" and argv[argv.index("--out") + 1] == "x"
     assert argv[argv.index("--set") + 1] == "rounds=3"
     assert "wall time" in capsys.readouterr().out
+
+
+def test_scenario_claims_pair_runs_by_seed(tmp_path):
+    """benchmarks/scenarios.py: every shipped scenario config loads with its method list, and the claim table
+    pairs treatment and control seed by seed (hand-computed differences)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scenarios
+    finally:
+        sys.path.pop(0)
+    from fedlada.compare import parse_method
+    from fedlada.config import load_config
+    from fedlada.host_rounds import check_host_config
+
+    for config, methods in scenarios.SCENARIOS.values():
+        base = load_config(ROOT / config)
+        for m in methods:  # a host the scenario does not support would be refused here
+            host, method, _ = parse_method(m, base.host.name)
+            check_host_config(load_config(ROOT / config, [f"host.name={host}", f"lada.method={method}"]))
+
+    def put(method, seed, slm, llm):
+        d = tmp_path / "a" / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"mean_slm_accuracy": slm, "final": {"llm": llm}}))
+
+    for seed, (t, c) in enumerate([(0.30, 0.20), (0.25, 0.25), (0.20, 0.30)]):
+        put("fedmkt-lada", seed, t, 0.1)
+        put("fedmkt-host", seed, c, 0.05)
+    md, res = scenarios.claims(tmp_path, ["a"], range(3))
+    p = res["a: FedMKT + LaDa vs FedMKT alone"]
+    assert p["seeds"] == 3 and p["wins"] == 1 and p["ties"] == 1
+    assert abs(p["diff"][0]) < 1e-12 and abs(p["diff"][1] - 0.1) < 1e-12  # diffs +0.1, 0, -0.1
+    assert abs(p["diff_llm"][0] - 0.05) < 1e-12
+    assert "| a | FedMKT + LaDa vs FedMKT alone | 25.0 ± 5.0 | 25.0 ± 5.0 | 0.0 ± 10.0 | 1/3 | 5.0 ± 0.0 |" in md
+    assert len(res) == 1  # comparisons without runs are left out

@@ -250,3 +250,21 @@ def test_a_client_follows_its_node_state_and_resumes_from_checkpoint_files(tiny_
     other = dataclasses.replace(req, digest="0" * 16)
     with pytest.raises(ConfigError, match="belongs to config"):
         client_app._sync(entry, ctx, other, cfg, 1)
+
+
+def test_threads_resolve_the_same_way_in_every_engine(monkeypatch):
+    """threads=0 means every core this process may use, in the runner, the ServerApp and each ClientApp; the
+    simulation then reserves that many CPUs per ClientApp (they take turns, as clients do in-process)."""
+    import os
+
+    from fedlada.config import load_config, resolve_threads
+    from fedlada_app.settings import FlowerConfig
+    from fedlada_app.simulate import backend_config
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_threads(0) == cores and resolve_threads(3) == 3
+    assert backend_config(FlowerConfig(), load_config())["client_resources"]["num_cpus"] == cores
+    assert backend_config(FlowerConfig(), load_config(overrides=["threads=1"]))["client_resources"]["num_cpus"] == 1
+    assert backend_config(FlowerConfig(client_cpus=0.5), load_config())["client_resources"]["num_cpus"] == 0.5
+    with pytest.raises(ConfigError, match="flower.client_cpus"):
+        FlowerConfig(client_cpus=-1)
