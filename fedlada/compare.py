@@ -14,7 +14,7 @@ import logging
 import math
 from pathlib import Path
 
-from fedlada.config import RunConfig, load_config
+from fedlada.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     A method is ``<method>`` (with the config's ``host.name``) or ``<host>:<method>``, so one table can hold LaDa
     alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``)."""
     from fedlada import runner
-    from fedlada.config import flat_items, same_config
+    from fedlada.config import same_config, with_overrides
     from fedlada.errors import ConfigError
 
     out = Path(out)
@@ -63,11 +63,9 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     rows = {}
     for host, method, name in parsed:
         for seed in seeds:
-            flat = flat_items(base)
-            flat.update({"host.name": host, "lada.method": method, "seed": seed,
-                         "out_dir": str(out / name / f"seed{seed}")})
             extra = (overrides_per_method or {}).get(method, [])
-            cfg = load_config(overrides=flat | dict(o.split("=", 1) for o in extra))
+            cfg = with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
+                                        "out_dir": str(out / name / f"seed{seed}")} | dict(o.split("=", 1) for o in extra))
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
                 if not same_config(Path(cfg.out_dir) / "config.toml", cfg):

@@ -488,6 +488,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     return _build(RunConfig, tree)
 
 
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str]) -> RunConfig:
+    """``cfg`` with dotted-key overrides applied (checked like ``load_config``'s). Unlike flattening ``cfg`` onto
+    the defaults, lists keep ``cfg``'s length: a config with one SLM spec stays with one."""
+    defaults = to_dict(RunConfig())
+    tree = json.loads(json.dumps(to_dict(cfg)))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for k, v in items:
+        _set_path(tree, k, v, defaults)
+    return _build(RunConfig, tree)
+
+
 def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) -> None:
     for k, v in data.items():
         full = f"{prefix}.{k}" if prefix else k

@@ -44,3 +44,28 @@ def test_methods_may_name_their_host():
         parse_method("fedx:lada", "none")
     with pytest.raises(ConfigError, match="method 'ladda'"):
         parse_method("ladda", "none")
+
+
+def test_table_runs_keep_the_configs_list_lengths(tmp_path, monkeypatch):
+    """A scenario config with one SLM spec stays with one in every run of its table (flattening it onto the
+    defaults used to bring back the default's three SLMs for clients 1 and 2)."""
+    from pathlib import Path
+
+    from fedlada import runner
+    from fedlada.compare import run_table
+    from fedlada.config import load_config
+
+    seen = []
+
+    class Done:
+        summary = {"final": {"client0": 0.1, "llm": 0.0}, "mean_slm_accuracy": 0.1, "accuracy": {
+            "client0": {"0": 0.0}, "llm": {"0": 0.0}}, "bytes_client_to_server": 1, "bytes_server_to_client": 1,
+            "train_tokens_federated": 1}
+
+    monkeypatch.setattr(runner, "run", lambda cfg, **kw: seen.append(cfg) or Done())
+    base = load_config(Path(__file__).resolve().parent.parent / "configs" / "scenario-a-identical.toml")
+    run_table(base, methods=("local", "fedcollm:host"), seeds=(0, 1), out=tmp_path)
+    assert len(seen) == 4 and all(len(c.models.slms) == 1 and c.models.slms == base.models.slms for c in seen)
+    assert [(c.host.name, c.lada.method, c.seed) for c in seen] == [
+        ("none", "local", 0), ("none", "local", 1), ("fedcollm", "host", 0), ("fedcollm", "host", 1)]
+    assert seen[2].out_dir == str(tmp_path / "fedcollm-host" / "seed0")
