@@ -9,7 +9,9 @@ of the mean SLM accuracy is the fair comparison; it is reported as mean ± std o
 spread. Runs are cached per (method, seed) below ``OUT/<scenario>/``, so the table can be finished across sittings
 and two processes may split the scenarios (``--only a,d`` and ``--only b,c``).
 
-    python benchmarks/scenarios.py --seeds 2 --out runs/tables              # all four (about 1 h each way on 2 cores)
+    python benchmarks/scenarios.py --seeds 2 --out runs/tables              # all four: 64 runs, ~3 h on one core
+    python benchmarks/scenarios.py --only a,d --seeds 2 &                    # or split in two: ~1.5 h on 2 cores
+    python benchmarks/scenarios.py --only c,b --seeds 2
     python benchmarks/scenarios.py --only a --seeds 1 --out runs/tables-a   # one scenario, one seed
 """
 
