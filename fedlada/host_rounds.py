@@ -143,7 +143,7 @@ def check_host_config(cfg: RunConfig) -> None:
         first = cfg.models.slm_for(0)
         for k in range(1, n):
             spec = cfg.models.slm_for(k)
-            diff = [f"{f.name} ({getattr(first, f.name)!r} vs {getattr(spec, f.name)!r})"
+            diff = [f"{f.name} ({getattr(spec, f.name)!r} vs {getattr(first, f.name)!r})"
                     for f in dataclasses.fields(ModelSpec)
                     if f.name not in _ARCH_IGNORED and getattr(first, f.name) != getattr(spec, f.name)]
             if diff:

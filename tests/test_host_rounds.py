@@ -61,8 +61,8 @@ def test_a_mismatched_tokenizer_is_refused_naming_both_models():
     with pytest.raises(ConfigError) as e:
         host_rounds.check_host_config(cfg)
     msg = str(e.value)
-    assert "client 2's SLM (tiny Llama hidden=48 layers=2 heads=4, own tokenizer" in msg
-    assert "the LLM (tiny Llama hidden=128 layers=4 heads=4, shared tokenizer" in msg
+    assert "client 2's SLM (tiny Llama hidden=96 layers=3 heads=4, own tokenizer" in msg
+    assert "the LLM (tiny Llama hidden=256 layers=4 heads=8, shared tokenizer" in msg
     assert "No host here supports mixed tokenizers" in msg and "exchanges text only" in msg
     # 'local' exchanges nothing, so the host is never involved
     host_rounds.check_host_config(replace(cfg, lada=replace(cfg.lada, method="local")))
@@ -72,7 +72,7 @@ def test_other_refusals_name_the_key_and_the_difference():
     with pytest.raises(ConfigError, match="'host' runs a host framework without LaDa"):
         host_rounds.check_host_config(load_config(overrides=["lada.method=host"]))
     cfg = load_config(CONFIGS / "scenario-b-sizes.toml", ["host.name=fedcollm"])
-    with pytest.raises(ConfigError, match=r"client 1's SLM differs from client 0's in hidden_size \(32 vs 48\)"):
+    with pytest.raises(ConfigError, match=r"client 1's SLM differs from client 0's in hidden_size \(96 vs 64\)"):
         host_rounds.check_host_config(cfg)
     with pytest.raises(ConfigError, match="host.kd_student"):
         load_config(overrides=["host.kd_student=vocab"])
