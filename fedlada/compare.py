@@ -64,8 +64,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     for host, method, name in parsed:
         for seed in seeds:
             extra = (overrides_per_method or {}).get(method, [])
-            cfg = with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
-                                        "out_dir": str(out / name / f"seed{seed}")} | dict(o.split("=", 1) for o in extra))
+            cfg = with_overrides(with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
+                                                       "out_dir": str(out / name / f"seed{seed}")}), extra)
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
                 if not same_config(Path(cfg.out_dir) / "config.toml", cfg):

@@ -156,5 +156,6 @@ def test_local_only_exchanges_nothing_but_empty_messages(tiny_overrides):
     teach = TeachMessage(round=1, question_ids=())
     clients = load_config(overrides=tiny_overrides).data.num_clients
     assert res.summary["bytes_server_to_client"] == clients * len(teach.to_bytes())
-    reports = [r for r in _rows(res.run_dir, "audit.jsonl")]
-    assert reports and all(r.get("paths", 0) == 0 for r in reports)
+    reports = _rows(res.run_dir, "audit.jsonl")
+    assert len(reports) == clients and all(r["paths_on_public_questions"] == 0 and r["path_text_bytes"] == 0
+                                           for r in reports)
