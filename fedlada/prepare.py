@@ -158,6 +158,17 @@ def _publish(tmp: Path, final: Path) -> None:
         tmp.replace(final)
 
 
+def _compute_key(spec: ModelSpec) -> list:
+    """What besides the recipe changes pretrained weights: the device type and, on a CPU, the thread count (float
+    sums are split differently across threads, so 1 and 2 threads train bit-different models)."""
+    import torch
+
+    from fedlada.models import resolve_device
+
+    device = resolve_device(spec.device).type
+    return [device, torch.get_num_threads() if device == "cpu" else 0]
+
+
 def _pretrain_examples(formatter, corpus: list[Record], tokenizer, *, tokens: int, seed: int):
     from fedlada.train import SFTExample
 
@@ -188,7 +199,7 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
                        "shape": [spec.hidden_size, spec.num_layers, spec.num_heads], "tokens": spec.pretrain_tokens,
                        "lr": mc.pretrain_lr, "bs": mc.pretrain_batch_size, "seed": mc.pretrain_seed,
                        "sched": [mc.pretrain_schedule, mc.pretrain_warmup, mc.pretrain_bf16],
-                       "len": cfg.train.max_length})
+                       "len": cfg.train.max_length, "compute": _compute_key(spec)})
         path = cache_root(cfg) / "models" / key
         info["cache"] = str(path)
         if (path / "config.json").is_file():

@@ -216,3 +216,27 @@ def test_smollm2_source_name_resolves_to_the_packaged_gguf(monkeypatch, tmp_path
     f.write_bytes(b"")
     monkeypatch.setattr(models, "find_smollm2_gguf", lambda: f)
     assert models._split_source(models.SMOLLM2_SOURCE, None) == (str(f.parent), "model.gguf")
+
+
+def test_pretrained_tiny_models_are_cached_per_thread_count(model_cache, tmp_path):
+    """Pretraining with 1 or 2 CPU threads gives bit-different weights, so each thread count has its own cache entry;
+    the same count finds its entry again."""
+    import torch
+
+    from conftest import TINY
+    from fedlada import prepare
+    from fedlada.config import load_config
+
+    cfg = load_config(None, TINY + [f"models.cache_dir={tmp_path / 'cache'}"])
+    data = prepare.load_data(cfg)
+    spec = cfg.models.slms[1]
+    old = torch.get_num_threads()
+    try:
+        infos = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            infos.append(prepare.prepare_model(spec, role="client1", cfg=cfg, data=data)[2])
+    finally:
+        torch.set_num_threads(old)
+    assert infos[0]["cache"] != infos[1]["cache"]
+    assert [i["cached"] for i in infos] == [False, False, True] and infos[2]["cache"] == infos[0]["cache"]
