@@ -1,8 +1,10 @@
 """Speed of path scoring: naive per-example loop vs batched ``score_paths`` vs batched with prompt-cache reuse.
 
     python benchmarks/bench_scoring.py [--out benchmarks/results/scoring.json] [--questions 32] [--paths 4]
+                                       [--shapes 256x6x4,256x4x8,96x3x4,128x2x4,64x4x4]
 
-Builds a tiny Llama (hidden 256, 6 layers, ~4.9M parameters) and a BPE tokenizer, takes questions and rationales
+For each model shape (by default a 4.9M-parameter reference Llama, hidden 256 x 6 layers, then the default run's
+LLM and three SLMs) builds a tiny Llama on one BPE tokenizer, takes questions and rationales
 from the built-in benchmark's public pool (``fedlada.data.make_benchmark``), gives each question M paths (its own
 rationale and M-1 others), and times in one process, interleaved, with a few repetitions:
 
@@ -94,34 +96,27 @@ def naive_scores(model, tok, prompts, paths, max_length=512) -> np.ndarray:
     return np.array(out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/scoring.json")
-    ap.add_argument("--questions", type=int, default=32)
-    ap.add_argument("--paths", type=int, default=4, help="M, paths per question")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+# hidden x layers x heads: the benchmark's reference model, then the default run's LLM and its three SLMs
+DEFAULT_SHAPES = "256x6x4,256x4x8,96x3x4,128x2x4,64x4x4"
 
-    items, source = load_items(max(args.questions * args.paths, 256), args.seed)
-    tok = train_tokenizer([_prompt(q) + y for q, y in items], vocab_size=512)
-    model = build_tiny_model(tok, hidden_size=256, num_layers=6, num_heads=4, seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    prompts, paths = [], []
-    for i in range(args.questions):
-        others = rng.choice([j for j in range(len(items)) if j != i], size=args.paths - 1, replace=False)
-        for j in [i, *others]:
-            prompts.append(_prompt(items[i][0]))
-            paths.append(items[j][1])
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        h, l, a = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: --shapes: expected HIDDENxLAYERSxHEADS (e.g. 256x4x8), found {text!r}") from None
+    return h, l, a
+
+
+def bench_shape(shape, tok, prompts, paths, args) -> dict:
+    """Time the three scorers on one model shape (interleaved repetitions) and return its row."""
+    hidden, layers, heads = shape
+    model = build_tiny_model(tok, hidden_size=hidden, num_layers=layers, num_heads=heads, seed=args.seed)
     pairs = [encode_pair(tok, p, y, max_length=512) for p, y in zip(prompts, paths)]
     P = float(np.mean([len(p) for p, _ in pairs]))
     C = float(np.mean([len(y) for _, y in pairs]))
     tokens = int(sum(len(p) + len(y) for p, y in pairs))
     M = args.paths
-
     methods = {
         "naive": lambda: naive_scores(model, tok, prompts, paths),
         "batched": lambda: score_paths(model, tok, prompts, paths, batch_size=args.batch_size,
@@ -140,32 +135,90 @@ def main(argv=None) -> int:
     # The machine is shared and noisy: the best of the interleaved repetitions is the least disturbed estimate.
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
-    tps = {name: tokens / t for name, t in best.items()}
-    ideal = M * (P + C) / (P + M * C)
-    report = {
-        "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
-        "data": source, "model_params": count_parameters(model), "vocab": len(tok),
-        "questions": args.questions, "paths_per_question": M, "pairs": len(pairs), "batch_size": args.batch_size,
-        "mean_prompt_tokens": P, "mean_path_tokens": C, "tokens": tokens, "reps": args.reps,
-        "seconds": times, "best_seconds": best, "median_seconds": median, "tokens_per_s": tps,
+    n_params = count_parameters(model)
+    # forward FLOPs of the naive loop (2 x weights x positions, attention ignored): how close to the CPU's limit it is
+    naive_gflops = 2 * n_params * tokens / best["naive"] / 1e9
+    return {
+        "shape": f"{hidden}x{layers}x{heads}", "model_params": n_params, "pairs": len(pairs),
+        "mean_prompt_tokens": P, "mean_path_tokens": C, "tokens": tokens,
+        "seconds": times, "best_seconds": best, "median_seconds": median,
+        "tokens_per_s": {name: tokens / t for name, t in best.items()},
+        "naive_forward_gflops_per_s": naive_gflops,
         "ratio_batched_over_naive": best["naive"] / best["batched"],
         "ratio_reuse_over_batched": best["batched"] / best["batched+reuse"],
+        "ratio_reuse_over_naive": best["naive"] / best["batched+reuse"],
         "median_ratio_batched_over_naive": median["naive"] / median["batched"],
         "median_ratio_reuse_over_batched": median["batched"] / median["batched+reuse"],
-        "ideal_ratio_reuse_over_batched": ideal,
-        "ideal_formula": "M*(P+C) / (P + M*C)",
+        "ideal_ratio_reuse_over_batched": M * (P + C) / (P + M * C),
         "max_abs_diff_vs_naive": max_diff,
     }
-    print(f"{report['model_params'] / 1e6:.2f}M-param Llama, {len(pairs)} pairs ({args.questions} questions x M={M}), "
-          f"mean prompt P={P:.1f} tokens, mean path C={C:.1f} tokens, {args.threads} threads, data: {source}")
-    print(f"{'method':<15}{'best s':>9}{'median s':>10}{'tokens/s':>11}{'max |diff| vs naive':>22}")
-    for name in methods:
-        print(f"{name:<15}{best[name]:>9.3f}{median[name]:>10.3f}{tps[name]:>11.0f}{max_diff[name]:>22.2e}")
-    print(f"batched / naive = {report['ratio_batched_over_naive']:.2f}x best, "
-          f"{report['median_ratio_batched_over_naive']:.2f}x median (target >= 5)")
-    print(f"reuse / batched = {report['ratio_reuse_over_batched']:.2f}x best, "
-          f"{report['median_ratio_reuse_over_batched']:.2f}x median (target >= 1.3; ideal M*(P+C)/(P+M*C) = "
-          f"{ideal:.2f}x)")
+
+
+def _matmul_gflops(threads: int) -> float:
+    """fp32 GEMM throughput of this CPU (2048 x 256 @ 256 x 256, the tiny models' widest shape): the ceiling."""
+    a, b = torch.randn(2048, 256), torch.randn(256, 256)
+    for _ in range(3):
+        a @ b
+    t0, n = time.perf_counter(), 50
+    for _ in range(n):
+        a @ b
+    return 2 * 2048 * 256 * 256 * n / (time.perf_counter() - t0) / 1e9
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/scoring.json")
+    ap.add_argument("--questions", type=int, default=32)
+    ap.add_argument("--paths", type=int, default=4, help="M, paths per question")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES,
+                    help=f"comma-separated HIDDENxLAYERSxHEADS model shapes (default: {DEFAULT_SHAPES})")
+    args = ap.parse_args(argv)
+    shapes = [_shape(x) for x in args.shapes.split(",") if x.strip()]
+    torch.set_num_threads(args.threads)
+
+    items, source = load_items(max(args.questions * args.paths, 256), args.seed)
+    tok = train_tokenizer([_prompt(q) + y for q, y in items], vocab_size=512)
+    rng = np.random.default_rng(args.seed)
+    prompts, paths = [], []
+    for i in range(args.questions):
+        others = rng.choice([j for j in range(len(items)) if j != i], size=args.paths - 1, replace=False)
+        for j in [i, *others]:
+            prompts.append(_prompt(items[i][0]))
+            paths.append(items[j][1])
+    peak = _matmul_gflops(args.threads)
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(shape, tok, prompts, paths, args))
+        r = rows[-1]
+        print(f"{r['shape']:>9} ({r['model_params'] / 1e6:.2f}M params): naive {r['tokens_per_s']['naive']:>7.0f} "
+              f"tok/s ({r['naive_forward_gflops_per_s']:.0f} GFLOP/s of a {peak:.0f} GFLOP/s GEMM), batched "
+              f"{r['ratio_batched_over_naive']:.2f}x naive, +reuse {r['ratio_reuse_over_batched']:.2f}x batched "
+              f"(ideal {r['ideal_ratio_reuse_over_batched']:.2f}x), max |diff| {max(r['max_abs_diff_vs_naive'].values()):.1e}",
+              flush=True)
+    first = rows[0]
+    report = {
+        "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
+        "data": source, "vocab": len(tok), "questions": args.questions, "paths_per_question": args.paths,
+        "batch_size": args.batch_size, "reps": args.reps, "gemm_fp32_gflops_per_s": peak,
+        "ideal_formula": "M*(P+C) / (P + M*C)", "shapes": rows,
+        # the first shape's numbers at the top level, as before
+        **{k: first[k] for k in ("model_params", "pairs", "mean_prompt_tokens", "mean_path_tokens", "tokens",
+                                 "seconds", "best_seconds", "median_seconds", "tokens_per_s",
+                                 "ratio_batched_over_naive", "ratio_reuse_over_batched",
+                                 "median_ratio_batched_over_naive", "median_ratio_reuse_over_batched",
+                                 "ideal_ratio_reuse_over_batched", "max_abs_diff_vs_naive")},
+    }
+    print(f"targets: batched >= 5x naive, reuse >= 1.3x batched at M={args.paths}")
+    print(f"{'shape':>9}{'params':>9}{'naive tok/s':>13}{'batched/naive':>15}{'reuse/batched':>15}{'ideal':>7}"
+          f"{'reuse/naive':>13}")
+    for r in rows:
+        print(f"{r['shape']:>9}{r['model_params'] / 1e6:>8.2f}M{r['tokens_per_s']['naive']:>13.0f}"
+              f"{r['ratio_batched_over_naive']:>14.2f}x{r['ratio_reuse_over_batched']:>14.2f}x"
+              f"{r['ideal_ratio_reuse_over_batched']:>6.2f}x{r['ratio_reuse_over_naive']:>12.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -1,5 +1,6 @@
 """The prepared benchmark scripts run to completion on a CPU and write the JSON they promise: the GPU check in its
-``--tiny`` mode, and the pool-memory benchmark on a small pool (about 10 s each on an idle 2-core machine)."""
+``--tiny`` mode, the scoring benchmark on two tiny shapes, and the pool-memory benchmark on a small pool (about 10 s
+each on an idle 2-core machine)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def test_gpu_check_tiny_on_cpu_writes_its_json(tmp_path):
     assert train["steps"] == w["train_pairs"] // w["train_batch"] and train["tokens"] > 0 and 0 < train["mfu"] < 1
     assert train["trainable_params"] < result["model"]["params_total"]  # LoRA adapters only
     assert "training:" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_scoring_benchmark_times_every_shape_and_agrees_with_the_naive_loop(tmp_path):
+    out = tmp_path / "scoring.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--reps", "1",
+                           "--questions", "3", "--shapes", "32x1x4,48x2x4", "--threads", "1", "--out", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["shape"] for r in result["shapes"]] == ["32x1x4", "48x2x4"]
+    for r in result["shapes"]:
+        assert r["pairs"] == 3 * 4 and r["tokens"] > 0 and r["ratio_batched_over_naive"] > 0
+        assert max(r["max_abs_diff_vs_naive"].values()) < 1e-4  # the three scorers give the same numbers
+    assert result["ratio_batched_over_naive"] == result["shapes"][0]["ratio_batched_over_naive"]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--shapes", "32x1"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "HIDDENxLAYERSxHEADS" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_pool_memory_benchmark_on_small_pools(tmp_path):

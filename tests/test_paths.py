@@ -274,3 +274,27 @@ def test_score_paths_on_a_lora_model(tok, pairs_and_reference):
     for reuse_prefix in (False, True):
         s = score_paths(lora, tok, prompts, paths, batch_size=8, reuse_prefix=reuse_prefix)
         np.testing.assert_allclose(s.logprob, ref, rtol=0, atol=1e-5)
+
+
+def test_sampling_speedups_keep_the_paths_and_leave_the_model(tok):
+    """A LoRA model sampled through a merged copy with a static KV cache gives the paths it gives unmerged with a
+    growing cache (these tiny shapes: no rounding flip), and the trained adapter model is left exactly as it was."""
+    from fedlada.models import apply_lora
+
+    lora = apply_lora(build_tiny_model(tok, hidden_size=48, num_layers=2, num_heads=4, seed=0), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    rng = random.Random(3)
+    prompts = [_prompt(_problem(rng)[0]) for _ in range(5)]
+    for temperature, m in ((0.0, 1), (1.0, 3)):
+        kw = dict(num_paths=m, temperature=temperature, max_new_tokens=16, seed=2, batch_size=6)
+        plain = sample_paths(lora, tok, prompts, merge_lora=False, static_cache=False, **kw)
+        fast = sample_paths(lora, tok, prompts, merge_lora=True, static_cache=True, **kw)
+        assert fast == plain
+        assert sample_paths(lora, tok, prompts, **kw) == fast  # on a CPU both are on by default
+    after = dict(lora.named_parameters())
+    assert before.keys() == after.keys() and any("lora_A" in n for n in after)
+    assert all(torch.equal(before[n], after[n]) for n in before)
