@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -182,6 +183,7 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
     ds = trainer.train_dataset
     trl_tokens = sum(len(a) + len(b) + len(c) for a, b, c in zip(ds["prompt_ids"], ds["chosen_ids"],
                                                                   ds["rejected_ids"]))
+    shutil.rmtree(out, ignore_errors=True)  # TRL's output directory (nothing is saved into it)
     return dict(end_to_end_s=end - t0, steps_s=end - t_steps, reference_s=(t_steps - t0) if precompute else None,
                 setup_s=t_steps - t0, loss=result.training_loss, steps=result.global_step, counted_tokens=trl_tokens)
 

@@ -38,6 +38,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -207,6 +208,25 @@ def _evaluate(entry: _Entry, cfg: RunConfig) -> dict:
     return evaluate(entry.state.side, entry.state.test, max_new_tokens=cfg.lada.max_new_tokens)
 
 
+@contextmanager
+def _compute_lock(context: Context):
+    """With node config ``compute-lock="PATH"``, hold an exclusive lock on PATH while handling a message: SuperNodes
+    that share one machine (e.g. on loopback) then take turns, as clients do in-process, instead of all running their
+    torch threads on the same cores at once. Unset (the default, one SuperNode per machine): no lock."""
+    path = str(context.node_config.get("compute-lock", "") or "")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _telemetry(context: Context, on: bool) -> bool:
     return on and str(context.node_config.get("telemetry", "true")).lower() not in ("false", "0", "off", "no")
 
@@ -215,11 +235,12 @@ def _telemetry(context: Context, on: bool) -> bool:
 def setup(msg: Message, context: Context) -> Message:
     """Which client this node is; prepare its data and SLM; report what was prepared."""
     req, cfg, fcfg, k = _unpack(msg, context)
-    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
-    content = records.setup_content(k, cfg.data.n_clients, entry.info, entry.sizes)
-    if req.evaluate:  # the evaluation before round 1, in the same message
-        _sync(entry, context, req, cfg, k)
-        records.eval_content(_evaluate(entry, cfg), content)
+    with _compute_lock(context):
+        entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        content = records.setup_content(k, cfg.data.n_clients, entry.info, entry.sizes)
+        if req.evaluate:  # the evaluation before round 1, in the same message
+            _sync(entry, context, req, cfg, k)
+            records.eval_content(_evaluate(entry, cfg), content)
     return Message(content, reply_to=msg)
 
 
@@ -234,22 +255,23 @@ def train(msg: Message, context: Context) -> Message:
     if req.teach is None:
         raise records.RecordError("train request without teach bytes")
     teach = TeachMessage.from_bytes(req.teach)
-    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
-    _sync(entry, context, req, cfg, k)
-    entry.holds = ""  # the model is about to change: unknown until the new state is stored
-    report, clog = client_step(entry.state, teach, public=entry.public, cfg=cfg, round=req.round)
-    state_id = uuid.uuid4().hex
-    flt = entry.state.filter
-    records.store_state(context.state, weights=trainable_state(entry.state.side.model),
-                        filter_state=flt.state_dict() if flt is not None else None, state_id=state_id,
-                        round=req.round, digest=req.digest)
-    entry.holds = state_id
-    if _telemetry(context, fcfg.telemetry):
-        content = records.report_content(report.to_bytes(), clog.metrics, clog.selections)
-    else:
-        content = records.report_content(report.to_bytes())
-    if req.evaluate:  # this round's evaluation of the updated SLM, in the same message
-        records.eval_content(_evaluate(entry, cfg), content)
+    with _compute_lock(context):
+        entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        _sync(entry, context, req, cfg, k)
+        entry.holds = ""  # the model is about to change: unknown until the new state is stored
+        report, clog = client_step(entry.state, teach, public=entry.public, cfg=cfg, round=req.round)
+        state_id = uuid.uuid4().hex
+        flt = entry.state.filter
+        records.store_state(context.state, weights=trainable_state(entry.state.side.model),
+                            filter_state=flt.state_dict() if flt is not None else None, state_id=state_id,
+                            round=req.round, digest=req.digest)
+        entry.holds = state_id
+        if _telemetry(context, fcfg.telemetry):
+            content = records.report_content(report.to_bytes(), clog.metrics, clog.selections)
+        else:
+            content = records.report_content(report.to_bytes())
+        if req.evaluate:  # this round's evaluation of the updated SLM, in the same message
+            records.eval_content(_evaluate(entry, cfg), content)
     return Message(content, reply_to=msg)
 
 
@@ -257,9 +279,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Greedy accuracy of this client's SLM on its test split."""
     req, cfg, fcfg, k = _unpack(msg, context)
-    entry = _entry(cfg, req.digest, k, fcfg.model_cache)
-    _sync(entry, context, req, cfg, k)
-    return Message(records.eval_content(_evaluate(entry, cfg)), reply_to=msg)
+    with _compute_lock(context):
+        entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        _sync(entry, context, req, cfg, k)
+        content = records.eval_content(_evaluate(entry, cfg))
+    return Message(content, reply_to=msg)
 
 
 @app.query("save")

@@ -95,12 +95,16 @@ def _group_alive(pgid: int) -> bool:
 class Loopback:
     """SuperLink + SuperNodes on 127.0.0.1 (TLS and SuperNode authentication unless ``secure=False``).
 
-    ``workdir`` receives certificates (``scripts/make_certs.sh``), one FLWR_HOME per process, and logs."""
+    ``workdir`` receives certificates (``scripts/make_certs.sh``), one FLWR_HOME per process, and logs. With
+    ``take_turns`` (default) the SuperNodes share one ``compute-lock`` file, so their ClientApps compute one at a time
+    on this machine's cores, as the in-process runner's clients do."""
 
-    def __init__(self, workdir: str | Path, *, num_keys: int, secure: bool = True, env: dict | None = None):
+    def __init__(self, workdir: str | Path, *, num_keys: int, secure: bool = True, env: dict | None = None,
+                 take_turns: bool = True):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.secure, self.num_keys = secure, num_keys
+        self.compute_lock = (self.dir / "compute.lock").resolve() if take_turns else None
         self.env = base_env(env)
         self.port = free_port()
         self.certs = self.dir / "certs"
@@ -172,7 +176,8 @@ class Loopback:
     def start_supernode(self, name: str, *, key: int | None, partition: int, num_partitions: int,
                         extra: list[str] | None = None) -> subprocess.Popen:
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-               "--node-config", f"partition-id={partition} num-partitions={num_partitions}"]
+               "--node-config", f"partition-id={partition} num-partitions={num_partitions}"
+               + (f' compute-lock="{self.compute_lock}"' if self.compute_lock else "")]
         if self.secure:
             cmd += ["--root-certificates", str(self.certs / "ca.crt")]
             if key is not None:

@@ -268,3 +268,22 @@ def test_threads_resolve_the_same_way_in_every_engine(monkeypatch):
     assert backend_config(FlowerConfig(client_cpus=0.5), load_config())["client_resources"]["num_cpus"] == 0.5
     with pytest.raises(ConfigError, match="flower.client_cpus"):
         FlowerConfig(client_cpus=-1)
+
+
+def test_compute_lock_makes_clientapps_on_one_machine_take_turns(tmp_path):
+    """Node config ``compute-lock``: a handler holds the lock file while it computes; without the key, no lock."""
+    import fcntl
+    import types
+
+    from fedlada_app.client_app import _compute_lock
+
+    lock = tmp_path / "compute.lock"
+    with _compute_lock(types.SimpleNamespace(node_config={"compute-lock": str(lock)})):
+        with open(lock, "a") as other:  # another ClientApp process on this machine
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the handler is done
+        fcntl.flock(other, fcntl.LOCK_UN)
+    with _compute_lock(types.SimpleNamespace(node_config={"partition-id": 0})):
+        pass  # no key: nothing to hold
