@@ -13,6 +13,7 @@ and two processes may split the scenarios (``--only a,d`` and ``--only b,c``).
     python benchmarks/scenarios.py --only a,d --seeds 2 &                    # or split in two: ~1.5 h on 2 cores
     python benchmarks/scenarios.py --only c,b --seeds 2
     python benchmarks/scenarios.py --only a --seeds 1 --out runs/tables-a   # one scenario, one seed
+    python benchmarks/scenarios.py --seeds 3 --table-only                    # tables of what has finished so far
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out this time (e.g. the ablations "
                     "random,all,lada-sft); the cache lets a later call without --skip complete the table")
     ap.add_argument("--claims-only", action="store_true", help="only (re)write claims.md from finished runs")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: write each scenario's table (and claims.md) from the runs finished so far")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SCENARIOS]
@@ -119,10 +122,13 @@ def main() -> int:
                 "--out", str(root / sc), "--title", f"scenario {sc} ({config})"]
         for s in args.set:
             argv += ["--set", s]
+        if args.table_only:
+            argv.append("--finished-only")
         t0 = time.perf_counter()
         rc = cli(argv)
-        walls[sc] = time.perf_counter() - t0
-        print(f"scenario {sc}: wall time (runs not already cached) {walls[sc]:.0f}s", flush=True)
+        if not args.table_only:
+            walls[sc] = time.perf_counter() - t0
+            print(f"scenario {sc}: wall time (runs not already cached) {walls[sc]:.0f}s", flush=True)
         if rc:
             return rc
     md, res = claims(root, sorted(SCENARIOS), seeds)

@@ -149,7 +149,8 @@ def cmd_compare(args) -> int:
     seeds = tuple(range(args.seeds))
     console = _console()
     with _RichEvents(console) as ev:
-        result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev)
+        result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev,
+                           finished_only=args.finished_only)
     files = write_table(result, args.out, title=args.title or f"methods compared ({args.out})")
     _stdout_console().print(files["markdown"].read_text(), markup=False, highlight=False)
     console.print(f"table: {files['markdown']}, {files['csv']}, {files['plot']}")
@@ -206,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
     c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
     c.add_argument("--title", default="")
+    c.add_argument("--finished-only", action="store_true",
+                   help="run nothing: tabulate the runs already finished under --out (each row says over how many "
+                        "seeds)")
     c.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")

@@ -46,11 +46,13 @@ def parse_method(entry: str, default_host: str) -> tuple[str, str, str]:
 
 
 def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,
-              events=None, overrides_per_method: dict[str, list[str]] | None = None) -> dict:
+              events=None, overrides_per_method: dict[str, list[str]] | None = None,
+              finished_only: bool = False) -> dict:
     """Run (or reuse) every (method, seed) and return the aggregated table.
 
     A method is ``<method>`` (with the config's ``host.name``) or ``<host>:<method>``, so one table can hold LaDa
-    alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``)."""
+    alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``).
+    ``finished_only`` runs nothing: the table holds the runs already finished (each row says over how many seeds)."""
     from fedlada import runner
     from fedlada.config import same_config, with_overrides
     from fedlada.errors import ConfigError
@@ -73,6 +75,9 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                                       f"--out for a table with other settings")
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
+            elif finished_only:
+                log.info("no finished run in %s: left out of the table", cfg.out_dir)
+                continue
             else:
                 if events:
                     events.stage(f"{name}, seed {seed}")
@@ -116,13 +121,13 @@ def write_table(result: dict, out: str | Path, *, title: str = "") -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     table = result["table"]
     clients = sorted({k for e in table for k in e if k.startswith("client")})
-    head = ["method", "mean SLM acc %"] + [f"{c} %" for c in clients] + ["LLM acc %", "LLM before %",
-                                                                         "bytes exchanged", "training tokens"]
+    head = ["method", "seeds", "mean SLM acc %"] + [f"{c} %" for c in clients] + [
+        "LLM acc %", "LLM before %", "bytes exchanged", "training tokens"]
     lines = [f"# {title}" if title else "", f"mean ± std over seeds {result['seeds']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv_rows = [["method", "metric", "mean", "std"]]
     for e in table:
-        cells = [e["method"], _fmt(e["mean_slm"])] + [_fmt(e[c]) for c in clients] + [
+        cells = [e["method"], str(e["seeds"]), _fmt(e["mean_slm"])] + [_fmt(e[c]) for c in clients] + [
             _fmt(e["llm"]), _fmt(e["llm_before"]), _fmt(e["bytes"], False), _fmt(e["train_tokens"], False)]
         lines.append("| " + " | ".join(cells) + " |")
         for k, v in e.items():

@@ -26,7 +26,7 @@ def test_aggregate_mean_and_sample_std(tmp_path):
     assert lada["bytes"] == (150, 0.0)
     files = write_table(res, tmp_path, title="t")
     md = files["markdown"].read_text()
-    assert "| lada | 50.0 ± 14.1 |" in md
+    assert "| lada | 2 | 50.0 ± 14.1 |" in md
     rows_csv = list(csv.reader(open(files["csv"])))
     assert ["lada", "mean_slm", "0.5", str(lada["mean_slm"][1])] in rows_csv
     assert files["plot"].stat().st_size > 1000
@@ -69,3 +69,28 @@ def test_table_runs_keep_the_configs_list_lengths(tmp_path, monkeypatch):
     assert [(c.host.name, c.lada.method, c.seed) for c in seen] == [
         ("none", "local", 0), ("none", "local", 1), ("fedcollm", "host", 0), ("fedcollm", "host", 1)]
     assert seen[2].out_dir == str(tmp_path / "fedcollm-host" / "seed0")
+
+
+def test_finished_only_tabulates_what_is_there_and_runs_nothing(tmp_path, monkeypatch):
+    import json
+
+    from fedlada import runner
+    from fedlada.compare import run_table
+    from fedlada.config import dump_toml, load_config, with_overrides
+
+    def boom(cfg, **kw):
+        raise AssertionError(f"finished_only ran {cfg.out_dir}")
+
+    monkeypatch.setattr(runner, "run", boom)
+    base = load_config(None, ["rounds=1"])
+    for method, seed, acc in (("local", 0, 0.2), ("local", 1, 0.4), ("lada", 0, 0.3)):
+        d = tmp_path / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        cfg = with_overrides(base, {"lada.method": method, "seed": seed, "out_dir": str(d)})
+        (d / "config.toml").write_text(dump_toml(cfg))
+        (d / "summary.json").write_text(json.dumps(_summary(acc, acc, 0.1)))
+    res = run_table(base, methods=("local", "lada", "random"), seeds=(0, 1), out=tmp_path, finished_only=True)
+    rows = {e["method"]: e for e in res["table"]}
+    assert set(rows) == {"local", "lada"} and rows["local"]["seeds"] == 2 and rows["lada"]["seeds"] == 1
+    assert rows["local"]["mean_slm"][0] == pytest.approx(0.3)
+    assert "| lada | 1 | 30.0 ± 0.0 |" in write_table(res, tmp_path / "t")["markdown"].read_text()
