@@ -6,7 +6,7 @@ a host's run), written to ``OUT/<scenario>/table.{md,csv,json,png}``. Then ``OUT
 compare, per scenario and host, host + LaDa with the host alone (and LaDa alone with local-only SFT and with
 random selection) seed by seed: the same seed means the same data and starting models, so the paired difference
 of the mean SLM accuracy is the fair comparison; it is reported as mean ± std over seeds next to the runs' own
-spread. Runs are cached per (method, seed) below ``OUT/<scenario>/``, so the table can be finished across sittings
+spread. Runs are cached per (method, seed) below ``OUT/<scenario>/``, so the table can be finished later
 and two processes may split the scenarios (``--only a,d`` and ``--only b,c``).
 
     python benchmarks/scenarios.py --seeds 2 --out runs/tables              # all four: 64 runs, ~3 h on one core

@@ -1,8 +1,8 @@
 """The experiment table: several methods x seeds on the same data and budget, resumable, as Markdown/CSV/plot.
 
 Each (method, seed) is an ordinary run in ``OUT/<method>/seed<k>/``; a run whose ``summary.json`` exists is
-reused, and a partly finished run resumes from its last completed round, so a table can be completed across
-sittings. Only the method and the seed differ between the runs of a table; everything else comes from the one
+reused, and a partly finished run resumes from its last completed round, so a table can be completed later.
+Only the method and the seed differ between the runs of a table; everything else comes from the one
 config, so all methods see the same data, models and round budget.
 """
 

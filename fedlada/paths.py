@@ -433,8 +433,9 @@ def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temper
                 chunk = order[k: k + per_call]
                 ids, mask = _left_pad([prompt_ids[i] for i in chunk], pad)
                 W = ids.shape[1]
-                if static and hasattr(gen, "_previous_max_cache_length"):
-                    del gen._previous_max_cache_length  # size each cache by its own call: no history in the numbers
+                owner = gen.get_base_model() if hasattr(gen, "get_base_model") else gen  # who generate() runs on
+                if static and "_previous_max_cache_length" in vars(owner):
+                    del owner._previous_max_cache_length  # size each cache by its own call: no history in the numbers
                 out = gen.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=config,
                                      stopping_criteria=_stopping_criteria(tokenizer, W))
                 texts = tokenizer.batch_decode(out[:, W:], skip_special_tokens=True)

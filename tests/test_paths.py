@@ -294,6 +294,7 @@ def test_sampling_speedups_keep_the_paths_and_leave_the_model(tok):
         plain = sample_paths(lora, tok, prompts, merge_lora=False, static_cache=False, **kw)
         fast = sample_paths(lora, tok, prompts, merge_lora=True, static_cache=True, **kw)
         assert fast == plain
+        assert sample_paths(lora, tok, prompts, merge_lora=False, static_cache=True, **kw) == plain  # a big model
         assert sample_paths(lora, tok, prompts, **kw) == fast  # on a CPU both are on by default
     after = dict(lora.named_parameters())
     assert before.keys() == after.keys() and any("lora_A" in n for n in after)
