@@ -154,7 +154,7 @@ def bench_shape(shape, tok, prompts, paths, args) -> dict:
     }
 
 
-def _matmul_gflops(threads: int) -> float:
+def _matmul_gflops() -> float:
     """fp32 GEMM throughput of this CPU (2048 x 256 @ 256 x 256, the tiny models' widest shape): the ceiling."""
     a, b = torch.randn(2048, 256), torch.randn(256, 256)
     for _ in range(3):
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         for j in [i, *others]:
             prompts.append(_prompt(items[i][0]))
             paths.append(items[j][1])
-    peak = _matmul_gflops(args.threads)
+    peak = _matmul_gflops()
     rows = []
     for shape in shapes:
         rows.append(bench_shape(shape, tok, prompts, paths, args))
