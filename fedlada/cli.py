@@ -129,11 +129,11 @@ def cmd_data_make(args) -> int:
 def cmd_data_validate(args) -> int:
     from fedlada.data import validate_files
 
-    problems = validate_files(args.files, format=args.format)
+    problems = validate_files(args.files, format=args.format, max_record_bytes=args.max_record_bytes)
     console = _stdout_console()
     if problems:
         for p in problems:
-            console.print(str(p), markup=False, highlight=False)
+            console.print(str(p), markup=False, highlight=False, soft_wrap=True)  # one problem, one line
         console.print(f"[red]{len(problems)} problem(s) in {len(args.files)} file(s)[/red]")
         return 1
     console.print(f"[green]ok[/green]: {len(args.files)} file(s), no problems")
@@ -148,6 +148,7 @@ def cmd_compare(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     seeds = tuple(range(args.seeds))
     console = _console()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _RichEvents(console) as ev:
         result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev,
                            finished_only=args.finished_only)
@@ -168,6 +169,10 @@ def cmd_report(args) -> int:
 
         raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")
+    if not any(r.get("event") == "eval" for r in rd.read("metrics.jsonl")):
+        from fedlada.errors import FedLadaError
+
+        raise FedLadaError(f"{rd.path}: the run has no evaluation yet (metrics.jsonl holds none); nothing to report")
     out = write_report(rd.path)
     print_summary(summarize_run(rd, cfg), console=_stdout_console())
     _console().print(f"report: {out}")
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
+    v.add_argument("--max-record-bytes", type=int, default=20_000, metavar="N",
+                   help="a longer record is a problem (default 20000; the run's key is data.max_record_bytes)")
     v.set_defaults(func=cmd_data_validate)
 
     c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")
@@ -228,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FedLadaError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave is a file where a folder is needed, unwritable, ...
+        if args.verbose:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; completed rounds are checkpointed, run the same command to resume", file=sys.stderr)

@@ -62,6 +62,9 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     labels = [p[2] for p in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--methods: {list(methods)} names a method twice")
+    if not seeds:
+        raise ConfigError("--seeds: expected an integer >= 1")
+    digest = None  # of the table's data, computed once when a finished run is first reused
     rows = {}
     for host, method, name in parsed:
         for seed in seeds:
@@ -73,6 +76,11 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                 if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
                     raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config; use another "
                                       f"--out for a table with other settings")
+                if digest is None:
+                    from fedlada.prepare import data_digest, load_data
+
+                    digest = data_digest(load_data(base))
+                runner.check_data_unchanged(runner.RunDir(cfg.out_dir), cfg.rounds, digest)
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
             elif finished_only:
@@ -83,6 +91,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                     events.stage(f"{name}, seed {seed}")
                 s = runner.run(cfg, resume=True, events=events).summary
             rows[(name, seed)] = s
+    if not rows:
+        raise ConfigError(f"{out}: no finished run of {', '.join(labels)} at seeds {list(seeds)} to tabulate")
     return aggregate(rows, methods=tuple(labels), seeds=seeds)
 
 

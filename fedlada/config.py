@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -29,11 +31,19 @@ LOSSES = ("pairwise", "listwise", "sft")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 GENERATION_BACKENDS = ("transformers", "vllm")  # fedlada.generation.BACKENDS
+DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _check(cond: bool, key: str, expected: str, found: Any) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
+
+
+DATA_FORMATS = ("auto", "fedlada", "gsm8k", "mathinstruct", "cot")  # fedlada.data.formats.FORMATS and "auto"
+
+
+def _check_format(value: str, key: str) -> None:
+    _check(value in DATA_FORMATS, key, f"one of {', '.join(DATA_FORMATS)}", value)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,9 @@ class ClientData:
     def __post_init__(self):
         _check(bool(self.train), "data.clients.N.train", "a path to the client's train file", self.train)
         _check(bool(self.test), "data.clients.N.test", "a path to the client's test file", self.test)
+        _check_format(self.format, "data.clients.N.format")
+        object.__setattr__(self, "train", os.path.expanduser(self.train))
+        object.__setattr__(self, "test", os.path.expanduser(self.test))
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,7 @@ class DataConfig:
     # evaluation and reward slices
     eval_limit: int = 100  # test questions per client scored each round (0 = the whole split)
     holdout_size: int = 64  # examples of a client's train split held out for the filter's reward
+    max_record_bytes: int = 20_000  # a longer record in a data file is reported as a problem
 
     def __post_init__(self):
         _check(self.num_clients >= 1, "data.num_clients", "an integer >= 1", self.num_clients)
@@ -80,6 +94,11 @@ class DataConfig:
         _check(self.max_value >= 40, "data.max_value", "an integer >= 40", self.max_value)
         _check(self.eval_limit >= 0, "data.eval_limit", "an integer >= 0", self.eval_limit)
         _check(self.holdout_size >= 1, "data.holdout_size", "an integer >= 1", self.holdout_size)
+        _check(self.max_record_bytes >= 64, "data.max_record_bytes", "an integer >= 64", self.max_record_bytes)
+        _check_format(self.public_format, "data.public_format")
+        _check_format(self.general_format, "data.general_format")
+        object.__setattr__(self, "public", os.path.expanduser(self.public))
+        object.__setattr__(self, "general", os.path.expanduser(self.general))
         if self.clients:
             _check(bool(self.public), "data.public", "a public pool file when data.clients is set", self.public)
 
@@ -129,6 +148,9 @@ class ModelSpec:
         _check(self.chat_template in ("auto", "on", "off"), "models.*.chat_template", "auto|on|off",
                self.chat_template)
         _check(self.lora_r >= 1, "models.*.lora_r", "an integer >= 1", self.lora_r)
+        _check(0 <= self.lora_dropout < 1, "models.*.lora_dropout", "a probability in [0, 1)", self.lora_dropout)
+        _check(DEVICE_RE.fullmatch(self.device) is not None, "models.*.device", "auto, cpu, cuda, cuda:N or mps",
+               self.device)
         _check(self.pretrain_tokens >= 0, "models.*.pretrain_tokens", "an integer >= 0", self.pretrain_tokens)
         _check(self.generation in GENERATION_BACKENDS, "models.*.generation", f"one of {GENERATION_BACKENDS}",
                self.generation)
@@ -232,7 +254,9 @@ class LadaConfig:
         _check(self.min_count >= 0, "lada.min_count", "an integer >= 0", self.min_count)
         _check(0 < self.threshold < 1, "lada.threshold", "a float in (0, 1)", self.threshold)
         _check(self.alpha >= 0, "lada.alpha", "a float >= 0", self.alpha)
-        _check(self.filter_epochs >= 0, "lada.filter_epochs", "an integer >= 0", self.filter_epochs)
+        _check(self.filter_epochs >= 1, "lada.filter_epochs", "an integer >= 1", self.filter_epochs)
+        _check(self.filter_hidden >= 1, "lada.filter_hidden", "an integer >= 1", self.filter_hidden)
+        _check(self.filter_lr > 0, "lada.filter_lr", "a float > 0", self.filter_lr)
         _check(0 <= self.reward_mix <= 1, "lada.reward_mix", "a float in [0, 1]", self.reward_mix)
         _check(self.beta > 0, "lada.beta", "a float > 0", self.beta)
         _check(self.lambda_da >= 0, "lada.lambda_da", "a float >= 0", self.lambda_da)
@@ -372,16 +396,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"config key '{key}': expected an integer, found {value!r}")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, found {value!r}")
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': expected a finite number, found {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -402,6 +427,12 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - all fields have defaults
         raise ConfigError(f"config section '{prefix or 'top'}': {e}") from None
+    except ConfigError as e:  # name the exact key: 'models.slms.1.lora_r' rather than 'models.*.lora_r'
+        msg = str(e)
+        if prefix:
+            for generic in ("models.*.", "data.clients.N."):
+                msg = msg.replace(f"'{generic}", f"'{prefix}.")
+        raise ConfigError(msg) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -537,6 +568,16 @@ def same_config(stored: str | Path, cfg: RunConfig) -> bool:
         return load_config(stored) == cfg
     except ConfigError:
         return False
+
+
+def config_diff(stored: str | Path, cfg: RunConfig) -> list[str]:
+    """The dotted keys whose values differ between a run directory's ``config.toml`` and ``cfg``."""
+    try:
+        old = flat_items(load_config(stored))
+    except ConfigError as e:
+        return [f"the stored config no longer loads ({e})"]
+    new = flat_items(cfg)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["(formatting only)"]
 
 
 def flat_items(cfg: RunConfig) -> dict[str, Any]:

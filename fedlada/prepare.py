@@ -26,7 +26,7 @@ from typing import Callable
 from fedlada import reasoning
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record, make_benchmark, read_records, validate_files
-from fedlada.errors import DataError
+from fedlada.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ def _records_digest(records: list[Record]) -> str:
     return h.hexdigest()[:16]
 
 
+def data_digest(data: "FederatedData") -> str:
+    """A fingerprint of every record a run uses (clients' splits, public pool, general corpus), in order."""
+    parts = [_records_digest(data.public), _records_digest(data.general)]
+    parts += [_records_digest(c.train) + _records_digest(c.test) for c in data.clients]
+    return _digest(parts)
+
+
 # ------------------------------------------------------------------------------------------------------ data
 
 
@@ -90,21 +97,25 @@ def load_data(cfg: RunConfig) -> FederatedData:
             tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
         clients = [ClientFiles(read_records(out / f"client_{k}" / "train.jsonl"),
                                read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
-        return FederatedData(clients, read_records(out / "public.jsonl"), read_records(out / "general.jsonl"),
-                             {"benchmark": str(out), **kw})
-    files = [(c.train, c.format) for c in d.clients] + [(c.test, c.format) for c in d.clients]
-    files.append((d.public, d.public_format))
+        general = read_records(out / "general.jsonl") if d.general_size else []
+        return FederatedData(clients, read_records(out / "public.jsonl"), general, {"benchmark": str(out), **kw})
+    files = {f"data.clients.{k}.{split}": (getattr(c, split), c.format)
+             for k, c in enumerate(d.clients) for split in ("train", "test")}
+    files["data.public"] = (d.public, d.public_format)
     if d.general:
-        files.append((d.general, d.general_format))
-    problems = []
-    for path, fmt in files:
-        problems += validate_files([path], format=fmt)
+        files["data.general"] = (d.general, d.general_format)
+    for key, (path, _fmt) in files.items():
+        if Path(path).is_dir():
+            raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
+    problems, limit = [], d.max_record_bytes
+    for path, fmt in files.values():
+        problems += validate_files([path], format=fmt, max_record_bytes=limit)
     if problems:
         raise DataError(f"{len(problems)} problem(s) in the run's data files", problems)
-    clients = [ClientFiles(read_records(c.train, format=c.format), read_records(c.test, format=c.format))
-               for c in d.clients]
-    general = read_records(d.general, format=d.general_format) if d.general else []
-    return FederatedData(clients, read_records(d.public, format=d.public_format), general,
+    clients = [ClientFiles(read_records(c.train, format=c.format, max_record_bytes=limit),
+                           read_records(c.test, format=c.format, max_record_bytes=limit)) for c in d.clients]
+    general = read_records(d.general, format=d.general_format, max_record_bytes=limit) if d.general else []
+    return FederatedData(clients, read_records(d.public, format=d.public_format, max_record_bytes=limit), general,
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
 
 
@@ -112,7 +123,7 @@ def split_holdout(train: list[Record], *, size: int, seed: int) -> tuple[list[Re
     """A seeded held-out slice of a client's train split (for its reward), at most a fifth of it."""
     idx = list(range(len(train)))
     random.Random(seed).shuffle(idx)
-    n = min(size, max(1, len(train) // 5))
+    n = min(size, max(1, len(train) // 5)) if len(train) >= 2 else 0  # a lone record is trained on, not held out
     hold = set(idx[:n])
     return [r for i, r in enumerate(train) if i not in hold], [train[i] for i in sorted(hold)]
 

@@ -313,6 +313,10 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
             if wrong and lc.loss == "pairwise":
                 y_neg = max(wrong, key=lambda r: r[1] / max(r[2], 1))[0]
                 pref.append(PreferenceExample(prompts[q], y_pos.text, y_neg))
+    if lc.loss == "listwise" and selected_q and not listwise:
+        log.warning("round %d, client %d: listwise loss, but no selected question has 2 or more distinct correct "
+                    "teacher paths; only the SFT term on teacher paths trains (raise lada.paths_per_question or "
+                    "lada.temperature)", round, k)
     nll_before = _holdout_nll(side, state.holdout, cfg)
     sel_before = (score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
                               batch_size=64, max_length=cfg.train.max_length).nll if dist else np.zeros(0))
@@ -324,7 +328,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         nll_after = _holdout_nll(side, state.holdout, cfg)
         sel_after = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
                                 batch_size=64, max_length=cfg.train.max_length).nll
-        R = perplexity_reward(nll_before, nll_after)
+        R = perplexity_reward(nll_before, nll_after) if len(nll_before) else 0.0  # no holdout: a one-record split
         rewards = sample_rewards(R, sel_before - sel_after, mix=lc.reward_mix)
         state.filter.observe(sel_feats, rewards)
         fit = state.filter.fit()

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
 from fedlada.messages import ReportMessage, TeachMessage
-from fedlada.prepare import FederatedData, load_data, prepare_model, split_holdout
+from fedlada.prepare import FederatedData, data_digest, load_data, prepare_model, split_holdout
 from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
                                  server_teach)
 from fedlada.rounds import ClientState, ServerState, Side, derive_seed, evaluate
@@ -160,28 +161,95 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def setup_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
+RUN_LOGS = ("metrics.jsonl", "selections.jsonl", "audit.jsonl")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.toml a FedLaDa run wrote (it may predate keys added since)."""
+    try:
+        top = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return {"seed", "rounds", "out_dir"} <= set(top)
+
+
+def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
+    """The run directory and the last completed round to resume from (0: a new run), checked before anything is
+    written or deleted. A directory that is not empty must be a FedLaDa run directory; one that holds completed
+    rounds must hold this very config (the keys that differ are named otherwise), except for a larger ``rounds``:
+    the run is then extended (no round depends on the total, so it ends as a run started with the larger value)."""
     rd = RunDir(cfg.out_dir)
-    rd.path.mkdir(parents=True, exist_ok=True)
-    text = config_mod.dump_toml(cfg)
+    if rd.path.exists() and not rd.path.is_dir():
+        raise ConfigError(f"out_dir {rd.path}: exists and is not a directory")
+    if not rd.path.is_dir() or not any(rd.path.iterdir()):
+        return rd, 0
     existing = rd.path / "config.toml"
-    start = 0
-    if existing.is_file() and rd.last_complete_round() > 0:
-        if not resume:
-            raise ConfigError(f"run directory {rd.path} already holds a run; resume it (the default), or pick "
-                              f"another out_dir")
-        if not config_mod.same_config(existing, cfg):
-            raise ConfigError(f"run directory {rd.path} holds a run with a different config ({existing}); "
-                              f"use another out_dir or the same config to resume it")
-        start = rd.last_complete_round()
-        for name in ("metrics.jsonl", "selections.jsonl", "audit.jsonl"):
+    if not _is_run_config(existing):
+        raise ConfigError(f"out_dir {rd.path}: not empty and not a FedLaDa run directory (no run config.toml); "
+                          f"pick a new or empty directory (nothing in it was changed)")
+    done = rd.last_complete_round()
+    if done == 0:
+        return rd, 0  # an earlier start that completed no round: it is started over
+    if not resume:
+        raise ConfigError(f"run directory {rd.path} already holds a run ({done} round(s) done); resume it (leave out "
+                          f"--fresh), or pick another out_dir")
+    if not config_mod.same_config(existing, cfg):
+        keys = config_mod.config_diff(existing, cfg)
+        if keys != ["rounds"]:
+            raise ConfigError(f"run directory {rd.path} holds a run with a different config ({existing}; differs "
+                              f"in: {', '.join(keys)}); use another out_dir, or the same config to resume it")
+        if done > cfg.rounds:
+            raise ConfigError(f"run directory {rd.path} holds {done} completed rounds, more than rounds={cfg.rounds}")
+        log.info("%s: extending the run to %d rounds (%d done)", rd.path, cfg.rounds, done)
+    return rd, done
+
+
+def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> None:
+    """Make ``rd`` ready for rounds ``start + 1``...: a new run clears what an earlier start left, a resumed one
+    drops log lines of rounds after ``start``. Called once the data has loaded, so a failed start changes nothing."""
+    rd.path.mkdir(parents=True, exist_ok=True)
+    if start:
+        for name in RUN_LOGS:
             rd.truncate_after(name, start)
     else:
-        for name in ("metrics.jsonl", "selections.jsonl", "audit.jsonl"):
+        for name in RUN_LOGS:
             (rd.path / name).unlink(missing_ok=True)
+        (rd.path / "summary.json").unlink(missing_ok=True)
         shutil.rmtree(rd.ckpt, ignore_errors=True)
-    rd.write_atomic("config.toml", text)
+    for name in RUN_LOGS:
+        (rd.path / name).touch()  # present even when a run makes no filter decision
+    rd.write_atomic("config.toml", config_mod.dump_toml(cfg))
+
+
+def setup_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
+    """:func:`check_run_dir` then :func:`init_run_dir` (for callers with nothing to check in between)."""
+    rd, start = check_run_dir(cfg, resume=resume)
+    init_run_dir(rd, cfg, start)
     return rd, start
+
+
+def finished_result(rd: RunDir, cfg: RunConfig, start: int, t_start: float) -> RunResult | None:
+    """The result of a run whose every round is done and summarised (nothing to prepare or run), else None."""
+    summary = rd.path / "summary.json"
+    if start < cfg.rounds or not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # rewritten below from the metrics
+    log.info("%s: all %d rounds are done; nothing to run", rd.path, cfg.rounds)
+    return RunResult(rd.path, data, time.perf_counter() - t_start, resumed_from=start)
+
+
+def check_data_unchanged(rd: RunDir, start: int, digest: str) -> None:
+    """A resumed run must see the data it started with (the first ``setup`` line records its digest)."""
+    if not start:
+        return
+    setup = next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
+    before = setup.get("data_digest")
+    if before is not None and before != digest:
+        raise ConfigError(f"run directory {rd.path}: the data changed since this run started (digest {before}, now "
+                          f"{digest}); restore the files, or start a new run in another out_dir")
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
@@ -281,13 +349,23 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     check_host_config(cfg)  # a refused host/model pairing fails before any work
     check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
-    rd, start = setup_run_dir(cfg, resume=resume)
+    rd, start = check_run_dir(cfg, resume=resume)
+    done = finished_result(rd, cfg, start, t_start)
+    if done is not None:
+        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
+        return done
     events.stage("loading data")
     data = load_data(cfg)
+    if cfg.min_clients > len(data.clients):
+        raise ConfigError(f"config key 'min_clients': expected at most the number of clients ({len(data.clients)}), "
+                          f"found {cfg.min_clients}")
+    digest = data_digest(data)
+    check_data_unchanged(rd, start, digest)
+    init_run_dir(rd, cfg, start)
     server, clients, infos = build_states(cfg, data, events)
     pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
     llm_test = [rec for c in clients for rec in c.test]
-    setup = {"models": infos, "data": data.source, "public": len(data.public),
+    setup = {"models": infos, "data": data.source, "data_digest": digest, "public": len(data.public),
              "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test)} for c in clients]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
                  t_start=t_start)

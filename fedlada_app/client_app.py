@@ -89,12 +89,14 @@ def _client_files(cfg: RunConfig, k: int):
     files = [(c.train, c.format), (c.test, c.format), (d.public, d.public_format)]
     if d.general:
         files.append((d.general, d.general_format))
-    problems = [p for path, fmt in files for p in validate_files([path], format=fmt)]
+    limit = d.max_record_bytes
+    problems = [p for path, fmt in files for p in validate_files([path], format=fmt, max_record_bytes=limit)]
     if problems:
         raise DataError(f"{len(problems)} problem(s) in client {k}'s data files", problems)
-    mine = ClientFiles(read_records(c.train, format=c.format), read_records(c.test, format=c.format))
-    general = read_records(d.general, format=d.general_format) if d.general else []
-    return mine, FederatedData([mine], read_records(d.public, format=d.public_format), general,
+    mine = ClientFiles(read_records(c.train, format=c.format, max_record_bytes=limit),
+                       read_records(c.test, format=c.format, max_record_bytes=limit))
+    general = read_records(d.general, format=d.general_format, max_record_bytes=limit) if d.general else []
+    return mine, FederatedData([mine], read_records(d.public, format=d.public_format, max_record_bytes=limit), general,
                                {"client": asdict(c), "public": d.public, "general": d.general})
 
 

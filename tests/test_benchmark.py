@@ -192,3 +192,13 @@ def test_steps_of_falls_back_to_counting_equations():
     assert steps_of(Record("x", "q", "9", "A crate holds 8 eggs.\n1 * 8 = 8\n8 + 1 = 9")) == 2
     with pytest.raises(ValueError, match="no '-s<steps>-'"):
         steps_of(Record("x", "q", "9", "nine"))
+
+
+def test_no_general_corpus_and_a_smaller_remake_leave_no_stale_files(tmp_path):
+    make_benchmark(tmp_path, num_clients=4, **SMALL)
+    assert (tmp_path / "client_3" / "train.jsonl").is_file() and (tmp_path / "general.jsonl").is_file()
+    layout = make_benchmark(tmp_path, num_clients=2, **{**SMALL, "general_size": 0})
+    assert layout.general is None and len(layout.clients) == 2
+    assert not (tmp_path / "general.jsonl").exists() and not (tmp_path / "client_3").exists()
+    assert validate_files(tmp_path) == []  # what is left is exactly the new benchmark
+    assert BenchmarkLayout.from_dir(tmp_path).general is None

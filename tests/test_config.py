@@ -35,7 +35,16 @@ def test_flat_run_config_equals_nested():
 
 @pytest.mark.parametrize("override, fragment", [
     ("lada.bogus=1", "unknown config key 'lada.bogus'"),
-    ("lada.budget=abc", "config key 'lada.budget': expected a number, found 'abc'"),
+    ("lada.budget=abc", "config key 'lada.budget': expected a finite number, found 'abc'"),
+    ("lada.temperature=inf", "config key 'lada.temperature': expected a finite number, found 'inf'"),
+    ("lada.filter_epochs=0", "config key 'lada.filter_epochs': expected an integer >= 1"),
+    ("lada.filter_hidden=0", "config key 'lada.filter_hidden'"),
+    ("lada.filter_lr=0", "config key 'lada.filter_lr'"),
+    ("models.llm.lora_dropout=5", "config key 'models.llm.lora_dropout': expected a probability in [0, 1)"),
+    ("models.slms.1.device=gpu", "config key 'models.slms.1.device'"),
+    ("models.slms.2.lora_r=0", "config key 'models.slms.2.lora_r'"),
+    ('data.clients=[{"train": "a", "test": "b", "format": "xml"}]', "config key 'data.clients.0.format'"),
+    ('data.clients=[{"train": "a", "test": "b"}, {"train": "a", "test": ""}]', "config key 'data.clients.1.test'"),
     ("lada.budget=2", "expected a fraction in (0, 1]"),
     ("lada.method=magic", "config key 'lada.method'"),
     ("rounds=0", "config key 'rounds': expected an integer >= 1"),

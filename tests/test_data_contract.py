@@ -187,6 +187,32 @@ def test_detect_format_by_keys():
     assert detect_format({"prompt": "q"}) is None
 
 
+def test_gsm8k_records_with_ids_are_still_gsm8k(tmp_path):
+    # a common export keeps an id next to question/answer: the answer must still be split at '####'
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"id": "g1", "question": "2+3?", "answer": "2+3=<<2+3=5>>5.\n#### 5"}) + "\n")
+    assert detect_format(json.loads(path.read_text())) == "gsm8k"
+    [rec] = read_records(path)
+    assert (rec.id, rec.answer, rec.rationale) == ("g1", "5", "2+3=5.")
+    # with a rationale key it is the contract, whose answer must then be one line
+    assert detect_format({"id": "x", "question": "q", "rationale": "r", "answer": "a\n#### 1"}) == "fedlada"
+
+
+def test_contract_answers_are_one_line_and_a_marker_less_gsm8k_file_is_hinted(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"id": "x", "question": "q", "answer": "A\nB"}) + "\n"
+                    + json.dumps({"question": "q", "answer": "12"}) + "\n")
+    problems = validate_files(path)
+    assert [(p.line, p.key) for p in problems] == [(1, "answer"), (2, "id")]
+    assert "one line" in problems[0].message and "####" in problems[1].message
+
+
+def test_cot_targets_broken_over_lines_become_one_answer(tmp_path):
+    path = tmp_path / "cot.jsonl"
+    path.write_text(json.dumps({"source": "q", "rationale": "r", "target": "New\n  York"}) + "\n")
+    assert read_records(path)[0].answer == "New York"
+
+
 def test_undetectable_format_is_reported_once(tmp_path):
     path = tmp_path / "u.jsonl"
     path.write_text('{"prompt": "q"}\n{"prompt": "r"}\n[1]\n')
@@ -196,7 +222,8 @@ def test_undetectable_format_is_reported_once(tmp_path):
 
 def test_explicit_format_overrides_detection(tmp_path):
     problems = validate_files(FIXTURES / "gsm8k.jsonl", format="fedlada")
-    assert [(p.line, p.key) for p in problems] == [(1, "id"), (2, "id"), (3, "id")]
+    # read as the contract: no ids, and answers that hold the whole multi-line solution
+    assert [(p.line, p.key) for p in problems] == [(n, key) for n in (1, 2, 3) for key in ("id", "answer")]
     with pytest.raises(ConfigError, match="format"):
         validate_files(FIXTURES / "gsm8k.jsonl", format="alpaca")
 

@@ -51,6 +51,13 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
     assert comparable_metrics(_rows(resumed.run_dir, "metrics.jsonl")) == comparable_metrics(_rows(rd, "metrics.jsonl"))
     assert _rows(resumed.run_dir, "selections.jsonl") == sel
 
+    # a finished 1-round run extended to 2 rounds ends as the 2-round run
+    one = load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'extended'}", "rounds=1"])
+    assert run(one).summary["rounds_done"] == 1
+    extended = run(load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'extended'}"]))
+    assert extended.resumed_from == 1 and extended.summary == full.summary
+    assert comparable_metrics(_rows(extended.run_dir, "metrics.jsonl")) == comparable_metrics(_rows(rd, "metrics.jsonl"))
+
 
 def test_a_failing_client_is_reported_and_the_round_continues(tiny_overrides):
     def fail(round, client):

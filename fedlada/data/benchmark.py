@@ -60,7 +60,7 @@ class BenchmarkLayout:
     out_dir: Path
     clients: tuple[ClientFiles, ...]
     public: Path
-    general: Path
+    general: Path | None  # None when made with general_size=0
     manifest: Path
 
     @classmethod
@@ -72,7 +72,8 @@ class BenchmarkLayout:
             info = json.loads(manifest.read_text(encoding="utf-8"))
             clients = tuple(ClientFiles(c["domain"], out_dir / c["train"], out_dir / c["test"])
                             for c in info["clients"])
-            return cls(out_dir, clients, out_dir / info["public"], out_dir / info["general"], manifest)
+            general = out_dir / info["general"] if info["general"] else None
+            return cls(out_dir, clients, out_dir / info["public"], general, manifest)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{manifest}: not a benchmark manifest ({err})") from err
 
@@ -218,8 +219,9 @@ def _check(num_clients, sizes: dict[str, int], min_steps, max_steps, max_value, 
     if not isinstance(num_clients, int) or num_clients < 1:
         raise ConfigError(f"num_clients: expected an integer >= 1, got {num_clients!r}")
     for key, value in sizes.items():
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key}: expected an integer >= 0, got {value!r}")
+        least = 0 if key == "general_size" else 1  # no general corpus is fine; an empty split is not
+        if not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key}: expected an integer >= {least}, got {value!r}")
     if not (isinstance(min_steps, int) and isinstance(max_steps, int) and 1 <= min_steps <= max_steps):
         raise ConfigError(f"min_steps/max_steps: expected 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
     if not isinstance(max_value, int) or max_value < MIN_MAX_VALUE:
@@ -231,6 +233,15 @@ def _records(rows, domain: str, prefix: str, width: int = 5) -> list[Record]:
     return [Record(f"{prefix}-s{steps}-{i:0{width}d}", q, a, r, domain) for i, (steps, q, r, a, *_) in enumerate(rows)]
 
 
+def _previous_files(out_dir: Path) -> set[str]:
+    """The files an earlier ``make_benchmark`` recorded in ``out_dir``'s manifest (none if there is no manifest)."""
+    try:
+        info = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return {rel for rel in info.get("files", {}) if not Path(rel).is_absolute() and ".." not in Path(rel).parts}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: int = 3, train_per_client: int = 1000,
                    test_per_client: int = 500, public_size: int = 1000, general_size: int = 20000,
                    min_steps: int = 1, max_steps: int = 6, max_value: int = 99,
@@ -239,8 +250,8 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
 
     domains: the domains in play, in client order; None means the first ``max(4, num_clients)`` of ``DOMAINS``.
     Client k holds ``domains[k % len(domains)]``; clients beyond ``len(domains)`` repeat a domain with fresh
-    questions. Files: ``client_{k}/train.jsonl``, ``client_{k}/test.jsonl``, ``public.jsonl``, ``general.jsonl``,
-    ``manifest.json`` (seed, sizes, domains, rules, files with sha256, generator version). Bad arguments raise
+    questions. Files: ``client_{k}/train.jsonl``, ``client_{k}/test.jsonl``, ``public.jsonl``, ``general.jsonl``
+    (none when ``general_size`` is 0), ``manifest.json`` (seed, sizes, domains, rules, files with sha256, generator version). Bad arguments raise
     ConfigError.
     """
     sizes = {"train_per_client": train_per_client, "test_per_client": test_per_client,
@@ -266,10 +277,12 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
         public += [(*row, domain) for row in _generate(rng, DOMAINS[domain], steps, max_value, seen)]
     rng.shuffle(public)
     files["public.jsonl"] = [Record(f"public-{d}-s{s}-{i:05d}", q, a, r, d) for i, (s, q, r, a, d) in enumerate(public)]
-    rng = _rng(seed, "general")
-    rows = _generate(rng, GENERAL, _balanced_steps(rng, general_size, min_steps, max_steps), max_value, seen)
-    files["general.jsonl"] = _records(rows, GENERAL.name, "general", width=6)
+    if general_size:
+        rng = _rng(seed, "general")
+        rows = _generate(rng, GENERAL, _balanced_steps(rng, general_size, min_steps, max_steps), max_value, seen)
+        files["general.jsonl"] = _records(rows, GENERAL.name, "general", width=6)
 
+    stale = _previous_files(out_dir) - set(files)
     entries = {}
     for rel, records in files.items():
         path = write_records(records, out_dir / rel)
@@ -279,12 +292,18 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
         "generator": "fedlada.data.benchmark", "generator_version": GENERATOR_VERSION, "seed": seed,
         "num_clients": num_clients, "sizes": sizes, "min_steps": min_steps, "max_steps": max_steps,
         "max_value": max_value, "domains": domains, "clients": clients,
-        "public": "public.jsonl", "general": "general.jsonl",
+        "public": "public.jsonl", "general": "general.jsonl" if general_size else None,
         "rules": {d: DOMAINS[d].rule.to_json() for d in domains}, "files": entries,
     }
     manifest_path = out_dir / MANIFEST_NAME
     tmp = manifest_path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, manifest_path)
+    for rel in sorted(stale):  # files of an earlier, larger benchmark in the same directory
+        (out_dir / rel).unlink(missing_ok=True)
+        try:
+            (out_dir / rel).parent.rmdir()
+        except OSError:
+            pass  # not empty, or out_dir itself
     logger.info("benchmark written to %s: %d clients, %d files", out_dir, num_clients, len(entries))
     return BenchmarkLayout.from_dir(out_dir)

@@ -97,8 +97,14 @@ def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
         if key not in RECORD_KEYS:
             issues.append((key, f"unknown key (allowed: {', '.join(RECORD_KEYS)})"))
     rid = _required_text(obj, "id", issues)
+    if rid is None and "id" not in obj and "question" in obj and "answer" in obj and "rationale" not in obj:
+        issues[-1] = ("id", "missing (expected a non-empty string; a GSM8K-style file needs '#### <answer>' as the "
+                            "last line of every answer)")
     question = _required_text(obj, "question", issues)
     answer = _required_text(obj, "answer", issues)
+    if answer is not None and "\n" in answer.strip():
+        issues.append(("answer", "spans several lines; expected the final answer alone on one line (the reasoning "
+                                 "goes in 'rationale')"))
     optional = {key: _optional_text(obj, key, issues) for key in OPTIONAL_KEYS}
     if issues:
         return None, issues
@@ -169,7 +175,8 @@ def convert_cot(obj: dict, *, default_id: str) -> Converted:
     rationale = _optional_text(obj, "rationale", issues)
     if issues:
         return None, issues
-    return Record(_foreign_id(obj, default_id), question.strip(), answer.strip(), _clean_lines(rationale)), issues
+    answer = " ".join(answer.split())  # a target broken over lines is still one final answer
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, _clean_lines(rationale)), issues
 
 
 CONVERTERS: dict[str, Callable[..., Converted]] = {
@@ -181,15 +188,15 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
 
 
 def detect_format(obj: dict) -> str | None:
-    """The format whose keys ``obj`` has, or None. GSM8K is told from the contract by its ``####`` answer and
-    missing ``id``; an object with ``id`` or ``question`` but missing fields counts as the contract, so that the
-    missing fields are what gets reported."""
+    """The format whose keys ``obj`` has, or None. GSM8K is told from the contract by the ``####`` line in its
+    ``answer`` and the absence of ``rationale`` (an ``id`` is allowed: it is kept); an object with ``id`` or
+    ``question`` but missing fields counts as the contract, so that the missing fields are what gets reported."""
     if "instruction" in obj and "output" in obj:
         return "mathinstruct"
     if "source" in obj and "target" in obj:
         return "cot"
     answer = obj.get("answer")
-    if "question" in obj and "id" not in obj and isinstance(answer, str) and GSM8K_ANSWER_MARK in answer:
+    if "question" in obj and "rationale" not in obj and isinstance(answer, str) and GSM8K_ANSWER_MARK in answer:
         return "gsm8k"
     if "id" in obj or "question" in obj:
         return "fedlada"

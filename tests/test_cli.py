@@ -1,0 +1,56 @@
+"""The command line's handling of user mistakes: a one-line error, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedlada.cli import main
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_a_file_where_a_folder_is_needed_is_an_error_not_a_traceback(tmp_path, capsys):
+    afile = tmp_path / "afile.jsonl"
+    afile.write_text("x")
+    assert main(["data", "make", "--out", str(afile / "bench"), "--set", "data.general_size=10"]) == 2
+    assert "Not a directory" in _err(capsys) and afile.read_text() == "x"
+
+
+def test_validate_prints_one_line_per_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "question": "q" * 20, "answer": "A\nB"}) + "\n")
+    assert main(["data", "validate", str(bad)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{bad}:1: answer: spans several lines") and out[0].endswith("'rationale')")
+
+
+def test_compare_needs_a_seed_and_finished_runs(tmp_path, capsys):
+    assert main(["compare", "--seeds", "0", "--out", str(tmp_path / "t")]) == 2
+    assert "--seeds: expected an integer >= 1" in _err(capsys)
+    assert main(["compare", "--finished-only", "--seeds", "1", "--methods", "local", "--out",
+                 str(tmp_path / "t")]) == 2
+    assert "no finished run of local" in _err(capsys)
+    assert not (tmp_path / "t" / "table.md").exists()
+
+
+def test_report_of_a_run_that_never_evaluated_is_an_error(tmp_path, capsys):
+    from fedlada.config import dump_toml, load_config
+
+    (tmp_path / "config.toml").write_text(dump_toml(load_config()))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no evaluation yet" in _err(capsys) and not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("lada.budget=2", "config key 'lada.budget'"),
+    ("nonsense=1", "unknown config key 'nonsense'"),
+])
+def test_bad_config_values_exit_2(override, fragment, tmp_path, capsys):
+    assert main(["run", "--set", override, "--out", str(tmp_path / "r")]) == 2
+    assert fragment in _err(capsys) and not (tmp_path / "r").exists()
