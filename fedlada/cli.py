@@ -91,8 +91,14 @@ def cmd_run(args) -> int:
         except ImportError as e:
             raise FedLadaError(f"engine=flower needs Flower: pip install 'flwr[simulation]>=1.42' ({e})") from None
         fcfg = flower_config(flower_sets)
-        with _RichEvents(console) as ev:
-            result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
+        try:
+            with _RichEvents(console) as ev:
+                result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
+        except KeyboardInterrupt:  # Flower's worker threads would keep the interpreter from exiting
+            print("interrupted; completed rounds are checkpointed, run the same command to resume", file=sys.stderr,
+                  flush=True)
+            sys.stdout.flush()
+            os._exit(130)
     else:
         from fedlada.runner import run
 
@@ -144,7 +150,13 @@ def cmd_compare(args) -> int:
     from fedlada.compare import DEFAULT_METHODS, run_table, write_table
     from fedlada.config import load_config
 
-    cfg = load_config(args.config, list(args.set or []))
+    sets, flower_sets = _split_flower_sets(args.set)
+    cfg = load_config(args.config, sets)
+    if flower_sets or cfg.engine != "inprocess":
+        from fedlada.errors import ConfigError
+
+        raise ConfigError("fedlada compare runs every (method, seed) in process; drop engine=flower and flower.* "
+                          "keys (run single methods on Flower with fedlada run --engine flower)")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     seeds = tuple(range(args.seeds))
     console = _console()

@@ -54,6 +54,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     alone, each host alone and each host + LaDa side by side (``none:lada,fedmkt:host,fedmkt:lada``).
     ``finished_only`` runs nothing: the table holds the runs already finished (each row says over how many seeds)."""
     from fedlada import runner
+    from fedlada.report import write_report
     from fedlada.config import same_config, with_overrides
     from fedlada.errors import ConfigError
 
@@ -64,6 +65,10 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
         raise ConfigError(f"--methods: {list(methods)} names a method twice")
     if not seeds:
         raise ConfigError("--seeds: expected an integer >= 1")
+    from fedlada.host_rounds import check_host_config
+
+    for host, method, _name in parsed:  # a pairing the host cannot run fails before any run starts
+        check_host_config(with_overrides(base, {"host.name": host, "lada.method": method}))
     digest = None  # of the table's data, computed once when a finished run is first reused
     rows = {}
     for host, method, name in parsed:
@@ -89,7 +94,9 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             else:
                 if events:
                     events.stage(f"{name}, seed {seed}")
-                s = runner.run(cfg, resume=True, events=events).summary
+                res = runner.run(cfg, resume=True, events=events)
+                write_report(res.run_dir)  # every run of the table is a full run directory
+                s = res.summary
             rows[(name, seed)] = s
     if not rows:
         raise ConfigError(f"{out}: no finished run of {', '.join(labels)} at seeds {list(seeds)} to tabulate")

@@ -564,8 +564,8 @@ def same_config(stored: str | Path, cfg: RunConfig) -> bool:
     text = Path(stored).read_text(encoding="utf-8")
     if text == dump_toml(cfg):
         return True
-    try:
-        return load_config(stored) == cfg
+    try:  # out_dir says where the run lives, not what it is: a moved folder or another spelling still resumes
+        return dataclasses.replace(load_config(stored), out_dir=cfg.out_dir) == cfg
     except ConfigError:
         return False
 
@@ -577,7 +577,7 @@ def config_diff(stored: str | Path, cfg: RunConfig) -> list[str]:
     except ConfigError as e:
         return [f"the stored config no longer loads ({e})"]
     new = flat_items(cfg)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)) or ["(formatting only)"]
+    return sorted(k for k in old.keys() | new.keys() if k != "out_dir" and old.get(k) != new.get(k)) or ["(none)"]
 
 
 def flat_items(cfg: RunConfig) -> dict[str, Any]:

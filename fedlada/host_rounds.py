@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 
 HOST_BASELINES = {"host": "all", "host-random": "random"}  # host-only method -> LaDa's selection rule
 _ARCH_IGNORED = ("device", "dtype", "gradient_checkpointing")  # ModelSpec fields FedAvg does not care about
+# fields that only shape a tiny model: a loaded model's architecture is its source's
+_TINY_ONLY = ("hidden_size", "num_layers", "num_heads", "tokenizer", "tokenizer_vocab", "pretrain_tokens")
 
 
 def _secs(t0: float) -> float:
@@ -134,18 +136,21 @@ def check_host_config(cfg: RunConfig) -> None:
     for k in range(n):
         spec = cfg.models.slm_for(k)
         if _same_tokenizer(llm, spec) is False:
+            why = (" (a tiny model's tokenizer is trained here from the benchmark text, so it is never a loaded "
+                   "model's)" if llm.is_tiny != spec.is_tiny else "")
             raise ConfigError(
-                f"config key 'host.name': '{h}' distils token-level logits and needs the LLM and every SLM to share "
+                f"config key 'host.name': '{h}' exchanges token-level logits and needs the LLM and every SLM to share "
                 f"one tokenizer, but client {k}'s SLM ({describe(spec)}) and the LLM ({describe(llm)}) use different "
-                f"tokenizers. No host here supports mixed tokenizers (token alignment is not implemented); LaDa "
+                f"tokenizers{why}. No host here supports mixed tokenizers (token alignment is not implemented); LaDa "
                 f"alone (host.name='none') works with any tokenizers because it exchanges text only.")
     if h == "fedcollm":
         first = cfg.models.slm_for(0)
         for k in range(1, n):
             spec = cfg.models.slm_for(k)
+            ignored = _ARCH_IGNORED + (() if first.is_tiny or spec.is_tiny else _TINY_ONLY)
             diff = [f"{f.name} ({getattr(spec, f.name)!r} vs {getattr(first, f.name)!r})"
                     for f in dataclasses.fields(ModelSpec)
-                    if f.name not in _ARCH_IGNORED and getattr(first, f.name) != getattr(spec, f.name)]
+                    if f.name not in ignored and getattr(first, f.name) != getattr(spec, f.name)]
             if diff:
                 raise ConfigError(
                     f"config key 'host.name': 'fedcollm' averages the SLMs' weights and needs every client to run "

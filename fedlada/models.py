@@ -59,9 +59,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"model device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model device {str(device)!r}: this machine has no CUDA device usable by torch "
+                          f"{torch.__version__} (use 'cpu' or 'auto')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"model device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def check_devices(cfg) -> None:
+    """Every model's ``device`` exists on this machine (ConfigError naming the key otherwise), before any work."""
+    for key, spec in [("models.llm", cfg.models.llm)] + [(f"models.slms.{k}", s) for k, s in enumerate(cfg.models.slms)]:
+        try:
+            resolve_device(spec.device)
+        except ConfigError as e:
+            raise ConfigError(f"config key '{key}.device': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,6 +233,9 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
                          "Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct')")
     if Path(src).expanduser().exists():
         src = str(Path(src).expanduser())
+        if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():
+            raise ModelError(f"{src} is not a model directory: it has no config.json (expected what "
+                             f"save_pretrained writes, or pass a .gguf file)")
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {where} needs the 'gguf' package: pip install gguf")
     kwargs = {"gguf_file": gguf} if gguf else {}

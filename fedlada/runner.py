@@ -37,6 +37,7 @@ from fedlada import config as config_mod
 from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
+from fedlada.models import check_devices
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import FederatedData, data_digest, load_data, prepare_model, split_holdout
 from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
@@ -348,6 +349,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     t_start = time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work
     check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
+    check_devices(cfg)  # and a device this machine does not have
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
     done = finished_result(rd, cfg, start, t_start)

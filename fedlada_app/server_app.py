@@ -254,7 +254,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     import torch
 
     from fedlada.generation import check_generation, llm_backend
-    from fedlada.models import PromptFormatter
+    from fedlada.models import PromptFormatter, check_devices
     from fedlada.prepare import data_digest, load_data, prepare_model
     from fedlada.rounds import ServerState, Side
     from fedlada.runner import check_data_unchanged, check_run_dir, drive, finished_result, init_run_dir
@@ -262,6 +262,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
     check_generation(cfg)
+    check_devices(cfg)
     torch.set_num_threads(resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
     done = finished_result(rd, cfg, start, t_start)

@@ -18,6 +18,7 @@ import os
 import time
 
 from fedlada.config import RunConfig, resolve_threads
+from fedlada.errors import ConfigError
 from fedlada.runner import Events, RunDir, RunResult, summarize_run
 from fedlada_app.settings import FlowerConfig
 
@@ -51,6 +52,11 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
     from fedlada_app.server_app import make_server_app
 
     fcfg = flower or FlowerConfig()
+    cores = resolve_threads(0)
+    if fcfg.client_cpus > cores:
+        raise ConfigError(f"config key 'flower.client_cpus': a ClientApp asking for {fcfg.client_cpus:g} CPUs can "
+                          f"never be placed on this machine ({cores} usable cores); use at most {cores}, or 0 (the "
+                          f"run's threads)")
     t0 = time.perf_counter()
     done: list[RunResult] = []
     server_app = make_server_app(cfg, fcfg, resume=resume, events=events, t_start=t0, done=done.append)

@@ -54,3 +54,38 @@ def test_report_of_a_run_that_never_evaluated_is_an_error(tmp_path, capsys):
 def test_bad_config_values_exit_2(override, fragment, tmp_path, capsys):
     assert main(["run", "--set", override, "--out", str(tmp_path / "r")]) == 2
     assert fragment in _err(capsys) and not (tmp_path / "r").exists()
+
+
+def test_compare_refuses_flower_and_a_pairing_its_host_cannot_run_before_any_run(tmp_path, capsys, monkeypatch):
+    from fedlada import runner
+
+    monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("a run started"))
+    assert main(["compare", "--set", "engine=flower", "--out", str(tmp_path / "t")]) == 2
+    assert "runs every (method, seed) in process" in _err(capsys)
+    # the default SLMs differ in shape, which FedCoLLM's averaging cannot take: refused before 'local' runs
+    assert main(["compare", "--methods", "local,fedcollm:host", "--seeds", "1", "--out", str(tmp_path / "t")]) == 2
+    assert "'fedcollm' averages the SLMs' weights" in _err(capsys)
+
+
+def test_devices_and_model_folders_are_checked_with_clear_errors(tmp_path):
+    from fedlada.config import load_config
+    from fedlada.errors import ConfigError, ModelError
+    from fedlada.models import check_devices, load_model
+
+    with pytest.raises(ConfigError, match=r"'models.slms.1.device'.*cuda:99"):
+        check_devices(load_config(overrides=["models.slms.1.device=cuda:99"]))
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelError, match="not a model directory: it has no config.json"):
+        load_model(tmp_path)
+
+
+def test_a_client_asking_for_more_cpus_than_the_machine_has_is_refused(tmp_path):
+    pytest.importorskip("flwr")
+    from fedlada.config import load_config
+    from fedlada.errors import ConfigError
+    from fedlada_app.settings import FlowerConfig
+    from fedlada_app.simulate import run_simulation
+
+    with pytest.raises(ConfigError, match="'flower.client_cpus'"):
+        run_simulation(load_config(overrides=[f"out_dir={tmp_path / 'r'}"]), flower=FlowerConfig(client_cpus=4096))
+    assert not (tmp_path / "r").exists()

@@ -286,3 +286,13 @@ def test_bytes_benchmark_counts_what_each_host_adds(model_cache, tmp_path):
     assert rows["FedMKT-like, top-32 logits"]["total"] > rows["FedMKT-like, top-8 logits"]["total"] > lada["total"]
     adapters = rows["FedCoLLM-like, float32 adapters"]
     assert adapters["payload_up"] > 4 * res["slm_trainable_params"]
+
+
+def test_fedcollm_compares_loaded_slms_by_source_not_by_tiny_shape_fields():
+    same = ["host.name=fedcollm", "models.llm.source=/models/llm", "models.slms.0.source=/models/slm",
+            "models.slms.1.source=/models/slm", "models.slms.2.source=/models/slm"]
+    host_rounds.check_host_config(load_config(None, same))  # the default tiny shapes differ but do not apply
+    with pytest.raises(ConfigError, match=r"differs from client 0's in source"):
+        host_rounds.check_host_config(load_config(None, same + ["models.slms.2.source=/models/other"]))
+    with pytest.raises(ConfigError, match="a tiny model's tokenizer is trained here"):
+        host_rounds.check_host_config(load_config(None, same[:1] + ["models.llm.source=/models/llm"]))

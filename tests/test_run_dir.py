@@ -115,3 +115,13 @@ def test_a_one_record_train_split_keeps_its_record():
     assert split_holdout(recs[:1], size=64, seed=0) == (recs[:1], [])
     train, hold = split_holdout(recs, size=64, seed=0)
     assert len(hold) == 2 and sorted(r.id for r in train + hold) == sorted(r.id for r in recs)
+
+
+def test_out_dir_spelled_otherwise_still_resumes(tiny_overrides, tmp_path):
+    cfg = load_config(overrides=tiny_overrides)
+    _fake_run(Path(cfg.out_dir), cfg, rounds_done=1)
+    slash = load_config(overrides=tiny_overrides + [f"out_dir={cfg.out_dir}/"])
+    assert check_run_dir(slash, resume=True)[1] == 1
+    moved = tmp_path / "moved"
+    Path(cfg.out_dir).rename(moved)
+    assert check_run_dir(load_config(overrides=tiny_overrides + [f"out_dir={moved}"]), resume=True)[1] == 1
