@@ -58,13 +58,17 @@ def test_table_runs_keep_the_configs_list_lengths(tmp_path, monkeypatch):
     seen = []
 
     class Done:
+        run_dir = tmp_path
         summary = {"final": {"client0": 0.1, "llm": 0.0}, "mean_slm_accuracy": 0.1, "accuracy": {
             "client0": {"0": 0.0}, "llm": {"0": 0.0}}, "bytes_client_to_server": 1, "bytes_server_to_client": 1,
             "train_tokens_federated": 1}
 
     monkeypatch.setattr(runner, "run", lambda cfg, **kw: seen.append(cfg) or Done())
+    reports = []
+    monkeypatch.setattr("fedlada.report.write_report", reports.append)
     base = load_config(Path(__file__).resolve().parent.parent / "configs" / "scenario-a-identical.toml")
     run_table(base, methods=("local", "fedcollm:host"), seeds=(0, 1), out=tmp_path)
+    assert len(reports) == 4  # each run of the table gets its report
     assert len(seen) == 4 and all(len(c.models.slms) == 1 and c.models.slms == base.models.slms for c in seen)
     assert [(c.host.name, c.lada.method, c.seed) for c in seen] == [
         ("none", "local", 0), ("none", "local", 1), ("fedcollm", "host", 0), ("fedcollm", "host", 1)]
