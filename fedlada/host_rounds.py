@@ -55,6 +55,7 @@ run summary's training tokens compare methods fairly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -123,6 +124,32 @@ def _same_tokenizer(a: ModelSpec, b: ModelSpec) -> bool | None:
     return True if (a.source, a.gguf_file) == (b.source, b.gguf_file) else None
 
 
+@functools.lru_cache(maxsize=32)
+def _tokenizer_fingerprint_of(source: str, gguf_file: str) -> str | None:
+    """The vocabulary fingerprint of a loaded model's tokenizer, or None where it cannot be read here (loading the
+    model then says why). Only the tokenizer is read, once per process."""
+    from transformers import AutoTokenizer
+
+    from fedlada.models import _split_source
+
+    try:
+        src, gguf = _split_source(source, gguf_file or None)
+        tok = AutoTokenizer.from_pretrained(str(Path(src).expanduser()), **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:  # noqa: BLE001 - a model that cannot be read fails later with its own clear error
+        log.debug("tokenizer of %s not readable up front: %s", source, e)
+        return None
+    return tokenizer_fingerprint(tok)
+
+
+def _tokenizers_match(a: ModelSpec, b: ModelSpec) -> bool | None:
+    """:func:`_same_tokenizer`, settled by reading both tokenizers where the config alone cannot tell."""
+    same = _same_tokenizer(a, b)
+    if same is None:
+        fa, fb = _tokenizer_fingerprint_of(a.source, a.gguf_file), _tokenizer_fingerprint_of(b.source, b.gguf_file)
+        same = None if fa is None or fb is None else fa == fb
+    return same
+
+
 def check_host_config(cfg: RunConfig) -> None:
     """Refuse, before any work, a method/host/model combination the host cannot run (ConfigError naming why)."""
     h, m = cfg.host.name, cfg.lada.method
@@ -135,7 +162,7 @@ def check_host_config(cfg: RunConfig) -> None:
     llm = cfg.models.llm
     for k in range(n):
         spec = cfg.models.slm_for(k)
-        if _same_tokenizer(llm, spec) is False:
+        if _tokenizers_match(llm, spec) is False:
             why = (" (a tiny model's tokenizer is trained here from the benchmark text, so it is never a loaded "
                    "model's)" if llm.is_tiny != spec.is_tiny else "")
             raise ConfigError(

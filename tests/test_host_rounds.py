@@ -296,3 +296,21 @@ def test_fedcollm_compares_loaded_slms_by_source_not_by_tiny_shape_fields():
         host_rounds.check_host_config(load_config(None, same + ["models.slms.2.source=/models/other"]))
     with pytest.raises(ConfigError, match="a tiny model's tokenizer is trained here"):
         host_rounds.check_host_config(load_config(None, same[:1] + ["models.llm.source=/models/llm"]))
+
+
+def test_loaded_models_with_different_tokenizers_are_refused_before_any_work(tmp_path):
+    import shutil
+
+    from fedlada.models import train_tokenizer
+
+    texts = [f"Question: {i} apples and {i + 3} pears. Answer: {2 * i + 3}" for i in range(200)]
+    for name, vocab in (("a", 300), ("b", 280)):
+        train_tokenizer(texts, vocab_size=vocab).save_pretrained(tmp_path / name)
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")  # another folder, the same tokenizer
+    base = ["host.name=fedmkt", f"models.llm.source={tmp_path / 'a'}"]
+    slms = [f"models.slms.{k}.source={tmp_path / 'a-copy'}" for k in range(3)]
+    host_rounds.check_host_config(load_config(None, base + slms))
+    with pytest.raises(ConfigError, match=r"client 1's SLM \(.*b\) and the LLM \(.*a\) use different tokenizers"):
+        host_rounds.check_host_config(load_config(None, base + slms + [f"models.slms.1.source={tmp_path / 'b'}"]))
+    # unreadable here (no such folder): left to the model load, which names the missing path
+    host_rounds.check_host_config(load_config(None, base + slms + [f"models.slms.1.source={tmp_path / 'nope'}"]))
