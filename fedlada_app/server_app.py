@@ -135,8 +135,9 @@ class FlowerClients:
             return
         self.events.stage(f"preparing the SLMs of {len(new)} SuperNode(s)")
         setup = self._request(evaluate=evaluate)
-        for rep in self._exchange(records.SETUP_TYPE, new, lambda node: setup(-1), round=0,
-                                  timeout=self.fcfg.timeout):
+        # a node's set-up (imports, data, SLM) may take longer than one step: it gets the whole connect window
+        wait = max(self.fcfg.timeout, self.fcfg.connect_timeout)
+        for rep in self._exchange(records.SETUP_TYPE, new, lambda node: setup(-1), round=0, timeout=wait):
             node = rep.client_id
             if rep.error is not None:
                 log.warning("node %s: setup failed: %s", node, rep.error)
@@ -169,8 +170,10 @@ class FlowerClients:
                 break
             time.sleep(0.5)
         if len(self.nodes) < max(self.cfg.min_clients, 1):
+            failed = (f"; {len(self._ignored)} SuperNode(s) answered the set-up with an error, not in time or for "
+                      f"another run (see the warnings above)" if self._ignored else "")
             raise ConnectError(f"{len(self.nodes)} of {n} clients connected within flower.connect_timeout="
-                               f"{self.fcfg.connect_timeout:g}s; min_clients={self.cfg.min_clients}")
+                               f"{self.fcfg.connect_timeout:g}s; min_clients={self.cfg.min_clients}{failed}")
         if len(self.nodes) < n:
             log.warning("clients %s did not connect; continuing with %s",
                         sorted(set(self.ids) - set(self.nodes)), sorted(self.nodes))

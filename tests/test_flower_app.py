@@ -287,3 +287,33 @@ def test_compute_lock_makes_clientapps_on_one_machine_take_turns(tmp_path):
         fcntl.flock(other, fcntl.LOCK_UN)
     with _compute_lock(types.SimpleNamespace(node_config={"partition-id": 0})):
         pass  # no key: nothing to hold
+
+
+def test_set_up_gets_the_connect_window_and_a_failed_connect_says_why(tmp_path, monkeypatch):
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import ConnectError, FlowerClients
+
+    monkeypatch.setattr(server_app, "Message", lambda **kw: kw)  # outside a Flower run; the grid never reads them
+
+    class SilentGrid:  # two SuperNodes that never answer
+        waits: list[float] = []
+
+        def get_node_ids(self):
+            return [11, 12]
+
+        def send_and_receive(self, messages, *, timeout):
+            self.waits.append(timeout)
+            return []
+
+    grid = SilentGrid()
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(grid, cfg, FlowerConfig(timeout=0.5, connect_timeout=0.2), RunDir(tmp_path))
+    with pytest.raises(ConnectError, match=r"0 of 2 clients connected.*2 SuperNode\(s\) answered the set-up with an "
+                                           r"error, not in time"):
+        pool.connect()
+    assert grid.waits == [0.5]  # max(timeout, connect_timeout): set-up never waits less than a step
+    pool2 = FlowerClients(grid, cfg, FlowerConfig(timeout=0.5, connect_timeout=2.0), RunDir(tmp_path))
+    with pytest.raises(ConnectError):
+        pool2.connect()
+    assert grid.waits[1] == 2.0  # a short step timeout no longer cuts the set-up short
