@@ -13,6 +13,9 @@ import sys
 import time
 
 
+INTERRUPTED = "interrupted; completed rounds are checkpointed, run the same command to resume"
+
+
 def _console():
     from rich.console import Console
 
@@ -95,8 +98,7 @@ def cmd_run(args) -> int:
             with _RichEvents(console) as ev:
                 result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
         except KeyboardInterrupt:  # Flower's worker threads would keep the interpreter from exiting
-            print("interrupted; completed rounds are checkpointed, run the same command to resume", file=sys.stderr,
-                  flush=True)
+            print(INTERRUPTED, file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(130)
     else:
@@ -171,19 +173,16 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from fedlada.config import load_config
+    from fedlada.errors import FedLadaError
     from fedlada.report import print_summary, write_report
     from fedlada.runner import RunDir, summarize_run
-    from fedlada.config import load_config
 
     rd = RunDir(args.run_dir)
     if not (rd.path / "config.toml").is_file():
-        from fedlada.errors import FedLadaError
-
         raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")
     if not any(r.get("event") == "eval" for r in rd.read("metrics.jsonl")):
-        from fedlada.errors import FedLadaError
-
         raise FedLadaError(f"{rd.path}: the run has no evaluation yet (metrics.jsonl holds none); nothing to report")
     out = write_report(rd.path)
     print_summary(summarize_run(rd, cfg), console=_stdout_console())
@@ -214,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
-    v.add_argument("--max-record-bytes", type=int, default=20_000, metavar="N",
+    v.add_argument("--max-record-bytes", type=int, default=20_000, metavar="N",  # data.DEFAULT_MAX_RECORD_BYTES
                    help="a longer record is a problem (default 20000; the run's key is data.max_record_bytes)")
     v.set_defaults(func=cmd_data_validate)
 
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; completed rounds are checkpointed, run the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -85,7 +85,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                     from fedlada.prepare import data_digest, load_data
 
                     digest = data_digest(load_data(base))
-                runner.check_data_unchanged(runner.RunDir(cfg.out_dir), cfg.rounds, digest)
+                runner.check_data_unchanged(runner.RunDir(cfg.out_dir), digest)
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
             elif finished_only:

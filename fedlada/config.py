@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlada.data.formats import FORMATS
+from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 from fedlada.errors import ConfigError
 
 METHODS = ("lada", "local", "all", "random", "lada-sft", "host", "host-random")
@@ -39,7 +41,7 @@ def _check(cond: bool, key: str, expected: str, found: Any) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
 
 
-DATA_FORMATS = ("auto", "fedlada", "gsm8k", "mathinstruct", "cot")  # fedlada.data.formats.FORMATS and "auto"
+DATA_FORMATS = ("auto", *FORMATS)
 
 
 def _check_format(value: str, key: str) -> None:
@@ -83,7 +85,7 @@ class DataConfig:
     # evaluation and reward slices
     eval_limit: int = 100  # test questions per client scored each round (0 = the whole split)
     holdout_size: int = 64  # examples of a client's train split held out for the filter's reward
-    max_record_bytes: int = 20_000  # a longer record in a data file is reported as a problem
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # a longer record in a data file is reported as a problem
 
     def __post_init__(self):
         _check(self.num_clients >= 1, "data.num_clients", "an integer >= 1", self.num_clients)

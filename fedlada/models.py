@@ -72,7 +72,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def check_devices(cfg) -> None:
     """Every model's ``device`` exists on this machine (ConfigError naming the key otherwise), before any work."""
-    for key, spec in [("models.llm", cfg.models.llm)] + [(f"models.slms.{k}", s) for k, s in enumerate(cfg.models.slms)]:
+    specs = [("models.llm", cfg.models.llm)] + [(f"models.slms.{k}", s) for k, s in enumerate(cfg.models.slms)]
+    for key, spec in specs:
         try:
             resolve_device(spec.device)
         except ConfigError as e:

@@ -222,35 +222,53 @@ def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> None:
     rd.write_atomic("config.toml", config_mod.dump_toml(cfg))
 
 
-def setup_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
-    """:func:`check_run_dir` then :func:`init_run_dir` (for callers with nothing to check in between)."""
-    rd, start = check_run_dir(cfg, resume=resume)
-    init_run_dir(rd, cfg, start)
-    return rd, start
-
-
-def finished_result(rd: RunDir, cfg: RunConfig, start: int, t_start: float) -> RunResult | None:
-    """The result of a run whose every round is done and summarised (nothing to prepare or run), else None."""
+def _finished_summary(rd: RunDir, cfg: RunConfig, start: int) -> dict | None:
+    """The summary of a run whose every round is done and summarised (nothing to prepare or run), else None."""
     summary = rd.path / "summary.json"
     if start < cfg.rounds or not summary.is_file():
         return None
     try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
+        return json.loads(summary.read_text(encoding="utf-8"))
     except ValueError:
-        return None  # rewritten below from the metrics
-    log.info("%s: all %d rounds are done; nothing to run", rd.path, cfg.rounds)
-    return RunResult(rd.path, data, time.perf_counter() - t_start, resumed_from=start)
+        return None  # rewritten at the end from the metrics
 
 
-def check_data_unchanged(rd: RunDir, start: int, digest: str) -> None:
-    """A resumed run must see the data it started with (the first ``setup`` line records its digest)."""
-    if not start:
-        return
+def check_data_unchanged(rd: RunDir, digest: str) -> None:
+    """A run that already has rounds must see the data it started with (its first ``setup`` line holds the digest;
+    a run from before digests were kept is not checked)."""
     setup = next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
     before = setup.get("data_digest")
     if before is not None and before != digest:
         raise ConfigError(f"run directory {rd.path}: the data changed since this run started (digest {before}, now "
                           f"{digest}); restore the files, or start a new run in another out_dir")
+
+
+@dataclass
+class RunStart:
+    """Where a run stands once its folder and data are checked: resume after round ``start`` on ``data``."""
+
+    rd: RunDir
+    start: int
+    data: FederatedData
+    digest: str
+
+
+def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -> RunStart | RunResult:
+    """The start every engine shares: check the run folder, return a finished run's result as it is, else load the
+    data, check it is the data a resumed run started with, and only then prepare the folder (a start that fails
+    on its data changes nothing)."""
+    rd, start = check_run_dir(cfg, resume=resume)
+    summary = _finished_summary(rd, cfg, start)
+    if summary is not None:
+        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
+        return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
+    events.stage("loading data")
+    data = load_data(cfg)
+    digest = data_digest(data)
+    if start:
+        check_data_unchanged(rd, digest)
+    init_run_dir(rd, cfg, start)
+    return RunStart(rd, start, data, digest)
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
@@ -351,23 +369,17 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
     check_devices(cfg)  # and a device this machine does not have
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
-    rd, start = check_run_dir(cfg, resume=resume)
-    done = finished_result(rd, cfg, start, t_start)
-    if done is not None:
-        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
-        return done
-    events.stage("loading data")
-    data = load_data(cfg)
-    if cfg.min_clients > len(data.clients):
-        raise ConfigError(f"config key 'min_clients': expected at most the number of clients ({len(data.clients)}), "
+    if cfg.min_clients > cfg.data.n_clients:
+        raise ConfigError(f"config key 'min_clients': expected at most the number of clients ({cfg.data.n_clients}), "
                           f"found {cfg.min_clients}")
-    digest = data_digest(data)
-    check_data_unchanged(rd, start, digest)
-    init_run_dir(rd, cfg, start)
+    begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
+    if isinstance(begun, RunResult):
+        return begun
+    rd, start, data = begun.rd, begun.start, begun.data
     server, clients, infos = build_states(cfg, data, events)
     pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
     llm_test = [rec for c in clients for rec in c.test]
-    setup = {"models": infos, "data": data.source, "data_digest": digest, "public": len(data.public),
+    setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
              "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test)} for c in clients]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
                  t_start=t_start)

@@ -258,25 +258,19 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
 
     from fedlada.generation import check_generation, llm_backend
     from fedlada.models import PromptFormatter, check_devices
-    from fedlada.prepare import data_digest, load_data, prepare_model
+    from fedlada.prepare import prepare_model
     from fedlada.rounds import ServerState, Side
-    from fedlada.runner import check_data_unchanged, check_run_dir, drive, finished_result, init_run_dir
+    from fedlada.runner import begin_run, drive
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
     check_generation(cfg)
     check_devices(cfg)
     torch.set_num_threads(resolve_threads(cfg.threads))
-    rd, start = check_run_dir(cfg, resume=resume)
-    done = finished_result(rd, cfg, start, t_start)
-    if done is not None:
-        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
-        return done
-    events.stage("loading data")
-    data = load_data(cfg)
-    digest = data_digest(data)
-    check_data_unchanged(rd, start, digest)
-    init_run_dir(rd, cfg, start)
+    begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
+    if isinstance(begun, RunResult):
+        return begun
+    rd, start, data = begun.rd, begun.start, begun.data
     if not start:
         (rd.path / "flower.jsonl").unlink(missing_ok=True)
     events.stage("preparing the LLM")
@@ -288,7 +282,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     pool.connect(evaluate=not start)
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
-    setup = {"models": infos, "data": data.source, "data_digest": digest, "public": len(data.public),
+    setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
              "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, t_start=t_start)
 

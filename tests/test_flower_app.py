@@ -297,7 +297,8 @@ def test_set_up_gets_the_connect_window_and_a_failed_connect_says_why(tmp_path, 
     monkeypatch.setattr(server_app, "Message", lambda **kw: kw)  # outside a Flower run; the grid never reads them
 
     class SilentGrid:  # two SuperNodes that never answer
-        waits: list[float] = []
+        def __init__(self):
+            self.waits: list[float] = []
 
         def get_node_ids(self):
             return [11, 12]

@@ -87,10 +87,10 @@ def test_resuming_with_another_config_names_the_keys_that_differ(tiny_overrides,
 def test_a_resumed_run_must_see_the_data_it_started_with(tmp_path):
     rd = RunDir(tmp_path)
     rd.append("metrics.jsonl", [{"round": 0, "event": "setup", "data_digest": "aaaa"}])
-    check_data_unchanged(rd, 1, "aaaa")
-    check_data_unchanged(rd, 0, "bbbb")  # a new run: nothing to compare
+    check_data_unchanged(rd, "aaaa")
+    check_data_unchanged(RunDir(tmp_path / "older"), "bbbb")  # no digest recorded: nothing to compare
     with pytest.raises(ConfigError, match="the data changed since this run started"):
-        check_data_unchanged(rd, 1, "bbbb")
+        check_data_unchanged(rd, "bbbb")
 
 
 def test_min_clients_above_the_number_of_clients_fails_up_front(tiny_overrides, monkeypatch):

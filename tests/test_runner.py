@@ -56,7 +56,8 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
     assert run(one).summary["rounds_done"] == 1
     extended = run(load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'extended'}"]))
     assert extended.resumed_from == 1 and extended.summary == full.summary
-    assert comparable_metrics(_rows(extended.run_dir, "metrics.jsonl")) == comparable_metrics(_rows(rd, "metrics.jsonl"))
+    extended_rows = comparable_metrics(_rows(extended.run_dir, "metrics.jsonl"))
+    assert extended_rows == comparable_metrics(_rows(rd, "metrics.jsonl"))
 
 
 def test_a_failing_client_is_reported_and_the_round_continues(tiny_overrides):

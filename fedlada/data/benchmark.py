@@ -251,8 +251,8 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
     domains: the domains in play, in client order; None means the first ``max(4, num_clients)`` of ``DOMAINS``.
     Client k holds ``domains[k % len(domains)]``; clients beyond ``len(domains)`` repeat a domain with fresh
     questions. Files: ``client_{k}/train.jsonl``, ``client_{k}/test.jsonl``, ``public.jsonl``, ``general.jsonl``
-    (none when ``general_size`` is 0), ``manifest.json`` (seed, sizes, domains, rules, files with sha256, generator version). Bad arguments raise
-    ConfigError.
+    (none when ``general_size`` is 0), ``manifest.json`` (seed, sizes, domains, rules, files with sha256, generator
+    version). Bad arguments raise ConfigError.
     """
     sizes = {"train_per_client": train_per_client, "test_per_client": test_per_client,
              "public_size": public_size, "general_size": general_size}

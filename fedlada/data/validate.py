@@ -39,7 +39,8 @@ Item = tuple[int, int, object, str | None, str]
 
 
 def _too_long(size: int, limit: int) -> str:
-    return f"record is {size} bytes, over the limit of {limit} (raise it with data.max_record_bytes, or --max-record-bytes)"
+    return (f"record is {size} bytes, over the limit of {limit} (raise it with data.max_record_bytes, or "
+            f"--max-record-bytes)")
 
 
 def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
