@@ -1,7 +1,7 @@
 """Speed of path scoring: naive per-example loop vs batched ``score_paths`` vs batched with prompt-cache reuse.
 
     python benchmarks/bench_scoring.py [--out benchmarks/results/scoring.json] [--questions 32] [--paths 4]
-                                       [--shapes 256x6x4,256x4x8,96x3x4,128x2x4,64x4x4]
+                                       [--shapes 256x6x4,256x4x8,96x3x4,128x2x4,64x4x4] [--device cuda]
 
 For each model shape (by default a 4.9M-parameter reference Llama, hidden 256 x 6 layers, then the default run's
 LLM and three SLMs) builds a tiny Llama on one BPE tokenizer, takes questions and rationales
@@ -87,12 +87,13 @@ def load_items(n: int, seed: int) -> tuple[list[tuple[str, str]], str]:
 
 def naive_scores(model, tok, prompts, paths, max_length=512) -> np.ndarray:
     out = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for p, y in zip(prompts, paths):
             pi, yi = encode_pair(tok, p, y, max_length=max_length)
-            logp = torch.log_softmax(model(torch.tensor([pi + yi])).logits[0].float(), dim=-1)
-            idx = torch.arange(len(pi) - 1, len(pi) + len(yi) - 1)
-            out.append(logp[idx, torch.tensor(yi)].double().sum().item())
+            logp = torch.log_softmax(model(torch.tensor([pi + yi], device=device)).logits[0].float(), dim=-1)
+            idx = torch.arange(len(pi) - 1, len(pi) + len(yi) - 1, device=device)
+            out.append(logp[idx, torch.tensor(yi, device=device)].double().sum().item())
     return np.array(out)
 
 
@@ -111,7 +112,9 @@ def _shape(text: str) -> tuple[int, int, int]:
 def bench_shape(shape, tok, prompts, paths, args) -> dict:
     """Time the three scorers on one model shape (interleaved repetitions) and return its row."""
     hidden, layers, heads = shape
-    model = build_tiny_model(tok, hidden_size=hidden, num_layers=layers, num_heads=heads, seed=args.seed)
+    device = torch.device(args.device)
+    model = build_tiny_model(tok, hidden_size=hidden, num_layers=layers, num_heads=heads, seed=args.seed).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     pairs = [encode_pair(tok, p, y, max_length=512) for p, y in zip(prompts, paths)]
     P = float(np.mean([len(p) for p, _ in pairs]))
     C = float(np.mean([len(y) for _, y in pairs]))
@@ -129,14 +132,16 @@ def bench_shape(shape, tok, prompts, paths, args) -> dict:
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.reps):
         for name, fn in methods.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     # The machine is shared and noisy: the best of the interleaved repetitions is the least disturbed estimate.
     best = {name: min(t) for name, t in times.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     n_params = count_parameters(model)
-    # forward FLOPs of the naive loop (2 x weights x positions, attention ignored): how close to the CPU's limit it is
+    # forward FLOPs of the naive loop (2 x weights x positions, attention ignored): how close to the device's limit
     naive_gflops = 2 * n_params * tokens / best["naive"] / 1e9
     return {
         "shape": f"{hidden}x{layers}x{heads}", "model_params": n_params, "pairs": len(pairs),
@@ -154,15 +159,21 @@ def bench_shape(shape, tok, prompts, paths, args) -> dict:
     }
 
 
-def _matmul_gflops() -> float:
-    """fp32 GEMM throughput of this CPU (2048 x 256 @ 256 x 256, the tiny models' widest shape): the ceiling."""
-    a, b = torch.randn(2048, 256), torch.randn(256, 256)
+def _matmul_gflops(device: torch.device) -> float:
+    """fp32 GEMM throughput of the device (2048 x 256 @ 256 x 256, the tiny models' widest shape; on a GPU
+    8192^3, so that the card is filled): the ceiling."""
+    n_rows, width = (8192, 8192) if device.type == "cuda" else (2048, 256)
+    a, b = torch.randn(n_rows, width, device=device), torch.randn(width, width, device=device)
     for _ in range(3):
         a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0, n = time.perf_counter(), 50
     for _ in range(n):
         a @ b
-    return 2 * 2048 * 256 * 256 * n / (time.perf_counter() - t0) / 1e9
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n_rows * width * width * n / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv=None) -> int:
@@ -174,11 +185,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (fp32 weights; TF32 matmuls on a GPU)")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES,
                     help=f"comma-separated HIDDENxLAYERSxHEADS model shapes (default: {DEFAULT_SHAPES})")
     args = ap.parse_args(argv)
     shapes = [_shape(x) for x in args.shapes.split(",") if x.strip()]
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     items, source = load_items(max(args.questions * args.paths, 256), args.seed)
     tok = train_tokenizer([_prompt(q) + y for q, y in items], vocab_size=512)
@@ -189,7 +204,7 @@ def main(argv=None) -> int:
         for j in [i, *others]:
             prompts.append(_prompt(items[i][0]))
             paths.append(items[j][1])
-    peak = _matmul_gflops()
+    peak = _matmul_gflops(device)
     rows = []
     for shape in shapes:
         rows.append(bench_shape(shape, tok, prompts, paths, args))
@@ -201,7 +216,8 @@ def main(argv=None) -> int:
               flush=True)
     first = rows[0]
     report = {
-        "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
         "data": source, "vocab": len(tok), "questions": args.questions, "paths_per_question": args.paths,
         "batch_size": args.batch_size, "reps": args.reps, "gemm_fp32_gflops_per_s": peak,
         "ideal_formula": "M*(P+C) / (P + M*C)", "shapes": rows,

@@ -3,9 +3,10 @@
 Compared side by side, in one process, on the same tiny Llama, the same tokens and the same batch size:
 
 * ``ours``        -- ``train(preference=..., lambda_da=1, mu=0)`` with its defaults: reference log-probs computed
-                     once inside ``train``, batches bucketed by length, each prompt run once for its chosen and
-                     rejected path (``reuse_prefix``). ``ours_noreuse`` turns prefix reuse off, and
-                     ``ours_noreuse_nobucket`` turns off bucketing too (one full [chosen; rejected] row per path).
+                     once inside ``train``, batches bucketed by length, and on a CPU each prompt run once for its
+                     chosen and rejected path (``reuse_prefix``; off by default on a GPU, where it does not pay).
+                     ``ours_reuse`` / ``ours_noreuse`` force prefix reuse on / off, and ``ours_noreuse_nobucket``
+                     turns off bucketing too (one full [chosen; rejected] row per path).
 * ``plain``       -- a bare PyTorch loop: forward, HF causal-LM loss on the path tokens, backward, clip, AdamW step,
                      on the same [chosen; rejected] rows in random batches. No reference pass, no pairwise loss.
 * ``trl_precompute`` -- TRL ``DPOTrainer`` (sigmoid loss) with ``precompute_ref_log_probs=True``: the reference
@@ -20,6 +21,7 @@ waits for: tokenisation, the reference pass, trainer construction and the steps)
 
 Usage: python benchmarks/bench_train.py [--out benchmarks/results/train.json] [--reps 5] [--bf16]
        [--threads 1 --clock cpu]   # CPU-time ratios that survive a busy shared machine
+       [--device cuda --bf16 --hidden 1024 --layers 12]   # on a GPU (wall clock, synchronised)
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ from fedlada.paths import collate, encode_pair  # noqa: E402
 # The clock every variant is timed with: wall-clock by default; --clock cpu uses this process's CPU time, which
 # other processes on a shared machine barely disturb (use it with --threads 1, where no thread ever spin-waits).
 _now = time.perf_counter
+_DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading after it covers the work (no-op on a CPU)."""
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
 
 NAMES = ["Tom", "Ana", "Lee", "Mia", "Raj", "Zoe", "Sam", "Ivy"]
 ITEMS = ["apples", "pens", "coins", "books", "eggs", "cards", "shells", "stamps"]
@@ -108,6 +117,7 @@ def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, r
     def timed_reference(*args, **kwargs):
         t = _now()
         original(*args, **kwargs)
+        _sync()
         timing["reference"] += _now() - t
 
     ftrain._reference_logprobs = timed_reference
@@ -117,6 +127,7 @@ def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, r
         stats = ftrain.train(model, tok, preference=pref, lr=lr, batch_size=batch_size, max_length=max_length,
                              bf16=bf16, lambda_da=1.0, mu=0.0, bucket_by_length=bucket,
                              reuse_prefix=reuse, seed=0)
+        _sync()
         total = _now() - t0
     finally:
         ftrain._reference_logprobs = original
@@ -133,11 +144,12 @@ def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
     random.Random(0).shuffle(order)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(_DEVICE.type, dtype=torch.bfloat16, enabled=bf16)
     t_steps, steps, losses, fwd_tokens = _now(), 0, [], 0
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = collate(tok, [enc[i][0] for i in idx] + [enc[i][1] for i in idx])
+        rows = collate(tok, [enc[i][0] for i in idx] + [enc[i][1] for i in idx])
+        batch = {k: v.to(_DEVICE) for k, v in rows.items()}
         labels = batch["input_ids"].clone()
         path_positions = torch.zeros_like(batch["loss_mask"], dtype=torch.bool)
         path_positions[:, 1:] = batch["loss_mask"][:, :-1] != 0
@@ -152,6 +164,7 @@ def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
         steps += 1
         losses.append(loss.item())
         fwd_tokens += int(batch["attention_mask"].sum())
+    _sync()
     end = _now()
     return dict(end_to_end_s=end - t0, steps_s=end - t_steps, reference_s=0.0, loss=sum(losses) / len(losses),
                 steps=steps, forward_tokens=fwd_tokens)
@@ -166,7 +179,8 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
         output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, num_train_epochs=1,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=0.1, loss_type=["sigmoid"], max_length=max_length, precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=batch_size, gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=True,
+        precompute_ref_batch_size=batch_size, gradient_checkpointing=False, bf16=bf16, fp16=False,
+        use_cpu=_DEVICE.type == "cpu",
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, dataset_num_proc=None,
     )
@@ -177,8 +191,10 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
     t0 = _now()
     ref = None if precompute else copy.deepcopy(model).eval()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok)
+    _sync()
     t_steps = _now()
     result = trainer.train()
+    _sync()
     end = _now()
     ds = trainer.train_dataset
     trl_tokens = sum(len(a) + len(b) + len(c) for a, b, c in zip(ds["prompt_ids"], ds["chosen_ids"],
@@ -216,7 +232,7 @@ def write_report(results, config, out: Path) -> dict:
         summary[v]["loss"] = statistics.median(r["loss"] for r in rs)
         summary[v]["reps"] = len(rs)
     ratios = {}
-    for base in ("trl_precompute", "trl_refmodel", "plain", "ours_noreuse", "ours_noreuse_nobucket"):
+    for base in ("trl_precompute", "trl_refmodel", "plain", "ours_reuse", "ours_noreuse", "ours_noreuse_nobucket"):
         if "ours" in summary and base in summary:
             for stat in ("best", "median"):
                 for kind in ("steps", "end_to_end"):
@@ -241,6 +257,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one device for every variant)")
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--variants",
                     default="ours,ours_noreuse,ours_noreuse_nobucket,plain,trl_precompute,trl_refmodel")
     args = ap.parse_args()
@@ -255,7 +273,12 @@ def main() -> None:
     datasets.disable_caching()
     transformers.utils.logging.set_verbosity_error()
 
-    global _now
+    global _now, _DEVICE
+    _DEVICE = torch.device(args.device)
+    if _DEVICE.type == "cuda" and args.clock == "cpu":
+        raise SystemExit("error: --clock cpu measures this process's CPU time, not GPU work; use --clock wall")
+    if _DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     _now = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     tok, triples = make_data(args.examples, seed=0)
@@ -265,12 +288,15 @@ def main() -> None:
     prompt_lens = [len(pc) for (pc, _), _ in enc]
     path_lens = [len(y) for pair in enc for _, y in pair]
 
-    def fresh_model():
-        return build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, seed=0)
+    def fresh_model():  # built on the device itself (a large model's CPU initialisation would dominate a GPU run)
+        with torch.device(_DEVICE):
+            return build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                                    seed=0)
 
     common = dict(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16)
     runners = {
-        "ours": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=True, **common),
+        "ours": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=None, **common),
+        "ours_reuse": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=True, **common),
         "ours_noreuse": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=False, **common),
         "ours_noreuse_nobucket": lambda m, d, rep: run_ours(m, tok, d, bucket=False, reuse=False, **common),
         "plain": lambda m, d, rep: run_plain(m, tok, d, **common),
@@ -286,6 +312,7 @@ def main() -> None:
                   path_tokens_max=max(path_lens), path_tokens_mean=statistics.mean(path_lens),
                   torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                   python=platform.python_version(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+                  gpu=torch.cuda.get_device_name(_DEVICE) if _DEVICE.type == "cuda" else None,
                   torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg())
     out = Path(args.out)
     results = {v: [] for v in variants}

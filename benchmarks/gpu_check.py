@@ -21,6 +21,8 @@ pass ``train`` runs once per call, so 6N per token for one epoch. MFU = achieved
     python benchmarks/gpu_check.py                         # on a CUDA machine: ~0.47B model, bf16
     python benchmarks/gpu_check.py --tiny --device cpu     # seconds on a CPU: checks the script runs
     python benchmarks/gpu_check.py --profile               # plus torch.profiler tables of each phase
+    python benchmarks/gpu_check.py --save-model DIR        # also save the (random) model and tokenizer to DIR,
+                                                           # a local model `fedlada run` can load (models.*.source)
 
 The JSON goes to ``$OUT/gpu_check.json`` when ``$OUT`` is set, else to ``--out``. Progress lines go to stdout.
 """
@@ -133,7 +135,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile a short generation, a scoring batch and one training step (torch.profiler); "
                          "tables go to gpu_check_profile.txt next to the JSON")
+    ap.add_argument("--save-model", default="", metavar="DIR",
+                    help="save the freshly built model (random weights, before any training) and its tokenizer to "
+                         "DIR, loadable as a local model (models.*.source = DIR)")
+    ap.add_argument("--save-only", action="store_true", help="with --save-model: stop once the model is saved")
     args = ap.parse_args(argv)
+    if args.save_only and not args.save_model:
+        ap.error("--save-only needs --save-model DIR")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -191,6 +199,12 @@ def main(argv=None) -> int:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     sync(device)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        tok.save_pretrained(args.save_model)
+        say(f"saved the model and its tokenizer to {args.save_model}")
+        if args.save_only:
+            return 0
     mean_len = sum(len(x) for x in tok(texts[:200], add_special_tokens=False)["input_ids"]) / min(200, len(texts))
     fl = flops_per_token(model, context=mean_len)
     result["model"] = {"class": type(model).__name__, "hidden": w["hidden"], "layers": w["layers"],

@@ -257,19 +257,28 @@ def _score_shared(model, tokenizer, prompt_ids: list[list[int]], paths: list[lis
     return np.split(total, np.cumsum(counts)[:-1])
 
 
+def reuse_prefix_pays(device: torch.device) -> bool:
+    """Whether encoding a shared prompt once for all of its paths is worth it on ``device`` (measured): yes on a CPU,
+    no on a GPU, where the extra forward call and the cache gather cost more than the prompt positions saved."""
+    return torch.device(device).type == "cpu"
+
+
 def _plain_batches(order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
     ranked = sorted(order, key=lambda i: -lengths[i])
     return [ranked[i: i + batch_size] for i in range(0, len(ranked), batch_size)]
 
 
 def score_paths(model, tokenizer, prompts: list[str], paths: list[str], *, batch_size: int = 32,
-                max_length: int = 512, reuse_prefix: bool = True) -> PathScores:
+                max_length: int = 512, reuse_prefix: bool | None = None) -> PathScores:
     """log pi(path | prompt) and the scored-token count of every pair, without gradients, in eval mode.
 
     Pairs are sorted by length into batches of at most ``batch_size`` rows and the results put back in input order.
     With ``reuse_prefix``, paths that share a prompt string are scored together: the prompt is encoded once and its
     key/value cache reused for each of its paths (a prompt with a single path is batched plainly). The result equals
     scoring each pair alone to float rounding (1e-5 in float32) whatever the batching, padding side or order.
+    ``None`` (the default) reuses on a CPU only, where it pays (1.25-1.65x at M=4, ideal 1.71x); on a GPU the
+    second forward call and the cache gather cost more than the saved prompt positions (0.83-0.91x on an H200,
+    ``benchmarks/results/gpu/scoring.json``).
     Paths too long for ``max_length`` are truncated from the right (see :func:`encode_pair`).
     """
     if len(prompts) != len(paths):
@@ -281,6 +290,8 @@ def score_paths(model, tokenizer, prompts: list[str], paths: list[str], *, batch
     pairs = _encode_many(tokenizer, prompts, paths, max_length)
     num_tokens = np.array([len(y) for _, y in pairs], dtype=np.int64)
     lengths = [len(p) + len(y) for p, y in pairs]
+    if reuse_prefix is None:
+        reuse_prefix = reuse_prefix_pays(_device(model))
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):

@@ -38,6 +38,23 @@ def test_gpu_check_tiny_on_cpu_writes_its_json(tmp_path):
     assert "training:" in proc.stdout and "MFU" in proc.stdout
 
 
+def test_gpu_check_saves_a_model_fedlada_can_load(tmp_path):
+    """``--save-model DIR --save-only``: the check's (random) model and tokenizer, loadable as a local model."""
+    from fedlada.models import load_model
+
+    target = tmp_path / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",
+                           "--save-model", str(target), "--save-only"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generation:" not in proc.stdout  # stopped once saved
+    model, tok = load_model(str(target))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and len(tok) > 100
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--save-only"], env=_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--save-model" in bad.stderr
+
+
 def test_scoring_benchmark_times_every_shape_and_agrees_with_the_naive_loop(tmp_path):
     out = tmp_path / "scoring.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--reps", "1",

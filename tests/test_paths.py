@@ -139,6 +139,26 @@ def test_score_paths_prefix_reuse_with_many_paths_per_prompt(tok, model):
         np.testing.assert_allclose(s.logprob, ref, rtol=0, atol=1e-5)
 
 
+def test_score_paths_reuses_prefixes_by_default_only_where_it_pays(tok, model, monkeypatch):
+    """``reuse_prefix=None`` asks ``reuse_prefix_pays`` for the model's device (yes on a CPU, no on a GPU); the
+    scores are the same either way."""
+    import fedlada.paths as fpaths
+
+    rng = random.Random(5)
+    q = _problem(rng)[0]
+    prompts, paths = [_prompt(q)] * 3, [_problem(rng)[1] for _ in range(3)]
+    calls = []
+    real = fpaths._score_shared
+    monkeypatch.setattr(fpaths, "_score_shared", lambda *a, **k: calls.append(1) or real(*a, **k))
+    on = score_paths(model, tok, prompts, paths)
+    assert calls, "a CPU model shares the prompt's pass by default"
+    calls.clear()
+    monkeypatch.setattr(fpaths, "reuse_prefix_pays", lambda device: False)
+    off = score_paths(model, tok, prompts, paths)
+    assert not calls
+    np.testing.assert_allclose(on.logprob, off.logprob, rtol=0, atol=1e-5)
+
+
 def test_score_paths_counts_tokens_truncates_and_keeps_mode(tok, model):
     prompt = _prompt("Lea has 4 bags of 5 marbles")
     paths = ["4 * 5 = 20\nAnswer: 20", "Answer: 20", ""]

@@ -224,6 +224,22 @@ def test_prefix_reuse_gives_the_same_gradient(tok, monkeypatch, kind):
         assert tokens[1] == sum(len(p) + len(yc) - 1 + len(yr) - 1 for (p, yc), (_, yr) in enc)
 
 
+def test_prefix_reuse_default_follows_the_device(tok, monkeypatch):
+    """``reuse_prefix=None`` (the default) asks ``reuse_prefix_pays`` for the model's device: on (CPU) it trains as
+    ``True`` does, each prompt once; off (what it answers for a GPU) as ``False`` does, full rows."""
+    import fedlada.train as ftrain
+
+    def tokens(**kw):
+        return train(_model(tok), tok, lr=1e-3, batch_size=len(PREF), preference=PREF, **kw).tokens
+
+    shared, full = tokens(reuse_prefix=True), tokens(reuse_prefix=False)
+    assert shared < full
+    assert ftrain.reuse_prefix_pays(torch.device("cpu")) and not ftrain.reuse_prefix_pays(torch.device("cuda"))
+    assert tokens() == shared
+    monkeypatch.setattr(ftrain, "reuse_prefix_pays", lambda device: False)
+    assert tokens() == full
+
+
 def test_activation_checkpointing_falls_back_to_full_rows(tok):
     """Checkpointing drops the key/value cache that prefix reuse needs; training must still work (full rows)."""
     model = _model(tok)
