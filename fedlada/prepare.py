@@ -217,7 +217,9 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
             stored = path / "fedlada_pretrain.json"
             if stored.is_file():
-                info.update({k: v for k, v in json.loads(stored.read_text()).items() if k not in ("role",)})
+                # the stored record says how the weights were made; where they are now is this cache (a copied or
+                # moved cache keeps its records)
+                info.update({k: v for k, v in json.loads(stored.read_text()).items() if k not in ("role", "cache")})
             info["cached"] = True
         else:
             from fedlada.models import PromptFormatter

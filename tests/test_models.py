@@ -239,3 +239,23 @@ def test_pretrained_tiny_models_are_cached_per_thread_count(model_cache, tmp_pat
         torch.set_num_threads(old)
     assert infos[0]["cache"] != infos[1]["cache"]
     assert [i["cached"] for i in infos] == [False, False, True] and infos[2]["cache"] == infos[0]["cache"]
+
+
+def test_a_moved_model_cache_reports_where_the_model_was_loaded_from(tmp_path):
+    """A cache copied to another place keeps its records of how each model was made, but the run's setup line names
+    the cache the model was actually loaded from, not the one it was first written to."""
+    import shutil
+
+    from conftest import TINY
+    from fedlada import prepare
+    from fedlada.config import load_config
+
+    first = load_config(None, TINY + [f"models.cache_dir={tmp_path / 'a'}"])
+    data = prepare.load_data(first)
+    made = prepare.prepare_model(first.models.slms[0], role="client0", cfg=first, data=data)[2]
+    shutil.copytree(tmp_path / "a" / "models", tmp_path / "b" / "models")
+    shutil.copytree(tmp_path / "a" / "tokenizers", tmp_path / "b" / "tokenizers")
+    moved = load_config(None, TINY + [f"models.cache_dir={tmp_path / 'b'}"])
+    info = prepare.prepare_model(moved.models.slms[0], role="client0", cfg=moved, data=data)[2]
+    assert info["cached"] is True and info["pretrain_loss"] == made["pretrain_loss"]
+    assert info["cache"].startswith(str(tmp_path / "b")) and made["cache"].startswith(str(tmp_path / "a"))
