@@ -24,6 +24,11 @@ QUICK=${QUICK:-0}
 STEPS=${STEPS:-train-small train-large run scoring gpu-check}
 RUN_ARGS=${RUN_ARGS:-}
 PY=${PYTHON:-python3}
+if [[ "$DEVICE" == cuda* ]] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "error: DEVICE=$DEVICE but $PY's torch sees no CUDA GPU; on a CPU use DEVICE=cpu QUICK=1 for a dry run" >&2
+    exit 2
+fi
+
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

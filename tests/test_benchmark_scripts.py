@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -140,3 +142,32 @@ def test_scenario_claims_pair_runs_by_seed(tmp_path):
     assert abs(p["diff_llm"][0] - 0.05) < 1e-12
     assert "| a | FedMKT + LaDa vs FedMKT alone | 25.0 ± 5.0 | 25.0 ± 5.0 | 0.0 ± 10.0 | 1/3 | 5.0 ± 0.0 |" in md
     assert len(res) == 1  # comparisons without runs are left out
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_on_a_cpu(tmp_path):
+    """``DEVICE=cpu QUICK=1 benchmarks/gpu_suite.sh``: the GPU suite's steps that need no TRL run on a CPU, the
+    `fedlada run` step loads the saved check model as its LLM, and every step ends with exit status 0."""
+    out = tmp_path / "suite"
+    env = _env(DEVICE="cpu", QUICK="1", STEPS="run scoring gpu-check", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "suite.log").read_text()
+    for name in ("save-run", "run", "scoring", "gpu-check"):
+        assert f"=== {name}: exit 0" in log, log[-3000:]
+    assert "train-small" not in log  # not asked for
+    assert {"suite.log", "run.toml", "run.tar.gz", "scoring.json", "gpu_check.json", "gpu_check_profile.txt"} <= {
+        p.name for p in out.iterdir()}
+    assert "mean SLM accuracy" in log and json.loads((out / "scoring.json").read_text())["device"] == "cpu"
+
+
+def test_gpu_suite_refuses_cuda_without_a_gpu_before_writing_anything(tmp_path, monkeypatch):
+    """Asked for CUDA where torch sees none, the suite stops at once with exit status 2 and creates no folder (a
+    stand-in interpreter that answers "no GPU" keeps this fast and the same on a GPU machine)."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")  # `python -c "...cuda.is_available()..."` -> not available
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "out")], cwd=ROOT,
+                          env=_env(DEVICE="cuda", PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and not (tmp_path / "out").exists()
