@@ -266,12 +266,26 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("transformers", "trl", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
     import transformers
-    import trl
-    datasets.disable_progress_bars()
-    datasets.disable_caching()
     transformers.utils.logging.set_verbosity_error()
+    variants = [v for v in args.variants.split(",") if v]
+    known = ("ours", "ours_reuse", "ours_noreuse", "ours_noreuse_nobucket", "plain", "trl_precompute", "trl_refmodel")
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        raise SystemExit(f"error: --variants: expected a comma-separated list of {', '.join(known)}; "
+                         f"found {args.variants!r}")
+    trl_version = None
+    if any(v.startswith("trl_") for v in variants):
+        try:
+            import datasets
+            import trl
+        except ImportError as e:
+            raise SystemExit(f"error: the TRL variants need TRL ({e}); install it with `pip install -r "
+                             "benchmarks/requirements.txt torch==2.13.0`, or leave them out: --variants "
+                             "ours,ours_noreuse,plain") from None
+        datasets.disable_progress_bars()
+        datasets.disable_caching()
+        trl_version = trl.__version__
 
     global _now, _DEVICE
     _DEVICE = torch.device(args.device)
@@ -303,14 +317,13 @@ def main() -> None:
         "trl_precompute": lambda m, d, rep: run_trl(m, tok, d, precompute=True, rep=rep, **common),
         "trl_refmodel": lambda m, d, rep: run_trl(m, tok, d, precompute=False, rep=rep, **common),
     }
-    variants = [v for v in args.variants.split(",") if v]
     for v in variants:  # warm-up: one step each, excluded
         runners[v](fresh_model(), triples[:args.batch_size], -1)
 
     config = dict(vars(args), params=count_parameters(fresh_model()), vocab=len(tok), counted_tokens=counted,
                   prompt_tokens_mean=statistics.mean(prompt_lens), path_tokens_min=min(path_lens),
                   path_tokens_max=max(path_lens), path_tokens_mean=statistics.mean(path_lens),
-                  torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
+                  torch=torch.__version__, transformers=transformers.__version__, trl=trl_version,
                   python=platform.python_version(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
                   gpu=torch.cuda.get_device_name(_DEVICE) if _DEVICE.type == "cuda" else None,
                   torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg())

@@ -171,3 +171,20 @@ def test_gpu_suite_refuses_cuda_without_a_gpu_before_writing_anything(tmp_path, 
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "out")], cwd=ROOT,
                           env=_env(DEVICE="cuda", PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_training_benchmark_without_trl_variants(tmp_path):
+    """``bench_train.py`` runs its own variants without TRL installed (TRL is imported only for the ``trl_*`` ones),
+    and an unknown variant is refused with the list of known ones."""
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--variants", "ours,plain",
+                           "--examples", "16", "--reps", "1", "--hidden", "32", "--layers", "1", "--heads", "4",
+                           "--threads", "1", "--out", str(out)], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"ours", "plain"} and report["config"]["trl"] is None
+    assert report["ratios"]["ours/plain/steps/best"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--variants", "ours,bogus"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "trl_precompute" in bad.stderr and "Traceback" not in bad.stderr
