@@ -29,9 +29,10 @@ Prefix reuse (``reuse_prefix``, by default on a CPU only: ``paths.reuse_prefix_p
 chosen and rejected, or a listwise example's valid paths -- are scored after a single pass over the prompt whose
 key/value cache is shared by all of them, with gradients flowing through the cache. This is the same computation as
 running every (prompt, path) row in full (tested to float rounding, gradients included) with one prompt pass per
-prompt instead of one per path; the reference pass uses it too. SFT examples have one path per prompt and always run as plain rows. On a GPU it is off
-by default: there the plain rows train at 1.6x the speed of the shared-prefix passes (H200, bf16,
-``benchmarks/results/gpu/train_*.json``), the saved prompt positions costing less than the second forward call.
+prompt instead of one per path; the reference pass uses it too. SFT examples have one path per prompt and always
+run as plain rows. On a GPU it is off by default: there the plain rows train at 1.6x the speed of the shared-prefix
+passes (H200, bf16, ``benchmarks/results/gpu/train_*.json``), the saved prompt positions costing less than the
+second forward call.
 
 Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped before anything is computed, so
 ``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate by default
