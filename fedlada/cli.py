@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 
 INTERRUPTED = "interrupted; completed rounds are checkpointed, run the same command to resume"
 
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
-    v.add_argument("--max-record-bytes", type=int, default=20_000, metavar="N",  # data.DEFAULT_MAX_RECORD_BYTES
-                   help="a longer record is a problem (default 20000; the run's key is data.max_record_bytes)")
+    v.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
+                   help=f"a longer record is a problem (default {DEFAULT_MAX_RECORD_BYTES}; the run's key is "
+                        f"data.max_record_bytes)")
     v.set_defaults(func=cmd_data_validate)
 
     c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")

@@ -343,6 +343,8 @@ class RunConfig:
         _check(bool(self.out_dir), "out_dir", "a directory path", self.out_dir)
         _check(self.threads >= 0, "threads", "an integer >= 0", self.threads)
         _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)
+        _check(self.min_clients <= self.data.n_clients, "min_clients",
+               f"at most the number of clients ({self.data.n_clients})", self.min_clients)
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -107,16 +107,22 @@ def load_data(cfg: RunConfig) -> FederatedData:
     for key, (path, _fmt) in files.items():
         if Path(path).is_dir():
             raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
-    problems, limit = [], d.max_record_bytes
-    for path, fmt in files.values():
-        problems += validate_files([path], format=fmt, max_record_bytes=limit)
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in the run's data files", problems)
-    clients = [ClientFiles(read_records(c.train, format=c.format, max_record_bytes=limit),
-                           read_records(c.test, format=c.format, max_record_bytes=limit)) for c in d.clients]
-    general = read_records(d.general, format=d.general_format, max_record_bytes=limit) if d.general else []
-    return FederatedData(clients, read_records(d.public, format=d.public_format, max_record_bytes=limit), general,
+    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what="the run's data files")
+    clients = [ClientFiles(got[f"data.clients.{k}.train"], got[f"data.clients.{k}.test"])
+               for k in range(len(d.clients))]
+    return FederatedData(clients, got["data.public"], got.get("data.general", []),
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
+
+
+def read_data_files(files: dict[str, tuple[str, str]], *, max_record_bytes: int, what: str) -> dict[str, list[Record]]:
+    """Validate every ``{key: (path, format)}`` file first (a DataError listing every problem of all of them, named
+    ``what``), then read them: ``{key: records}``. Nothing is read from a set of files that has a problem."""
+    problems = [p for path, fmt in files.values()
+                for p in validate_files([path], format=fmt, max_record_bytes=max_record_bytes)]
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in {what}", problems)
+    return {key: read_records(path, format=fmt, max_record_bytes=max_record_bytes)
+            for key, (path, fmt) in files.items()}
 
 
 def split_holdout(train: list[Record], *, size: int, seed: int) -> tuple[list[Record], list[Record]]:

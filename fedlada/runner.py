@@ -254,9 +254,13 @@ class RunStart:
 
 
 def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -> RunStart | RunResult:
-    """The start every engine shares: check the run folder, return a finished run's result as it is, else load the
-    data, check it is the data a resumed run started with, and only then prepare the folder (a start that fails
-    on its data changes nothing)."""
+    """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the
+    thread count, check the run folder, return a finished run's result as it is, else load the data, check it is
+    the data a resumed run started with, and only then prepare the folder (a start that fails on its data changes
+    nothing)."""
+    check_generation(cfg)  # a vLLM config on a machine without vLLM or a GPU
+    check_devices(cfg)  # a device this machine does not have
+    torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
     summary = _finished_summary(rd, cfg, start)
     if summary is not None:
@@ -366,12 +370,6 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     events = events or Events()
     t_start = time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work
-    check_generation(cfg)  # so does a vLLM config on a machine without vLLM or a GPU
-    check_devices(cfg)  # and a device this machine does not have
-    torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
-    if cfg.min_clients > cfg.data.n_clients:
-        raise ConfigError(f"config key 'min_clients': expected at most the number of clients ({cfg.data.n_clients}), "
-                          f"found {cfg.min_clients}")
     begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
     if isinstance(begun, RunResult):
         return begun

@@ -46,7 +46,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlada.config import RunConfig, resolve_threads
-from fedlada.errors import ConfigError, DataError
+from fedlada.errors import ConfigError
 from fedlada_app import records
 
 log = logging.getLogger(__name__)
@@ -79,24 +79,18 @@ def trainable_state(model) -> dict:
 
 def _client_files(cfg: RunConfig, k: int):
     """This client's train/test records, the public pool and the general corpus; never another client's files."""
-    from fedlada.data import read_records, validate_files
-    from fedlada.prepare import ClientFiles, FederatedData, load_data
+    from fedlada.prepare import ClientFiles, FederatedData, load_data, read_data_files
 
     if cfg.data.builtin:  # generated from its seed, identical on every node; this node uses its partition only
         data = load_data(cfg)
         return data.clients[k], data
     c, d = cfg.data.clients[k], cfg.data
-    files = [(c.train, c.format), (c.test, c.format), (d.public, d.public_format)]
+    files = {"train": (c.train, c.format), "test": (c.test, c.format), "public": (d.public, d.public_format)}
     if d.general:
-        files.append((d.general, d.general_format))
-    limit = d.max_record_bytes
-    problems = [p for path, fmt in files for p in validate_files([path], format=fmt, max_record_bytes=limit)]
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in client {k}'s data files", problems)
-    mine = ClientFiles(read_records(c.train, format=c.format, max_record_bytes=limit),
-                       read_records(c.test, format=c.format, max_record_bytes=limit))
-    general = read_records(d.general, format=d.general_format, max_record_bytes=limit) if d.general else []
-    return mine, FederatedData([mine], read_records(d.public, format=d.public_format, max_record_bytes=limit), general,
+        files["general"] = (d.general, d.general_format)
+    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what=f"client {k}'s data files")
+    mine = ClientFiles(got["train"], got["test"])
+    return mine, FederatedData([mine], got["public"], got.get("general", []),
                                {"client": asdict(c), "public": d.public, "general": d.general})
 
 

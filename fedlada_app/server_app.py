@@ -32,7 +32,7 @@ from typing import Callable
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedlada.config import RunConfig, resolve_threads
+from fedlada.config import RunConfig
 from fedlada.errors import FedLadaError
 from fedlada.runner import ClientResult, Events, RunDir, RunResult
 from fedlada_app import records
@@ -254,19 +254,14 @@ def _eval_split(test: list, cfg: RunConfig) -> list:
 def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, events: Events | None = None,
           t_start: float | None = None) -> RunResult:
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
-    import torch
-
-    from fedlada.generation import check_generation, llm_backend
-    from fedlada.models import PromptFormatter, check_devices
+    from fedlada.generation import llm_backend
+    from fedlada.models import PromptFormatter
     from fedlada.prepare import prepare_model
     from fedlada.rounds import ServerState, Side
     from fedlada.runner import begin_run, drive
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
-    check_generation(cfg)
-    check_devices(cfg)
-    torch.set_num_threads(resolve_threads(cfg.threads))
     begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
     if isinstance(begun, RunResult):
         return begun

@@ -162,7 +162,7 @@ def test_gpu_suite_dry_run_on_a_cpu(tmp_path):
     assert "mean SLM accuracy" in log and json.loads((out / "scoring.json").read_text())["device"] == "cpu"
 
 
-def test_gpu_suite_refuses_cuda_without_a_gpu_before_writing_anything(tmp_path, monkeypatch):
+def test_gpu_suite_refuses_cuda_without_a_gpu_before_writing_anything(tmp_path):
     """Asked for CUDA where torch sees none, the suite stops at once with exit status 2 and creates no folder (a
     stand-in interpreter that answers "no GPU" keeps this fast and the same on a GPU machine)."""
     fake = tmp_path / "python"
