@@ -12,6 +12,10 @@ Compared side by side, in one process, on the same tiny Llama, the same tokens a
 * ``trl_precompute`` -- TRL ``DPOTrainer`` (sigmoid loss) with ``precompute_ref_log_probs=True``: the reference
                      semantics closest to ours (the initial model, scored once before training).
 * ``trl_refmodel``   -- TRL ``DPOTrainer`` with a reference model copy scored at every step (TRL's default).
+* ``ours_compile`` / ``trl_precompute_compile`` -- ``ours`` with ``train(compile=True)`` and ``trl_precompute`` with
+                     ``DPOConfig(torch_compile=True)``: both run the model through ``torch.compile``. The compilation
+                     happens in the untimed warm-up (its time is reported as ``warmup_s``); later runs in the same
+                     process reuse the compiled code, as later rounds of a federated run do.
 
 TRL is configured to do the same work: fp32 unless --bf16 (then bf16 autocast everywhere), no gradient
 checkpointing, constant learning rate, no eval/saving/logging/reporting, in-process data loading, same max_length.
@@ -110,7 +114,7 @@ def make_data(n: int, seed: int):
 # ------------------------------------------------------------------------------------------------ variants
 
 
-def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, reuse):
+def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, reuse, compile=False):
     timing = {"reference": 0.0}
     original = ftrain._reference_logprobs
 
@@ -126,7 +130,7 @@ def run_ours(model, tok, triples, *, lr, batch_size, max_length, bf16, bucket, r
         t0 = _now()
         stats = ftrain.train(model, tok, preference=pref, lr=lr, batch_size=batch_size, max_length=max_length,
                              bf16=bf16, lambda_da=1.0, mu=0.0, bucket_by_length=bucket,
-                             reuse_prefix=reuse, seed=0)
+                             reuse_prefix=reuse, compile=compile, seed=0)
         _sync()
         total = _now() - t0
     finally:
@@ -170,7 +174,7 @@ def run_plain(model, tok, triples, *, lr, batch_size, max_length, bf16):
                 steps=steps, forward_tokens=fwd_tokens)
 
 
-def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute, rep):
+def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute, rep, compile=False):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -183,6 +187,7 @@ def run_trl(model, tok, triples, *, lr, batch_size, max_length, bf16, precompute
         use_cpu=_DEVICE.type == "cpu",
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, dataloader_pin_memory=False, seed=0, dataset_num_proc=None,
+        torch_compile=compile,
     )
     # a column unique to this repetition gives the data set a new fingerprint, so TRL's on-disk cache of reference
     # log-probs from an earlier repetition is not reused (each repetition pays what a fresh run pays)
@@ -232,12 +237,16 @@ def write_report(results, config, out: Path) -> dict:
         summary[v]["loss"] = statistics.median(r["loss"] for r in rs)
         summary[v]["reps"] = len(rs)
     ratios = {}
-    for base in ("trl_precompute", "trl_refmodel", "plain", "ours_reuse", "ours_noreuse", "ours_noreuse_nobucket"):
-        if "ours" in summary and base in summary:
+    pairs = [("ours", b) for b in ("trl_precompute", "trl_refmodel", "plain", "ours_reuse", "ours_noreuse",
+                                   "ours_noreuse_nobucket", "trl_precompute_compile")]
+    pairs += [("ours_compile", b) for b in ("trl_precompute", "trl_refmodel", "trl_precompute_compile", "ours")]
+    pairs += [("trl_precompute_compile", "trl_precompute")]
+    for ours, base in pairs:
+        if ours in summary and base in summary:
             for stat in ("best", "median"):
                 for kind in ("steps", "end_to_end"):
                     key = f"{stat}_tokens_per_s_{kind}"
-                    ratios[f"ours/{base}/{kind}/{stat}"] = summary["ours"][key] / summary[base][key]
+                    ratios[f"{ours}/{base}/{kind}/{stat}"] = summary[ours][key] / summary[base][key]
     report = dict(config=config, loadavg_at_write=os.getloadavg(), summary=summary, ratios=ratios, runs=results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -260,7 +269,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (one device for every variant)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--variants",
-                    default="ours,ours_noreuse,ours_noreuse_nobucket,plain,trl_precompute,trl_refmodel")
+                    default="ours,ours_noreuse,ours_compile,plain,trl_precompute,trl_refmodel,trl_precompute_compile")
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -269,7 +278,8 @@ def main() -> None:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     variants = [v for v in args.variants.split(",") if v]
-    known = ("ours", "ours_reuse", "ours_noreuse", "ours_noreuse_nobucket", "plain", "trl_precompute", "trl_refmodel")
+    known = ("ours", "ours_reuse", "ours_noreuse", "ours_noreuse_nobucket", "ours_compile", "plain", "trl_precompute",
+             "trl_refmodel", "trl_precompute_compile")
     unknown = [v for v in variants if v not in known]
     if unknown or not variants:
         raise SystemExit(f"error: --variants: expected a comma-separated list of {', '.join(known)}; "
@@ -313,12 +323,19 @@ def main() -> None:
         "ours_reuse": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=True, **common),
         "ours_noreuse": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=False, **common),
         "ours_noreuse_nobucket": lambda m, d, rep: run_ours(m, tok, d, bucket=False, reuse=False, **common),
+        "ours_compile": lambda m, d, rep: run_ours(m, tok, d, bucket=True, reuse=None, compile=True, **common),
         "plain": lambda m, d, rep: run_plain(m, tok, d, **common),
         "trl_precompute": lambda m, d, rep: run_trl(m, tok, d, precompute=True, rep=rep, **common),
         "trl_refmodel": lambda m, d, rep: run_trl(m, tok, d, precompute=False, rep=rep, **common),
+        "trl_precompute_compile": lambda m, d, rep: run_trl(m, tok, d, precompute=True, rep=rep, compile=True,
+                                                            **common),
     }
-    for v in variants:  # warm-up: one step each, excluded
-        runners[v](fresh_model(), triples[:args.batch_size], -1)
+    warmup_s = {}
+    for v in variants:  # warm-up, excluded: two steps each (a compiled variant compiles here)
+        t = time.perf_counter()
+        runners[v](fresh_model(), triples[:2 * args.batch_size], -1)
+        warmup_s[v] = time.perf_counter() - t
+        print(f"warm-up {v:15s} {warmup_s[v]:6.1f}s (wall clock)", flush=True)
 
     config = dict(vars(args), params=count_parameters(fresh_model()), vocab=len(tok), counted_tokens=counted,
                   prompt_tokens_mean=statistics.mean(prompt_lens), path_tokens_min=min(path_lens),
@@ -326,7 +343,7 @@ def main() -> None:
                   torch=torch.__version__, transformers=transformers.__version__, trl=trl_version,
                   python=platform.python_version(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
                   gpu=torch.cuda.get_device_name(_DEVICE) if _DEVICE.type == "cuda" else None,
-                  torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg())
+                  torch_threads=torch.get_num_threads(), loadavg_start=os.getloadavg(), warmup_s=warmup_s)
     out = Path(args.out)
     results = {v: [] for v in variants}
     for rep in range(args.reps):  # round-robin, so that machine noise hits every variant alike

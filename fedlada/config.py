@@ -278,6 +278,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     bf16: bool = False
+    compile: bool = False  # torch.compile the training forward passes (pays on long GPU updates, not on tiny ones)
     max_length: int = 384  # long benchmark questions reach ~260 tokens with the default 384-token vocabulary
 
     def __post_init__(self):

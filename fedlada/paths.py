@@ -141,6 +141,7 @@ def _left_pad(ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _base(model):
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -179,8 +179,8 @@ def _f(x) -> float | None:
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
     lc, tc = cfg.lada, cfg.train
     kw = dict(lr=lr, epochs=epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-              max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, beta=lc.beta, lambda_da=lc.lambda_da, mu=lc.mu,
-              max_length=tc.max_length, seed=seed)
+              max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, compile=tc.compile, beta=lc.beta,
+              lambda_da=lc.lambda_da, mu=lc.mu, max_length=tc.max_length, seed=seed)
     if lc.method == "lada-sft":  # distilling step-by-step: plain SFT on the other side's paths
         kw.update(lambda_da=0.0, mu=1.0)
     return kw

@@ -38,6 +38,8 @@ Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped bef
 ``lambda_da=0`` is bitwise the same as not passing the examples. Constant learning rate by default
 (``lr_schedule="cosine"`` for pretraining), AdamW over the parameters with ``requires_grad`` only (a peft model
 trains only its adapters), weight decay on all of them; on CUDA the fused AdamW kernel (same update, one launch).
+``compile=True`` (config ``train.compile``) runs the forward passes through ``torch.compile(model, dynamic=True)``,
+off by default because its one-off compilation (about a minute per architecture on a CPU) outweighs a short update.
 Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG forked and seeded with
 ``seed`` (the caller's global RNG state is restored afterwards).
 """
@@ -208,7 +210,8 @@ def _collate_kind(tokenizer, kind: str, chunk: list[dict], device, *, reuse_pref
 
 
 def _forward_parameters(model) -> set[str]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return set(inspect.signature(type(base).forward).parameters)
 
 
@@ -299,7 +302,7 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
           weight_decay: float = 0.0, bf16: bool = False, beta: float = 0.1, lambda_da: float = 1.0, mu: float = 0.5,
           tau: float = 1.0, max_length: int = 256, seed: int = 0, bucket_by_length: bool = True,
           reuse_prefix: bool | None = None, lr_schedule: str = "constant", warmup: float = 0.0,
-          progress: Callable[[int, int], None] | None = None) -> TrainStats:
+          compile: bool = False, progress: Callable[[int, int], None] | None = None) -> TrainStats:
     """Train ``model`` in place on the LaDa objective (module docstring) and return what it did.
 
     ``batch_size`` is per kind and per micro-batch (in examples; a preference example is two rows, a listwise example
@@ -307,6 +310,10 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
     after every optimizer step. The model ends in the train/eval mode it came in. ``lr_schedule`` is ``"constant"``
     (the default, used for the short federated updates) or ``"cosine"`` (linear warm-up over the first ``warmup``
     fraction of steps, then cosine decay to 10% of ``lr``; used for pretraining the default tiny models).
+    ``compile`` runs the training and reference forward passes through ``torch.compile(model, dynamic=True)``: the
+    same computation up to float rounding, faster once compiled, but the first call in a process pays the
+    compilation (about a minute per model architecture on a CPU); later calls on a model of the same architecture
+    reuse it. Off by default: a short federated update rarely repays it.
     """
     for key, value, ok, expected in (
             ("lr", lr, lr > 0, "> 0"), ("epochs", epochs, epochs >= 0, "an integer >= 0"),
@@ -341,8 +348,9 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
     if reuse_prefix and not _can_reuse_prefix(model):
         logger.info("train: activation checkpointing is on, so prompts are not shared between paths (reuse_prefix off)")
         reuse_prefix = False
+    net = torch.compile(model, dynamic=True) if compile else model  # shares model's parameters
     if "pref" in data:
-        _reference_logprobs(model, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast,
+        _reference_logprobs(net, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast,
                             reuse_prefix=reuse_prefix)
     fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
@@ -369,7 +377,7 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
                 for mb in micro:
                     for kind, batch in mb.items():
                         with autocast():
-                            term = _term(model, kind, batch, max(denom[kind], 1), beta=beta, tau=tau)
+                            term = _term(net, kind, batch, max(denom[kind], 1), beta=beta, tau=tau)
                         (weights[kind] * term).backward()  # accumulate now: one graph alive at a time
                         term_sums[kind] += term.detach().float()
                         tokens += batch["tokens"]

@@ -240,6 +240,29 @@ def test_prefix_reuse_default_follows_the_device(tok, monkeypatch):
     assert tokens() == full
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_compile_trains_like_eager(tok, lora):
+    """``compile=True`` (torch.compile, dynamic shapes) runs the same computation: every kind of example, the
+    reference pass and the shared-prefix passes give the same weights as eager training up to float rounding."""
+    lists = [ListwiseExample(e.prompt, [e.chosen, e.rejected], [-3.0, -9.0], [True, True]) for e in PREF]
+    weights, losses = [], []
+    for compile in (False, True):
+        model = _model(tok)
+        if lora:
+            torch.manual_seed(0)  # the adapters' initial weights come from the global RNG
+            model = apply_lora(model, r=4, alpha=8)
+        start = _params(model)
+        stats = train(model, tok, sft=SFT, preference=PREF, listwise=lists, distill_sft=SFT[:4], lr=1e-2, epochs=2,
+                      batch_size=4, compile=compile, reuse_prefix=True)
+        weights.append(_params(model))
+        losses.append(stats.loss)
+    assert math.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for n, w in weights[0].items():
+        assert_close(weights[1][n], w, rtol=1e-3, atol=1e-5)
+    assert max(float((w - start[n]).abs().max()) for n, w in weights[0].items()) > 1e-3  # training moved weights
+
+
 def test_activation_checkpointing_falls_back_to_full_rows(tok):
     """Checkpointing drops the key/value cache that prefix reuse needs; training must still work (full rows)."""
     model = _model(tok)
