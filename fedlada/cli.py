@@ -130,22 +130,37 @@ def cmd_data_make(args) -> int:
     kw = benchmark_kwargs(cfg)
     layout = make_benchmark(args.out, **kw)
     console = _stdout_console()
-    console.print(f"wrote the built-in benchmark to {args.out}")
-    console.print(str(layout))
+
+    def say(text: str) -> None:  # paths as they are: no markup, no highlighting, no wrapping
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    say(f"wrote the built-in benchmark to {layout.out_dir}")
+    for k, c in enumerate(layout.clients):
+        say(f"  client {k} ({c.domain}): {c.train}, {c.test}")
+    say(f"  public pool: {layout.public}")
+    if layout.general is not None:
+        say(f"  general corpus: {layout.general}")
+    say(f"  manifest: {layout.manifest}")
     return 0
 
 
 def cmd_data_validate(args) -> int:
     from fedlada.data import validate_files
+    from fedlada.data.validate import expand_data_paths
+    from fedlada.errors import ConfigError
 
+    if args.max_record_bytes < 64:  # the bound of data.max_record_bytes
+        raise ConfigError(f"--max-record-bytes: expected an integer >= 64, found {args.max_record_bytes}")
     problems = validate_files(args.files, format=args.format, max_record_bytes=args.max_record_bytes)
+    n_files = len(expand_data_paths(args.files))
     console = _stdout_console()
     if problems:
         for p in problems:
             console.print(str(p), markup=False, highlight=False, soft_wrap=True)  # one problem, one line
-        console.print(f"[red]{len(problems)} problem(s) in {len(args.files)} file(s)[/red]")
+        n_bad = len({p.file for p in problems})
+        console.print(f"[red]{len(problems)} problem(s) in {n_bad} of {n_files} file(s)[/red]")
         return 1
-    console.print(f"[green]ok[/green]: {len(args.files)} file(s), no problems")
+    console.print(f"[green]ok[/green]: {n_files} file(s), no problems")
     return 0
 
 

@@ -47,6 +47,17 @@ class FederatedData:
     source: dict  # where it came from (paths, benchmark manifest)
 
 
+def data_source(cfg: RunConfig, data: FederatedData, client: int | None = None, split: str = "train") -> str:
+    """Where a run's records come from, for messages: the config key and its file (``client=None``: the public
+    pool), or the file of the built-in benchmark."""
+    if cfg.data.builtin:
+        rel = "public.jsonl" if client is None else f"client_{client}/{split}.jsonl"
+        return f"the built-in benchmark's {Path(data.source.get('benchmark', '')) / rel}"
+    if client is None:
+        return f"data.public ({cfg.data.public})"
+    return f"data.clients.{client}.{split} ({getattr(cfg.data.clients[client], split)})"
+
+
 def cache_root(cfg: RunConfig) -> Path:
     if cfg.models.cache_dir:
         return Path(cfg.models.cache_dir).expanduser()
@@ -110,8 +121,30 @@ def load_data(cfg: RunConfig) -> FederatedData:
     got = read_data_files(files, max_record_bytes=d.max_record_bytes, what="the run's data files")
     clients = [ClientFiles(got[f"data.clients.{k}.train"], got[f"data.clients.{k}.test"])
                for k in range(len(d.clients))]
+    warn_test_overlap(clients, got["data.public"])
     return FederatedData(clients, got["data.public"], got.get("data.general", []),
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
+
+
+def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:
+    """Warn (and return the warnings) when a client's test questions also appear in its train split or in the
+    public pool: the accuracy on those is then not a held-out measurement. Questions match after whitespace and
+    case folding."""
+    def key(r: Record) -> str:
+        return " ".join(r.question.split()).casefold()
+
+    pool = {key(r) for r in public}
+    out = []
+    for k, c in enumerate(clients):
+        test = {key(r) for r in c.test}
+        for name, other in (("its train split", {key(r) for r in c.train}), ("the public pool", pool)):
+            n = len(test & other)
+            if n:
+                out.append(f"data.clients.{k}.test: {n} of its {len(test)} questions are also in {name}; "
+                           "their accuracy is not held out")
+    for line in out:
+        log.warning(line)
+    return out
 
 
 def read_data_files(files: dict[str, tuple[str, str]], *, max_record_bytes: int, what: str) -> dict[str, list[Record]]:

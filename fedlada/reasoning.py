@@ -152,8 +152,8 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
 
 def parse_number(text: str) -> Fraction | None:
     """The exact value of a string that is one number (``-1,000.50``, ``$5``, ``3/4``, ``\\frac{3}{4}``), else
-    None."""
-    text = text.strip()
+    None. A Unicode minus sign (U+2212) reads as ``-``."""
+    text = text.strip().replace("\u2212", "-")
     latex = LATEX_FRACTION_RE.match(text)
     if latex:
         text = f"{latex.group('sign')}{latex.group('num')}/{latex.group('den')}"

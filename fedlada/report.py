@@ -11,13 +11,38 @@ import base64
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
+from fedlada.errors import FedLadaError
 
-def _read(path: Path) -> list[dict]:
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a run's JSONL file ([] when it does not exist).
+
+    A last line cut short (no newline after it: the process died while appending) is dropped with a warning, so an
+    interrupted run can still be resumed and reported; a bad line anywhere else is a FedLadaError naming the line.
+    """
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, found {type(row).__name__}")
+        except ValueError as err:
+            if number == len(lines):  # the last line, not newline-terminated: a torn append
+                logging.getLogger(__name__).warning("%s: line %d is incomplete (an interrupted write); ignored",
+                                                    path, number)
+                break
+            raise FedLadaError(f"{path}:{number}: not a JSON object ({err}); the file is damaged") from None
+        rows.append(row)
+    return rows
 
 
 def _png(fig) -> str:
@@ -113,8 +138,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     rd = RunDir(run_dir)
     cfg = load_config(rd.path / "config.toml")
-    metrics = _read(rd.path / "metrics.jsonl")
-    selections = _read(rd.path / "selections.jsonl")
+    metrics = read_jsonl(rd.path / "metrics.jsonl")
+    selections = read_jsonl(rd.path / "selections.jsonl")
     summary = summarize_run(rd, cfg)
     figs = _plots(metrics, selections, rd.path / "plots")
     head, rows = _table(summary)
@@ -128,6 +153,13 @@ def write_report(run_dir: str | Path) -> Path:
             f"Training tokens (federated rounds): {summary['train_tokens_federated']:,}. "
             f"Filter decisions recorded: {len(selections):,} ({n_sel:,} selected).</p>",
             "<h2>Accuracy</h2>", tbl]
+    for who, rounds in (summary.get("failed_steps") or {}).items():
+        body.append(f"<p><b>{html.escape(who)} failed its step in round(s) {', '.join(map(str, rounds))}</b> "
+                    "(reasons: the client_failed lines of metrics.jsonl); its accuracy is that of the model it "
+                    "kept.</p>")
+    if not selections:
+        body.append("<p>No filter decision was recorded (the method selects nothing, or no candidate had a usable "
+                    "path), so there is no gap distribution to plot.</p>")
     for title, png in figs:
         body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     body.append("<h2>Files</h2><ul><li>config.toml: resolved config</li><li>metrics.jsonl: every event</li>"
@@ -163,3 +195,6 @@ def print_summary(summary: dict, *, console=None, wall_seconds: float | None = N
     if wall_seconds is not None:
         line += f" | wall {wall_seconds:.0f}s"
     console.print(line)
+    for who, rounds in (summary.get("failed_steps") or {}).items():
+        console.print(f"[red]{who} failed its step in round(s) {', '.join(map(str, rounds))}[/red] (its reasons: "
+                      "client_failed lines in metrics.jsonl); its accuracy is that of the model it kept")

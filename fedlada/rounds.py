@@ -41,6 +41,7 @@ import numpy as np
 from fedlada import reasoning
 from fedlada.config import RunConfig
 from fedlada.data import Record
+from fedlada.errors import DataError
 from fedlada.filter import (LearnabilityFilter, Selection, build_features, learnability_gap, novelty_gap,
                             perplexity_reward, sample_rewards, selection_cap, summarize)
 from fedlada.generation import GenerationBackend
@@ -78,6 +79,27 @@ class Side:
 
     def prompts(self, questions: list[str]) -> list[str]:
         return [self.formatter(q) for q in questions]
+
+
+def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str) -> None:
+    """DataError if a question's prompt under ``side``'s tokenizer leaves no room for a path within ``max_length``
+    tokens (training and scoring would stop on it mid-round). ``sources`` maps where records come from (a config
+    key and its file) to the records ``side`` will encode; the error names the source, the record ids (up to 5 per
+    source) and their prompt lengths."""
+    bad = []
+    for where, records in sources.items():
+        if not records:
+            continue
+        prompts = side.prompts([r.question for r in records])
+        lengths = [len(x) for x in side.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        long = [(r.id, n) for r, n in zip(records, lengths) if n >= max_length]
+        if long:
+            shown = ", ".join(f"{rid!r} ({n} tokens)" for rid, n in long[:5])
+            more = f" and {len(long) - 5} more" if len(long) > 5 else ""
+            bad.append(f"{where}: {len(long)} question(s) whose prompt for {who} leaves no room for a path within "
+                       f"train.max_length={max_length}: {shown}{more}")
+    if bad:
+        raise DataError("; ".join(bad) + "; raise train.max_length or shorten or drop these questions")
 
 
 @dataclass

@@ -39,10 +39,12 @@ from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
 from fedlada.models import check_devices
 from fedlada.messages import ReportMessage, TeachMessage
-from fedlada.prepare import FederatedData, data_digest, load_data, prepare_model, split_holdout
+from fedlada.prepare import (FederatedData, data_digest, data_source, load_data, prepare_model,
+                             split_holdout)
 from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
                                  server_teach)
-from fedlada.rounds import ClientState, ServerState, Side, derive_seed, evaluate
+from fedlada.report import read_jsonl
+from fedlada.rounds import ClientState, ServerState, Side, check_prompts_fit, derive_seed, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,7 @@ class RunDir:
             os.fsync(f.fileno())
 
     def read(self, name: str) -> list[dict]:
-        p = self.path / name
-        if not p.is_file():
-            return []
-        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.path / name)
 
     def truncate_after(self, name: str, round: int) -> None:
         rows = [r for r in self.read(name) if r.get("round", 0) <= round]
@@ -285,16 +284,20 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
     server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
                          {r.id: r for r in data.public})
     server.backend = llm_backend(cfg.models.llm, infos["llm"])
+    check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
+                      who="the LLM")
     clients = []
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
         events.stage(f"preparing SLM of client {k}")
         m, tok, infos[f"client{k}"] = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data,
                                                     progress=events.progress)
+        side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
+        check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
+                          max_length=cfg.train.max_length, who=f"client {k}'s SLM")
         train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
         test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
-        clients.append(ClientState(k, Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template)),
-                                   train, hold, test))
+        clients.append(ClientState(k, side, train, hold, test))
     return server, clients, infos
 
 
@@ -468,6 +471,10 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
     bytes_down = sum(r.get("server_to_client", 0) for r in rows if r.get("event") == "bytes")
     tokens = sum(r.get("train_tokens", 0) or 0 for r in rows if r.get("event") == "client_step") + \
         sum(r.get("server_train_tokens", 0) or 0 for r in rows if r.get("event") == "server_learn")
+    failed: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("event") == "client_failed":
+            failed.setdefault(r["who"], []).append(r["round"])
     final_round = max((max(v) for v in acc.values()), default=0)
     slm_final = [v[final_round] for k, v in acc.items() if k.startswith("client") and final_round in v]
     return {"method": cfg.lada.method, "seed": cfg.seed, "rounds_done": final_round,
@@ -475,4 +482,5 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             "final": {k: v.get(final_round) for k, v in sorted(acc.items())},
             "mean_slm_accuracy": (sum(slm_final) / len(slm_final)) if slm_final else None,
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
-            "train_tokens_federated": tokens}
+            "train_tokens_federated": tokens,
+            "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())}}

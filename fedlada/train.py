@@ -349,6 +349,9 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
         logger.info("train: activation checkpointing is on, so prompts are not shared between paths (reuse_prefix off)")
         reuse_prefix = False
     net = torch.compile(model, dynamic=True) if compile else model  # shares model's parameters
+    if compile:
+        logger.info("train: forward passes through torch.compile (the first update of an architecture in this "
+                    "process compiles first: about a minute on a CPU)")
     if "pref" in data:
         _reference_logprobs(net, tokenizer, data["pref"], batch_size=batch_size, autocast=autocast,
                             reuse_prefix=reuse_prefix)

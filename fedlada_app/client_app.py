@@ -97,16 +97,18 @@ def _client_files(cfg: RunConfig, k: int):
 def _prepare(cfg: RunConfig, k: int) -> _Entry:
     # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import prepare_model, split_holdout
-    from fedlada.rounds import ClientState, Side, derive_seed
+    from fedlada.prepare import data_source, prepare_model, split_holdout
+    from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
 
     files, data = _client_files(cfg, k)
     spec = cfg.models.slm_for(k)
     model, tok, info = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data)
+    side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
+    check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
+                      max_length=cfg.train.max_length, who=f"client {k}'s SLM")
     train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
     test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
-    state = ClientState(k, Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template)),
-                        train, hold, test)
+    state = ClientState(k, side, train, hold, test)
     return _Entry(state, {r.id: r for r in data.public}, info,
                   {"train": len(train), "holdout": len(hold), "test": len(test)}, trainable_state(model))
 

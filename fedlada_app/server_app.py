@@ -256,8 +256,8 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     from fedlada.generation import llm_backend
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import prepare_model
-    from fedlada.rounds import ServerState, Side
+    from fedlada.prepare import data_source, prepare_model
+    from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, drive
 
     events = events or Events()
@@ -273,6 +273,8 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
                          {r.id: r for r in data.public})
     server.backend = llm_backend(cfg.models.llm, llm_info)
+    check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
+                      who="the LLM")
     pool = FlowerClients(grid, cfg, fcfg, rd, events)
     pool.connect(evaluate=not start)
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]

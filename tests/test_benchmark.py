@@ -202,3 +202,16 @@ def test_no_general_corpus_and_a_smaller_remake_leave_no_stale_files(tmp_path):
     assert not (tmp_path / "general.jsonl").exists() and not (tmp_path / "client_3").exists()
     assert validate_files(tmp_path) == []  # what is left is exactly the new benchmark
     assert BenchmarkLayout.from_dir(tmp_path).general is None
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "public.jsonl").write_text("mine\n")
+    with pytest.raises(ConfigError, match="not an empty folder nor an earlier benchmark folder"):
+        make_benchmark(tmp_path, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["public.jsonl"]
+    assert (tmp_path / "public.jsonl").read_text() == "mine\n"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="afile"):
+        make_benchmark(afile, **SMALL)
+    assert afile.read_text() == "x"

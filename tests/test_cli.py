@@ -89,3 +89,27 @@ def test_a_client_asking_for_more_cpus_than_the_machine_has_is_refused(tmp_path)
     with pytest.raises(ConfigError, match="'flower.client_cpus'"):
         run_simulation(load_config(overrides=[f"out_dir={tmp_path / 'r'}"]), flower=FlowerConfig(client_cpus=4096))
     assert not (tmp_path / "r").exists()
+
+
+def test_validate_counts_the_files_it_read_and_bounds_the_record_limit(tmp_path, capsys):
+    good = {"id": "a", "question": "What is 1 + 1?", "answer": "2"}
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        (tmp_path / name).write_text(json.dumps({**good, "id": name}) + "\n")
+    assert main(["data", "validate", str(tmp_path)]) == 0
+    assert "ok: 3 file(s), no problems" in capsys.readouterr().out
+    (tmp_path / "c.jsonl").write_text("{not json\n")
+    assert main(["data", "validate", str(tmp_path)]) == 1
+    assert "1 problem(s) in 1 of 3 file(s)" in capsys.readouterr().out
+    assert main(["data", "validate", "--max-record-bytes", "10", str(tmp_path)]) == 2
+    assert "--max-record-bytes: expected an integer >= 64, found 10" in _err(capsys)
+
+
+def test_data_make_lists_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["data", "make", "--out", str(out), "--set", "data.num_clients=2", "--set", "data.general_size=0",
+                 "--set", "data.train_per_client=5", "--set", "data.test_per_client=3",
+                 "--set", "data.public_size=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wrote the built-in benchmark to {out}"
+    assert any(line.strip().startswith("client 1 (") for line in lines)
+    assert not any("general corpus" in line or "PosixPath" in line for line in lines)

@@ -325,3 +325,15 @@ def test_hub_loader_missing_data_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="cannot load data set"):
         load_hub_dataset("json", data_files=str(tmp_path / "absent.jsonl"), split="train", format="gsm8k",
                          cache_dir=str(tmp_path))
+
+
+def test_a_damaged_parquet_file_is_a_problem_not_a_crash(tmp_path):
+    from fedlada.data import iter_records
+
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 not really parquet PAR1")
+    problems = validate_files(bad)
+    assert len(problems) == 1 and problems[0].file == str(bad)
+    assert "not a readable Parquet file" in problems[0].message
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        list(iter_records(bad))

@@ -94,6 +94,8 @@ def test_extract_answer_rejects_unknown_mode():
         ("$5.00", "5"),
         ("$ 1,234.50", "1234.5"),
         ("-$5", "-5"),
+        ("\u22125", "-5"),  # a Unicode minus sign
+        ("\u22121,000.5", "-1000.5"),
         (".5", "0.5"),
         ("  42 ", "42"),
         ("Paris", "paris"),

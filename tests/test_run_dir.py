@@ -11,7 +11,7 @@ import pytest
 from fedlada import runner
 from fedlada.config import dump_toml, load_config
 from fedlada.data import Record
-from fedlada.errors import ConfigError, FedLadaError
+from fedlada.errors import ConfigError, DataError, FedLadaError
 from fedlada.prepare import split_holdout
 from fedlada.runner import RunDir, check_data_unchanged, check_run_dir, run
 
@@ -125,3 +125,58 @@ def test_out_dir_spelled_otherwise_still_resumes(tiny_overrides, tmp_path):
     moved = tmp_path / "moved"
     Path(cfg.out_dir).rename(moved)
     assert check_run_dir(load_config(overrides=tiny_overrides + [f"out_dir={moved}"]), resume=True)[1] == 1
+
+
+def test_a_torn_last_line_is_dropped_and_a_damaged_line_is_named(tmp_path):
+    """A process killed while appending leaves half a line at the end: reading drops it (a warning), rewriting the
+    file for a resume removes it; a damaged line elsewhere is an error naming the file and line."""
+    rd = RunDir(tmp_path)
+    rd.append("metrics.jsonl", [{"round": 0, "event": "setup"}, {"round": 1, "event": "eval", "who": "llm"}])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "eval", "rou')
+    assert rd.read("metrics.jsonl") == [{"event": "setup", "round": 0}, {"event": "eval", "round": 1, "who": "llm"}]
+    rd.truncate_after("metrics.jsonl", 1)
+    assert (tmp_path / "metrics.jsonl").read_text().endswith('"who": "llm"}\n')
+    rd.append("metrics.jsonl", [{"round": 2, "event": "eval"}])
+    assert [r["round"] for r in rd.read("metrics.jsonl")] == [0, 1, 2]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(FedLadaError, match=r"metrics.jsonl:2: not a JSON object"):
+        rd.read("metrics.jsonl")
+
+
+def test_data_files_named_without_clients_are_refused(tiny_overrides, tmp_path):
+    for key in ("public", "general"):
+        with pytest.raises(ConfigError, match=f"'data.{key}': expected no file without data.clients"):
+            load_config(overrides=tiny_overrides + [f"data.{key}={tmp_path / 'p.jsonl'}"])
+
+
+def test_a_question_too_long_for_max_length_fails_before_any_round_naming_file_and_id(tiny_overrides, tmp_path):
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 2?", "answer": str(i + 2), "rationale": f"{i} + 2 = {i + 2}"}
+            for i in range(40)]
+    long = {"id": "very-long", "question": "Count the boxes. " * 60 + "What is 3 + 4?", "answer": "7"}
+    for name, recs in (("train.jsonl", rows[:20] + [long]), ("test.jsonl", rows[20:30]), ("public.jsonl", rows[30:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "run-long"
+    cfg = load_config(overrides=tiny_overrides + [
+        f"out_dir={out}", f"data.public={tmp_path / 'public.jsonl'}", "data.holdout_size=4", "train.max_length=64",
+        'data.clients=[{"train": "%s", "test": "%s"}]' % (tmp_path / "train.jsonl", tmp_path / "test.jsonl")])
+    with pytest.raises(DataError, match=r"data.clients.0.train \(.*train.jsonl\): 1 question\(s\) whose prompt for "
+                                        r"client 0's SLM leaves no room .* 'very-long' \(\d+ tokens\)"):
+        run(cfg)
+    assert not [r for r in RunDir(out).read("metrics.jsonl") if r.get("event") == "eval"]  # before round 0
+
+
+def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
+    from fedlada.prepare import ClientFiles, warn_test_overlap
+
+    recs = [Record(f"r{i}", f"What is {i} + 1?", str(i + 1)) for i in range(6)]
+    clients = [ClientFiles(recs[:3], [recs[2], Record("t", "what is  0 + 1?", "1"), recs[5]]),
+               ClientFiles(recs[:2], recs[3:5])]
+    with caplog.at_level("WARNING"):
+        lines = warn_test_overlap(clients, public=recs[5:])
+    assert lines == ["data.clients.0.test: 2 of its 3 questions are also in its train split; their accuracy is not "
+                     "held out",
+                     "data.clients.0.test: 1 of its 3 questions are also in the public pool; their accuracy is not "
+                     "held out"]
+    assert lines == [r.getMessage() for r in caplog.records]

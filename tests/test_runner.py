@@ -70,6 +70,7 @@ def test_a_failing_client_is_reported_and_the_round_continues(tiny_overrides):
     failed = [r for r in rows if r["event"] == "client_failed"]
     assert failed == [{"round": 2, "event": "client_failed", "who": "client1", "reason": "simulated crash"}]
     assert res.summary["rounds_done"] == 2
+    assert res.summary["failed_steps"] == {"client1": [2]}  # the summary says so, not only metrics.jsonl
     assert {r["who"] for r in rows if r["event"] == "client_step" and r["round"] == 2} == {"client0"}
 
 

@@ -258,6 +258,10 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
              "public_size": public_size, "general_size": general_size}
     domains = _check(num_clients, sizes, min_steps, max_steps, max_value, domains)
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_NAME).is_file()
+                                                      and any(out_dir.iterdir()))):
+        raise ConfigError(f"{out_dir}: not an empty folder nor an earlier benchmark folder (no {MANIFEST_NAME}); "
+                          "nothing was written: choose a new or empty folder")
     seen: set[str] = set()
     files: dict[str, list[Record]] = {}
     clients = []

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format
 from fedlada.data.records import Problem, Record
-from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long)
+from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long,
+                                   parquet_unreadable)
 from fedlada.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def _jsonl_lines(path: Path, max_bytes: int) -> Iterator[Item]:
             try:
                 yield number, number, json.loads(text), None, ""
             except json.JSONDecodeError as err:
-                yield number, number, None, f"bad JSON: {err.msg} at column {err.colno}", ""
+                yield number, number, None, f"bad JSON: {err.msg} (column {err.colno})", ""
 
 
 def _parquet_batches(path: Path, max_bytes: int) -> Iterator[Item]:
@@ -69,15 +70,20 @@ def _parquet_batches(path: Path, max_bytes: int) -> Iterator[Item]:
     except ImportError:
         yield 0, 0, None, "reading .parquet files needs the pyarrow package (pip install pyarrow)", ""
         return
+    import pyarrow as pa
+
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        for obj in batch.to_pylist():
-            row += 1
-            size = sum(len(str(v).encode("utf-8")) for v in obj.values() if v is not None)
-            if size > max_bytes:
-                yield row, row, None, _too_long(size, max_bytes), ""
-            else:
-                yield row, row, obj, None, ""
+    try:  # a damaged row group may only show while reading it
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for obj in batch.to_pylist():
+                row += 1
+                size = sum(len(str(v).encode("utf-8")) for v in obj.values() if v is not None)
+                if size > max_bytes:
+                    yield row, row, None, _too_long(size, max_bytes), ""
+                else:
+                    yield row, row, obj, None, ""
+    except (pa.ArrowException, OSError) as err:
+        yield row + 1, row + 1, None, parquet_unreadable(err), ""
 
 
 def _starts_with_bracket(path: Path) -> bool:

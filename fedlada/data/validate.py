@@ -60,7 +60,7 @@ def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
         try:
             yield number, number, json.loads(text), None, ""
         except json.JSONDecodeError as err:
-            yield number, number, None, f"bad JSON: {err.msg} at column {err.colno}", ""
+            yield number, number, None, f"bad JSON: {err.msg} (column {err.colno})", ""
 
 
 def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
@@ -79,7 +79,7 @@ def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
             try:
                 obj, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as err:
-                yield err.lineno, item, None, f"bad JSON: {err.msg} at column {err.colno}", prefix
+                yield err.lineno, item, None, f"bad JSON: {err.msg} (column {err.colno})", prefix
                 return
             size = len(text[pos:end].encode("utf-8"))
             if size > max_bytes:
@@ -118,13 +118,26 @@ def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
             yield line, line, obj, None, ""
 
 
+def parquet_unreadable(err: Exception) -> str:
+    """The problem line for a .parquet file that pyarrow cannot read (its first line of explanation)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"not a readable Parquet file ({reason})"
+
+
 def _parquet_items(path: Path, max_bytes: int) -> Iterator[Item]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         yield 0, 0, None, "reading .parquet files needs the pyarrow package (pip install pyarrow)", ""
         return
-    for row, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+    import pyarrow as pa
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        yield 0, 0, None, parquet_unreadable(err), ""
+        return
+    for row, obj in enumerate(rows, start=1):
         size = sum(len(str(v).encode("utf-8")) for v in obj.values() if v is not None)
         if size > max_bytes:
             yield row, row, None, _too_long(size, max_bytes), ""
@@ -239,7 +252,9 @@ def read_records(path: str | os.PathLike, *, format: str = "auto",
     return records
 
 
-def _expand(paths) -> list[Path]:
+def expand_data_paths(paths) -> list[Path]:
+    """The files ``validate_files`` reads: each path, a directory standing for its data files (``manifest.json``
+    excepted; a directory without any stays as it is, to be reported)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -259,7 +274,7 @@ def validate_files(paths, *, format: str = "auto",
     ``manifest.json`` excepted). An empty list means every file can be read with ``read_records``."""
     check_format(format)
     problems: list[Problem] = []
-    for path in _expand(paths):
+    for path in expand_data_paths(paths):
         if path.is_dir():
             problems.append(Problem(str(path), None, None,
                                     f"no data files ({', '.join(DATA_SUFFIXES)}) in this directory"))
