@@ -195,6 +195,8 @@ def cmd_report(args) -> int:
     from fedlada.runner import RunDir, summarize_run
 
     rd = RunDir(args.run_dir)
+    if not rd.path.exists():
+        raise FedLadaError(f"{rd.path} does not exist")
     if not (rd.path / "config.toml").is_file():
         raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")

@@ -106,7 +106,7 @@ class DataConfig:
         else:  # the built-in benchmark makes its own pool and corpus: a file named here would be ignored
             for key in ("public", "general"):
                 _check(not getattr(self, key), f"data.{key}", "no file without data.clients (the built-in benchmark "
-                       f"makes its own; name the clients' files in data.clients to use yours)", getattr(self, key))
+                       "makes its own; name the clients' files in data.clients to use yours)", getattr(self, key))
 
     @property
     def builtin(self) -> bool:

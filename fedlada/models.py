@@ -237,6 +237,9 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():
             raise ModelError(f"{src} is not a model directory: it has no config.json (expected what "
                              f"save_pretrained writes, or pass a .gguf file)")
+        if Path(src).is_dir() and not gguf and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                             "into the same folder (tokenizer.save_pretrained)")
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {where} needs the 'gguf' package: pip install gguf")
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -280,15 +283,24 @@ def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
 # LoRA
 
 
+# files of which a model folder needs one for AutoTokenizer (fast, sentencepiece, BPE vocab, or a config naming
+# the tokenizer class)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
 def lora_target_modules(model) -> list[str]:
     """Leaf names of the linear projections of attention and MLP blocks, found by module name.
 
     Llama-like models give ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``; for other architectures,
-    every ``nn.Linear`` leaf name except the output head.
+    every ``nn.Linear`` leaf name except the output head, and transformers' ``Conv1D`` projections (GPT-2 style:
+    ``c_attn c_proj c_fc``), which peft adapts too.
     """
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and mod is not head}
+             if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not head}
     llama = [n for n in LLAMA_PROJECTIONS if n in names]
     return llama if llama else sorted(names)
 
@@ -300,7 +312,8 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
 
     targets = list(target_modules) if target_modules else lora_target_modules(model)
     if not targets:
-        raise ModelError(f"apply_lora: found no linear layers to adapt in {type(model).__name__}")
+        raise ModelError(f"apply_lora: found no linear layers to adapt in {type(model).__name__}; name them with "
+                         "lora_target_modules (module names, e.g. 'q_proj,v_proj')")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         with warnings.catch_warnings():  # peft reads a transformers attribute deprecated in v5; not ours to act on
@@ -340,7 +353,9 @@ class PromptFormatter:
             raise ConfigError("chat template: expected true, false, 'on', 'off' or 'auto', "
                               f"found {use_chat_template!r}")
         if mode and not has_template:
-            raise ModelError("chat template requested but the tokenizer has none; use chat_template = 'off'")
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ModelError(f"chat template requested but the tokenizer of {name} has none; set that model's "
+                             "chat_template = 'off'")
         self.tokenizer = tokenizer
         self.use_chat_template = bool(mode)
         self.instruction = instruction

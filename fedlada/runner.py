@@ -137,11 +137,28 @@ def save_checkpoint(rd: RunDir, round: int, server: ServerState, pool) -> None:
     (d / "COMPLETE").write_text(str(round))
 
 
+def load_trainable(model, path: Path, who: str) -> None:
+    """Load a checkpoint of ``model``'s trainable weights (as ``save_checkpoint`` wrote them). A checkpoint whose
+    names or shapes do not fit the model (its source was changed since the run started) is a ConfigError, not a
+    silent partial load."""
+    state = torch.load(path)
+    mine = model.state_dict()
+    unknown = [n for n in state if n not in mine]
+    wrong = [f"{n} {tuple(state[n].shape)} vs {tuple(mine[n].shape)}" for n in state
+             if n in mine and state[n].shape != mine[n].shape]
+    if unknown or wrong:
+        detail = "; ".join(([f"{len(unknown)} unknown weight(s), e.g. {unknown[0]}"] if unknown else [])
+                           + ([f"{len(wrong)} of another shape, e.g. {wrong[0]}"] if wrong else []))
+        raise ConfigError(f"{path} does not fit {who}'s model ({detail}): the model changed since the run started; "
+                          "restore it, or start a new run in another out_dir")
+    model.load_state_dict(state, strict=False)
+
+
 def load_checkpoint(rd: RunDir, round: int, server: ServerState, cfg: RunConfig) -> None:
     from fedlada.rounds import _filter_for
 
     d = rd.ckpt / f"round_{round:03d}"
-    server.side.model.load_state_dict(torch.load(d / "llm.pt"), strict=False)
+    load_trainable(server.side.model, d / "llm.pt", "the LLM")
     st = torch.load(d / "server_state.pt", weights_only=False)
     for k, s in st["server_filters"].items():
         server.filters[k] = _filter_for(None, s["feature_dim"], cfg, derive_seed(cfg.seed, "server-filter", k))
@@ -278,6 +295,9 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
     from fedlada.models import PromptFormatter
 
     infos: dict[str, Any] = {}
+    if len(cfg.models.slms) > len(data.clients):
+        log.warning("models.slms lists %d SLMs but the run has %d client(s): models.slms.%d.. are not used",
+                    len(cfg.models.slms), len(data.clients), len(data.clients))
     events.stage("preparing the LLM")
     llm, ltok, infos["llm"] = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
                                             progress=events.progress)
@@ -353,7 +373,7 @@ class InProcessClients:
         from fedlada.rounds import _filter_for
 
         for c in self.clients:
-            c.side.model.load_state_dict(torch.load(d / f"client_{c.client_id}.pt"), strict=False)
+            load_trainable(c.side.model, d / f"client_{c.client_id}.pt", f"client {c.client_id}")
             f = d / f"client_{c.client_id}_filter.pt"
             if f.is_file():
                 s = torch.load(f, weights_only=False)
@@ -431,8 +451,10 @@ def drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm
             rd.append("selections.jsonl", res.selections)
         if len(reports) < cfg.min_clients:
             rd.append("metrics.jsonl", rows)
+            kept = (f"rounds 1..{t - 1} are checkpointed in {rd.ckpt}; the same command resumes after round {t - 1}"
+                    if t > 1 else "no round was completed")
             raise RoundFailed(f"round {t}: only {len(reports)} client(s) reported, min_clients={cfg.min_clients}; "
-                              f"completed rounds are checkpointed in {rd.ckpt}")
+                              f"{kept}")
         events.stage(f"round {t}/{cfg.rounds}: LLM update")
         llog = server_learn(server, reports, cfg=cfg, round=t)
         rows.append({"round": t, "event": "server_learn", **llog.metrics})

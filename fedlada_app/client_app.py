@@ -46,7 +46,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlada.config import RunConfig, resolve_threads
-from fedlada.errors import ConfigError
+from fedlada.errors import ConfigError, FedLadaError
 from fedlada_app import records
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig,
     """Bring the cached client to the state its node holds: context state, else a resume checkpoint, else fresh."""
     import torch
 
+    from fedlada.runner import load_trainable
+
     model = entry.state.side.model
     node = records.load_state(context.state)
     if node is not None:
@@ -162,7 +164,7 @@ def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig,
                                     f"round_{req.resume_round:03d} to resume from")
         if entry.holds != f"resume-{r}":
             d = root / f"round_{r:03d}"
-            model.load_state_dict(torch.load(d / f"client_{k}.pt"), strict=False)
+            load_trainable(model, d / f"client_{k}.pt", f"client {k}")
             ff = d / f"client_{k}_filter.pt"
             entry.state.filter = _filter(torch.load(ff, weights_only=True) if ff.is_file() else None, cfg, k)
             entry.holds = f"resume-{r}"
@@ -234,7 +236,11 @@ def setup(msg: Message, context: Context) -> Message:
     """Which client this node is; prepare its data and SLM; report what was prepared."""
     req, cfg, fcfg, k = _unpack(msg, context)
     with _compute_lock(context):
-        entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        try:
+            entry = _entry(cfg, req.digest, k, fcfg.model_cache)
+        except FedLadaError as e:  # this client's data or model: the run cannot start here, say why
+            log.error("client %d cannot start: %s", k, e)
+            return Message(records.setup_refusal_content(k, cfg.data.n_clients, str(e)), reply_to=msg)
         content = records.setup_content(k, cfg.data.n_clients, entry.info, entry.sizes)
         if req.evaluate:  # the evaluation before round 1, in the same message
             _sync(entry, context, req, cfg, k)

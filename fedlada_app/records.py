@@ -160,6 +160,21 @@ def setup_content(partition: int, num_partitions: int, info: dict, sizes: dict) 
                                             "info": json.dumps(info), "sizes": json.dumps(sizes)})})
 
 
+def setup_refusal_content(partition: int, num_partitions: int, reason: str) -> RecordDict:
+    """A node's answer to setup when the run cannot start on it for a user error (its data or model): the reason,
+    one line, which the server reports and stops on, as the in-process runner does."""
+    return RecordDict({SETUP: ConfigRecord({"partition-id": partition, "num-partitions": num_partitions,
+                                            "refused": reason})})
+
+
+def setup_refusal(content: RecordDict) -> str | None:
+    """The reason of a setup refusal, or None for a normal setup reply."""
+    rec = content.get(SETUP) if hasattr(content, "get") else None
+    if rec is None or "refused" not in rec:
+        return None
+    return str(rec["refused"])
+
+
 def setup_from(content: RecordDict) -> tuple[int, int, dict, dict]:
     return (_get(content, SETUP, "partition-id", int), _get(content, SETUP, "num-partitions", int),
             _json(_get(content, SETUP, "info", str), "setup info"),

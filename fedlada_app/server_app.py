@@ -47,6 +47,10 @@ class ConnectError(FedLadaError):
     """Too few SuperNodes of the run's partitions connected in time."""
 
 
+class SetupRefused(FedLadaError):
+    """A SuperNode cannot start its client: its data or model is wrong (the node's reason is in the message)."""
+
+
 @dataclass
 class _Reply:
     client_id: int
@@ -143,6 +147,10 @@ class FlowerClients:
                 log.warning("node %s: setup failed: %s", node, rep.error)
                 self._ignored.add(node)
                 continue
+            refused = records.setup_refusal(rep.message.content)
+            if refused is not None:  # a user error on that node (its data, its model): stop, as in-process
+                k = rep.message.content[records.SETUP].get("partition-id", "?")
+                raise SetupRefused(f"client {k} (SuperNode {node}) cannot start: {refused}")
             try:
                 k, n, info, sizes = records.setup_from(rep.message.content)
             except records.RecordError as e:

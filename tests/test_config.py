@@ -89,3 +89,17 @@ def test_a_stored_config_from_before_a_new_key_still_matches(tmp_path):
     gone = tmp_path / "gone.toml"  # a key that no longer exists: a different config, not a crash
     gone.write_text(text + "\n[obsolete]\nx = 1\n")
     assert not same_config(gone, cfg)
+
+
+def test_train_keys_reach_the_training_loop():
+    import inspect
+
+    from fedlada.rounds import _train_kwargs
+    from fedlada.train import train
+
+    cfg = load_config(overrides=["train.compile=true", "train.bf16=true", "train.grad_accum=3", "lada.method=lada"])
+    kw = _train_kwargs(cfg, lr=0.1, epochs=2, seed=5)
+    got = (kw["compile"], kw["bf16"], kw["grad_accum"], kw["lr"], kw["epochs"], kw["seed"])
+    assert got == (True, True, 3, 0.1, 2, 5)
+    assert set(kw) <= set(inspect.signature(train).parameters)
+    assert _train_kwargs(load_config(), lr=0.1, epochs=1, seed=0)["compile"] is False

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -273,7 +274,6 @@ def test_threads_resolve_the_same_way_in_every_engine(monkeypatch):
 def test_compute_lock_makes_clientapps_on_one_machine_take_turns(tmp_path):
     """Node config ``compute-lock``: a handler holds the lock file while it computes; without the key, no lock."""
     import fcntl
-    import types
 
     from fedlada_app.client_app import _compute_lock
 
@@ -318,3 +318,35 @@ def test_set_up_gets_the_connect_window_and_a_failed_connect_says_why(tmp_path, 
     with pytest.raises(ConnectError):
         pool2.connect()
     assert grid.waits[1] == 2.0  # a short step timeout no longer cuts the set-up short
+
+
+def test_a_node_that_cannot_start_its_client_stops_the_run_with_its_reason(tmp_path, monkeypatch):
+    """A user error on a node (its data, its model) comes back as a setup refusal: the server stops at once with the
+    node's one-line reason, as the in-process runner does, instead of waiting out connect_timeout."""
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import FlowerClients, SetupRefused
+
+    monkeypatch.setattr(server_app, "Message", lambda **kw: kw)  # outside a Flower run; the grid never reads them
+    reason = "data.clients.1.train (c1.jsonl): 1 question(s) whose prompt ... 'q7' (274 tokens)"
+
+    class RefusingGrid:
+        def __init__(self):
+            self.calls = 0
+
+        def get_node_ids(self):
+            return [21]
+
+        def send_and_receive(self, messages, *, timeout):
+            self.calls += 1
+            reply = types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=21), has_error=lambda: False,
+                                          content=records.setup_refusal_content(1, 2, reason))
+            return [reply]
+
+    grid = RefusingGrid()
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(grid, cfg, FlowerConfig(timeout=5, connect_timeout=300), RunDir(tmp_path))
+    with pytest.raises(SetupRefused, match=r"client 1 \(SuperNode 21\) cannot start: data.clients.1.train .*'q7'"):
+        pool.connect()
+    assert grid.calls == 1
+    assert records.setup_refusal(records.setup_content(0, 2, {}, {})) is None

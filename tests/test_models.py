@@ -259,3 +259,21 @@ def test_a_moved_model_cache_reports_where_the_model_was_loaded_from(tmp_path):
     info = prepare.prepare_model(moved.models.slms[0], role="client0", cfg=moved, data=data)[2]
     assert info["cached"] is True and info["pretrain_loss"] == made["pretrain_loss"]
     assert info["cache"].startswith(str(tmp_path / "b")) and made["cache"].startswith(str(tmp_path / "a"))
+
+
+def test_lora_targets_gpt2_style_conv1d_projections():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    assert lora_target_modules(model) == ["c_attn", "c_fc", "c_proj"]
+    peft_model = apply_lora(model, r=2, alpha=4)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"c_attn", "c_fc", "c_proj"}
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(tok, tmp_path):
+    model = build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    model.save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(ModelError, match=r"weights-only has no tokenizer \(none of tokenizer.json"):
+        load_model(tmp_path / "weights-only")

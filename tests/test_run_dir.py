@@ -180,3 +180,23 @@ def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
                      "data.clients.0.test: 1 of its 3 questions are also in the public pool; their accuracy is not "
                      "held out"]
     assert lines == [r.getMessage() for r in caplog.records]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
+    import torch
+
+    from fedlada.models import build_tiny_model, train_tokenizer
+    from fedlada.runner import load_trainable
+
+    tok = train_tokenizer(["Question: 1 + 1\nReasoning:\n1 + 1 = 2\nAnswer: 2"] * 4, vocab_size=280)
+    small, big = (build_tiny_model(tok, hidden_size=h, num_layers=1, num_heads=2, seed=0) for h in (16, 32))
+    torch.save(small.state_dict(), tmp_path / "client_0.pt")
+    with pytest.raises(ConfigError, match=r"client_0.pt does not fit client 0's model \(\d+ of another shape, e.g. "
+                                          r"model.embed_tokens.weight .*the model changed since the run started"):
+        load_trainable(big, tmp_path / "client_0.pt", "client 0")
+    other = build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2, seed=1)
+    load_trainable(other, tmp_path / "client_0.pt", "client 0")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), small.state_dict().values()))
+    torch.save({"lora.weight": torch.zeros(2)}, tmp_path / "llm.pt")
+    with pytest.raises(ConfigError, match=r"1 unknown weight\(s\), e.g. lora.weight"):
+        load_trainable(other, tmp_path / "llm.pt", "the LLM")
