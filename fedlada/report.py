@@ -45,6 +45,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def failed_step_lines(summary: dict) -> list[str]:
+    """One line per client that failed a step (``summary["failed_steps"]``), for the report and the terminal."""
+    return [f"{who} failed its step in round(s) {', '.join(map(str, rounds))} (reasons: the client_failed lines "
+            "of metrics.jsonl); its accuracy is that of the model it kept"
+            for who, rounds in (summary.get("failed_steps") or {}).items()]
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -153,10 +160,7 @@ def write_report(run_dir: str | Path) -> Path:
             f"Training tokens (federated rounds): {summary['train_tokens_federated']:,}. "
             f"Filter decisions recorded: {len(selections):,} ({n_sel:,} selected).</p>",
             "<h2>Accuracy</h2>", tbl]
-    for who, rounds in (summary.get("failed_steps") or {}).items():
-        body.append(f"<p><b>{html.escape(who)} failed its step in round(s) {', '.join(map(str, rounds))}</b> "
-                    "(reasons: the client_failed lines of metrics.jsonl); its accuracy is that of the model it "
-                    "kept.</p>")
+    body += [f"<p><b>{html.escape(line)}</b></p>" for line in failed_step_lines(summary)]
     if not selections:
         body.append("<p>No filter decision was recorded (the method selects nothing, or no candidate had a usable "
                     "path), so there is no gap distribution to plot.</p>")
@@ -195,6 +199,5 @@ def print_summary(summary: dict, *, console=None, wall_seconds: float | None = N
     if wall_seconds is not None:
         line += f" | wall {wall_seconds:.0f}s"
     console.print(line)
-    for who, rounds in (summary.get("failed_steps") or {}).items():
-        console.print(f"[red]{who} failed its step in round(s) {', '.join(map(str, rounds))}[/red] (its reasons: "
-                      "client_failed lines in metrics.jsonl); its accuracy is that of the model it kept")
+    for line in failed_step_lines(summary):
+        console.print(line, style="red", markup=False, highlight=False)
