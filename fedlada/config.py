@@ -519,6 +519,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        _check_file_types(data, RunConfig, "", p)
         # a file's tables replace the defaults key by key (lists replace lists whole)
         _merge(tree, data, defaults, "", p)
     if overrides:
@@ -537,6 +538,35 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str]) -> Run
     for k, v in items:
         _set_path(tree, k, v, defaults)
     return _build(RunConfig, tree)
+
+
+def _check_file_types(data: dict, cls: type, prefix: str, source: Path) -> None:
+    """A TOML file is typed: a quoted number or boolean (``rounds = "2"``) is an error there, although the same
+    text is parsed on the command line and in Flower's run config, where every value arrives as a string. Keys that
+    do not exist are left to the checks that name them."""
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        if k not in hints:
+            continue
+        full = f"{prefix}.{k}" if prefix else k
+        tp = hints[k]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            _check_file_types(v, tp, full, source)
+        elif item is not None and dataclasses.is_dataclass(item) and isinstance(v, list):
+            for i, x in enumerate(v):
+                if isinstance(x, dict):
+                    _check_file_types(x, item, f"{full}.{i}", source)
+        elif isinstance(v, str) and (tp in (bool, int, float) or item in (bool, int, float)):
+            kind = ("true or false" if bool in (tp, item) else "a list of numbers" if item
+                    else "an integer" if tp is int else "a number")
+            raise ConfigError(f"{source}: config key '{full}': expected {kind}, found the string {v!r} (in a TOML "
+                              "file, write it without quotes)")
+        elif item in (bool, int, float) and isinstance(v, list) and any(isinstance(x, str) for x in v):
+            raise ConfigError(f"{source}: config key '{full}': expected a list of numbers, found {v!r} (in a TOML "
+                              "file, write the numbers without quotes)")
 
 
 def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) -> None:

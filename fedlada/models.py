@@ -249,7 +249,9 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one user-facing error
         offline = " (HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise ModelError(f"cannot load model {where}: {type(e).__name__}: {e}{offline}") from e
+        local = "" if Path(src).exists() else (f"; there is no folder {src!r} in {Path.cwd()} either (write a local "
+                                               f"folder as ./{src} or an absolute path)")
+        raise ModelError(f"cannot load model {where}: {type(e).__name__}: {e}{offline}{local}") from e
     if gguf:
         model = dequantized_copy(model)
     if tokenizer.eos_token is None:

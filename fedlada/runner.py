@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -267,28 +268,45 @@ class RunStart:
     start: int
     data: FederatedData
     digest: str
+    created: bool = False  # the folder did not exist before this start
+
+    @contextmanager
+    def setting_up(self):
+        """Around the set-up (models, clients): a new run whose set-up fails or is interrupted leaves no run
+        folder behind (what ``init_run_dir`` wrote is removed, the folder too if this start made it), so a failed
+        start does not look like a run. A resumed run keeps everything."""
+        try:
+            yield
+        except BaseException:
+            if self.start == 0:
+                for name in (*RUN_LOGS, "config.toml", "summary.json", "flower.jsonl"):
+                    (self.rd.path / name).unlink(missing_ok=True)
+                if self.created and self.rd.path.is_dir() and not any(self.rd.path.iterdir()):
+                    self.rd.path.rmdir()
+            raise
 
 
 def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -> RunStart | RunResult:
     """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the
-    thread count, check the run folder, return a finished run's result as it is, else load the data, check it is
-    the data a resumed run started with, and only then prepare the folder (a start that fails on its data changes
-    nothing)."""
+    thread count, check the run folder, load the data and check it is the data a resumed (or finished) run started
+    with, return a finished run's result as it is, and only then prepare the folder (a start that fails on its data changes
+    nothing; one that fails preparing its models, inside :meth:`RunStart.setting_up`, leaves nothing behind)."""
     check_generation(cfg)  # a vLLM config on a machine without vLLM or a GPU
     check_devices(cfg)  # a device this machine does not have
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
-    summary = _finished_summary(rd, cfg, start)
-    if summary is not None:
-        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
-        return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
     events.stage("loading data")
     data = load_data(cfg)
     digest = data_digest(data)
     if start:
-        check_data_unchanged(rd, digest)
+        check_data_unchanged(rd, digest)  # a finished run too: its results are not those of the data as it is now
+    summary = _finished_summary(rd, cfg, start)
+    if summary is not None:
+        events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
+        return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
+    created = not rd.path.exists()
     init_run_dir(rd, cfg, start)
-    return RunStart(rd, start, data, digest)
+    return RunStart(rd, start, data, digest, created)
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
@@ -397,7 +415,8 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     if isinstance(begun, RunResult):
         return begun
     rd, start, data = begun.rd, begun.start, begun.data
-    server, clients, infos = build_states(cfg, data, events)
+    with begun.setting_up():
+        server, clients, infos = build_states(cfg, data, events)
     pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
     llm_test = [rec for c in clients for rec in c.test]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),

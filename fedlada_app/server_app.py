@@ -276,14 +276,16 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     rd, start, data = begun.rd, begun.start, begun.data
     if not start:
         (rd.path / "flower.jsonl").unlink(missing_ok=True)
-    events.stage("preparing the LLM")
-    llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data, progress=events.progress)
-    server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
-                         {r.id: r for r in data.public})
-    server.backend = llm_backend(cfg.models.llm, llm_info)
-    check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
-                      who="the LLM")
-    pool = FlowerClients(grid, cfg, fcfg, rd, events)
+    with begun.setting_up():  # a new run whose LLM cannot be prepared leaves no run folder
+        events.stage("preparing the LLM")
+        llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
+                                            progress=events.progress)
+        server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
+                             {r.id: r for r in data.public})
+        server.backend = llm_backend(cfg.models.llm, llm_info)
+        check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
+                          who="the LLM")
+    pool = FlowerClients(grid, cfg, fcfg, rd, events)  # a failed connection keeps flower.jsonl to look at
     pool.connect(evaluate=not start)
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}

@@ -1,5 +1,7 @@
 """The typed config: defaults, TOML files, overrides, Flower's flat run_config, and errors naming the key."""
 
+import re
+
 import pytest
 
 from fedlada.config import RunConfig, dump_toml, flat_items, load_config
@@ -70,6 +72,19 @@ def test_bad_toml_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
+    p = tmp_path / "typed.toml"
+    for text, fragment in (('rounds = "2"', "'rounds': expected an integer, found the string '2'"),
+                           ('[train]\nbf16 = "yes"', "'train.bf16': expected true or false"),
+                           ('[lada]\nbudget = "0.3"', "'lada.budget': expected a number"),
+                           ('[[models.slms]]\nlora_r = "8"', "'models.slms.0.lora_r': expected an integer")):
+        p.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=re.escape(f"typed.toml: config key {fragment}")):
+            load_config(p)
+    p.write_text('rounds = 2\n[[models.slms]]\nlora_r = 8\n')
+    assert load_config(p, ["lada.budget=0.3", "train.bf16=true"]).rounds == 2  # CLI strings are parsed
 
 
 def test_user_data_needs_public_pool():

@@ -97,6 +97,9 @@ def test_load_model_errors_name_the_source(tmp_path, monkeypatch):
         load_model(missing)
     with pytest.raises(ModelError, match="missing.gguf"):
         load_model(tmp_path / "missing.gguf")
+    monkeypatch.chdir(tmp_path)  # a bare name is a hub id; the error says it is no local folder either
+    with pytest.raises(ModelError, match=r"no folder 'nope_dir' in .* either \(write a local folder as ./nope_dir"):
+        load_model("nope_dir")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelError, match=f"{empty} is not a model directory: it has no config.json"):

@@ -84,6 +84,19 @@ def test_resuming_with_another_config_names_the_keys_that_differ(tiny_overrides,
     assert check_run_dir(changed, resume=True)[1] == 0
 
 
+def test_a_new_run_whose_models_fail_leaves_no_run_folder(tiny_overrides, tmp_path):
+    from fedlada.errors import ModelError
+
+    cfg = load_config(overrides=tiny_overrides + [f"models.llm.source={tmp_path / 'no-such-model'}"])
+    with pytest.raises(ModelError, match="no-such-model does not exist"):
+        run(cfg)
+    assert not Path(cfg.out_dir).exists()  # not a folder with a config.toml and empty logs
+    Path(cfg.out_dir).mkdir()  # a folder the user made stays, empty
+    with pytest.raises(ModelError):
+        run(cfg)
+    assert Path(cfg.out_dir).is_dir() and not any(Path(cfg.out_dir).iterdir())
+
+
 def test_a_resumed_run_must_see_the_data_it_started_with(tmp_path):
     rd = RunDir(tmp_path)
     rd.append("metrics.jsonl", [{"round": 0, "event": "setup", "data_digest": "aaaa"}])
@@ -104,10 +117,15 @@ def test_a_finished_run_is_not_prepared_or_run_again(tiny_overrides, monkeypatch
     _fake_run(Path(cfg.out_dir), cfg, rounds_done=cfg.rounds)
     summary = {"method": "lada", "rounds_done": cfg.rounds, "mean_slm_accuracy": 0.5}
     (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary))
-    monkeypatch.setattr(runner, "load_data", lambda *a, **k: pytest.fail("data loaded"))
+    digest = runner.data_digest(runner.load_data(cfg))
+    RunDir(cfg.out_dir).append("metrics.jsonl", [{"round": 0, "event": "setup", "data_digest": digest}])
     monkeypatch.setattr(runner, "build_states", lambda *a, **k: pytest.fail("models prepared"))
     res = run(cfg)
     assert res.summary == summary and res.resumed_from == cfg.rounds
+    # the same folder and config over other data: its summary is not this data's result
+    monkeypatch.setattr(runner, "data_digest", lambda data: "another")
+    with pytest.raises(ConfigError, match="the data changed since this run started"):
+        run(cfg)
 
 
 def test_a_one_record_train_split_keeps_its_record():
