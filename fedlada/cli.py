@@ -1,4 +1,4 @@
-"""The ``fedlada`` command line: ``run``, ``data make``, ``data validate``, ``report``.
+"""The ``fedlada`` command line: ``run``, ``data make``, ``data validate``, ``report``, ``compare``.
 
 Heavy libraries (torch, transformers) are imported only inside the commands that need them, so ``--help`` is
 instant. A :class:`~fedlada.errors.FedLadaError` (a user error) is printed without a traceback and exits with 2.
@@ -183,7 +183,8 @@ def cmd_compare(args) -> int:
         result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev,
                            finished_only=args.finished_only)
     files = write_table(result, args.out, title=args.title or f"methods compared ({args.out})")
-    _stdout_console().print(files["markdown"].read_text(), markup=False, highlight=False)
+    sys.stdout.write(files["markdown"].read_text())  # as written: a Markdown table must not be wrapped
+    sys.stdout.flush()
     console.print(f"table: {files['markdown']}, {files['csv']}, {files['plot']}")
     return 0
 

@@ -209,6 +209,10 @@ class _ExploitNet(nn.Module):
         return self.out(h).squeeze(-1), h
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -221,8 +225,9 @@ class LearnabilityFilter:
                  budget: float = 0.4, min_count: int = 8, epochs: int = 10, lr: float = 1e-3, seed: int = 0,
                  batch_size: int = 32, nan_policy: str = "zero", cold_start_clusters: int = 256):
         checks = {
-            "feature_dim": (feature_dim, isinstance(feature_dim, int) and feature_dim >= 1, "an integer >= 1"),
-            "hidden": (hidden, isinstance(hidden, int) and hidden >= 1, "an integer >= 1"),
+            "feature_dim": (feature_dim, _is_int(feature_dim) and feature_dim >= 1, "an integer >= 1"),
+            "hidden": (hidden, _is_int(hidden) and hidden >= 1, "an integer >= 1"),
+            "seed": (seed, _is_int(seed) and seed >= 0, "an integer >= 0"),
             "alpha": (alpha, math.isfinite(alpha), "a finite number"),
             "threshold": (threshold, 0.0 < threshold < 1.0, "in (0, 1)"),
             "budget": (budget, 0.0 < budget <= 1.0, "a fraction in (0, 1]"),
@@ -382,7 +387,8 @@ class LearnabilityFilter:
             log.warning("filter: fit() with an empty replay pool; still cold-starting")
             return {"exploit_mse_initial": None, "exploit_mse": None, "explore_mse": None, "pool_size": 0,
                     "reward_scale": self.reward_scale}
-        rms = float(self.pool_rewards.pow(2).mean().sqrt())
+        peak = float(self.pool_rewards.abs().max())  # RMS through the peak: squares of huge rewards overflow
+        rms = peak * float((self.pool_rewards / peak).pow(2).mean().sqrt()) if peak > 0 else 0.0
         self.reward_scale = rms if rms > 1e-12 else 1.0
         x, y = self.pool_features, (self.pool_rewards / self.reward_scale).float()
         gen = torch.Generator().manual_seed(_seed(self.seed, 2, self.num_fits))
@@ -423,6 +429,10 @@ class LearnabilityFilter:
                           ("feature_dim", self.feature_dim), ("hidden", self.hidden)):
             if d.get(key) != mine:
                 raise ConfigError(f"filter state: {key} is {d.get(key)!r}, this filter expects {mine!r}")
+        feats = d["pool_features"]
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim or len(d["pool_rewards"]) != feats.shape[0]:
+            raise ConfigError(f"filter state: pool_features {list(feats.shape)} and {len(d['pool_rewards'])} "
+                              f"reward(s) do not fit feature_dim={self.feature_dim}")
         self.exploit_net.load_state_dict(d["exploit"])
         self.explore_net.load_state_dict(d["explore"])
         self.pool_features = d["pool_features"].clone().float()
@@ -439,6 +449,9 @@ def perplexity_reward(nll_before, nll_after) -> float:
     b, a = _vector("nll_before", nll_before), _vector("nll_after", nll_after)
     if len(b) == 0 or len(a) == 0 or not (np.isfinite(b).all() and np.isfinite(a).all()):
         raise ValueError("perplexity_reward: nll_before and nll_after must be non-empty and finite")
+    if len(b) != len(a):
+        raise ValueError(f"perplexity_reward: nll_before and nll_after must score the same held-out slice, got "
+                         f"{len(b)} and {len(a)} values")
     return float(np.exp(b).mean() - np.exp(a).mean())
 
 

@@ -43,6 +43,16 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_shapes(fn: str, ndim: int, **tensors: torch.Tensor) -> None:
+    """The inputs of a path loss must have one shape: broadcasting (B,1) against (B,) would silently give (B,B)."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != ndim or any(s != first for s in shapes.values()):
+        dims = "(B,)" if ndim == 1 else "(B,M)"
+        raise ValueError(f"{fn}: expected tensors of one shape {dims}, got "
+                         + ", ".join(f"{name} {list(s)}" for name, s in shapes.items()))
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-position log pi(labels[b, t]) under ``logits[b, t]`` (computed in float32), 0 where ``mask`` is 0.
 
@@ -90,6 +100,8 @@ def contrastive_path_loss(pol_chosen: torch.Tensor, pol_rejected: torch.Tensor, 
     _check_reduction(reduction)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    _check_shapes("contrastive_path_loss", 1, pol_chosen=pol_chosen, pol_rejected=pol_rejected,
+                  ref_chosen=ref_chosen, ref_rejected=ref_rejected)
     margin = (pol_chosen - ref_chosen.detach()) - (pol_rejected - ref_rejected.detach())
     losses = -F.logsigmoid(beta * margin.float())
     if reduction == "none":
@@ -113,13 +125,17 @@ def listwise_path_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, l
     _check_reduction(reduction)
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    _check_shapes("listwise_path_loss", 2, student_logp=student_logp, teacher_logp=teacher_logp, lengths=lengths,
+                  valid=valid)
     valid = valid.bool()
     scale = tau * lengths.float().clamp(min=1.0)
     s = (student_logp.float() / scale).masked_fill(~valid, _MASKED)
     t = (teacher_logp.detach().float() / scale).masked_fill(~valid, _MASKED)
     log_p = F.log_softmax(s, dim=-1)
     log_q = F.log_softmax(t, dim=-1)
-    kl_terms = torch.where(valid, log_q.exp() * (log_q - log_p), torch.zeros_like(log_p))
+    q = log_q.exp()
+    # q = 0 (a valid path the teacher gives log-probability -inf) contributes 0, not 0 * inf
+    kl_terms = torch.where(valid & (q > 0), q * (log_q - log_p), torch.zeros_like(log_p))
     eligible = valid.sum(dim=-1) >= 2
     per_row = torch.where(eligible, kl_terms.sum(dim=-1), torch.zeros_like(kl_terms[:, 0]))
     if reduction == "none":

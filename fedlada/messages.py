@@ -2,7 +2,7 @@
 
 Only three kinds of content ever leave a side: reasoning **paths** (text) on *public* questions, **scalar scores**
 (a path's log joint probability and token count under the sender's model), and **ids** of public questions. A
-client's private records never appear in a message; ``tests/test_privacy.py`` plants canary strings in every
+client's private records never appear in a message; a test (``tests/test_runner.py``) plants canary strings in every
 client's private data and scans every serialised message of a whole run for them.
 
 Messages serialise to UTF-8 JSON (``to_bytes``); their byte size is what the run directory reports per round and
@@ -76,11 +76,15 @@ class TeachMessage:
     host: bytes | None = None  # the host framework's payload (fedlada.hosts), base64 in the JSON
     kind: str = field(default="teach", init=False)
 
+    def __post_init__(self):  # lists given by a caller become tuples, so a message equals its round trip
+        object.__setattr__(self, "question_ids", tuple(self.question_ids))
+        object.__setattr__(self, "paths", tuple(self.paths))
+
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round,
              "question_ids": list(self.question_ids), "paths": [asdict(p) for p in self.paths]}
         _put_host(d, self.host)
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _dump(d)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TeachMessage":
@@ -104,11 +108,14 @@ class ReportMessage:
     host: bytes | None = None  # the host framework's payload (fedlada.hosts), base64 in the JSON
     kind: str = field(default="report", init=False)
 
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(self.paths))
+
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round, "client": self.client,
              "paths": [asdict(p) for p in self.paths], "metrics": self.metrics}
         _put_host(d, self.host)
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _dump(d)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ReportMessage":
@@ -129,11 +136,29 @@ class ReportMessage:
                 "host_payload_bytes": len(self.host or b"")}
 
 
-def _load(data: bytes, kind: str) -> dict:
+def _dump(d: dict) -> bytes:
+    """Strict JSON: NaN or infinity has no JSON spelling, so a message holding one is refused when it is written
+    (rather than written as ``NaN``, which the receiver's parser may reject)."""
     try:
-        d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError as e:
+        raise MessageError(f"{d['kind']} message: cannot be written as JSON ({e}): every number must be finite") \
+            from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load(data: bytes, kind: str) -> dict:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageError(f"{kind} message: expected bytes, found {type(data).__name__}")
+    try:
+        d = json.loads(bytes(data).decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise MessageError(f"{kind} message: not UTF-8 JSON ({e})") from None
+    except RecursionError:
+        raise MessageError(f"{kind} message: JSON nested too deeply") from None
     if not isinstance(d, dict) or d.get("kind") != kind:
         raise MessageError(f"expected a {kind} message, found kind={d.get('kind') if isinstance(d, dict) else d!r}")
     if d.get("version") != MESSAGE_VERSION:

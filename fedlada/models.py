@@ -254,15 +254,53 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         raise ModelError(f"cannot load model {where}: {type(e).__name__}: {e}{offline}{local}") from e
     if gguf:
         model = dequantized_copy(model)
+    _check_vocab(model, tokenizer, where)
     if tokenizer.eos_token is None:
         raise ModelError(f"model {where}: the tokenizer has no eos token; paths are scored with eos appended")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    logger.info("loaded %s: %s, %.1fM parameters, %s on %s", where, type(model).__name__,
-                count_parameters(model) / 1e6, torch_dtype, target)
+    logger.info("loaded %s: %s, %s parameters, %s on %s", where, type(model).__name__,
+                f"{count_parameters(model):,}", torch_dtype, target)
     return model.to(target).eval(), tokenizer
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_limit(model) -> tuple[int | None, bool]:
+    """(the longest sequence the model's config allows, or None if it names none; whether that limit is hard).
+
+    Hard: the model has a learned position table of about that size (GPT-2's ``wpe``, OPT's ``embed_positions``),
+    so a longer sequence indexes past it; rotary and similar schemes compute further positions, only less well."""
+    config = model.config
+    limit = next((v for v in (getattr(config, k, None) for k in _POSITION_KEYS)
+                  if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+    if limit is None:
+        return None, False
+    words = model.get_input_embeddings()
+    hard = any(isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2
+               for m in model.modules())
+    return limit, hard
+
+
+def _check_vocab(model, tokenizer, where: str) -> None:
+    """ModelError where ordinary text or the special tokens every path uses would index past the embedding table
+    (a tokenizer from another model); a warning for added tokens without a row (a loader may add an unknown-token
+    placeholder that byte-level text never produces)."""
+    rows = model.get_input_embeddings().num_embeddings
+    used = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "pad", "bos")}
+    past = {name: i for name, i in used.items() if isinstance(i, int) and i >= rows}
+    if tokenizer.vocab_size > rows or past:
+        found = (f"{tokenizer.vocab_size} regular tokens" if tokenizer.vocab_size > rows else
+                 ", ".join(f"{name} token id {i}" for name, i in past.items()))
+        raise ModelError(f"model {where}: its tokenizer has {found} but the model's embedding table only {rows} "
+                         "rows, so token ids would index past it (a tokenizer from another model?)")
+    if len(tokenizer) > rows:
+        extra = [t for t, i in tokenizer.get_added_vocab().items() if i >= rows]
+        logger.warning("model %s: %d added token(s) of the tokenizer have no embedding row (%s); text holding them "
+                       "cannot be encoded for this model", where, len(tokenizer) - rows, ", ".join(extra[:5]))
 
 
 def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
@@ -308,8 +346,11 @@ def lora_target_modules(model) -> list[str]:
 
 
 def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-               target_modules: Iterable[str] | None = None):
-    """Wrap ``model`` (in place) with LoRA adapters; only the adapter weights are trainable afterwards."""
+               target_modules: Iterable[str] | None = None, seed: int | None = 0):
+    """Wrap ``model`` (in place) with LoRA adapters; only the adapter weights are trainable afterwards.
+
+    ``seed`` seeds the adapters' random initialisation (the caller's RNG state is left as it was), so the same call
+    gives the same adapters; ``None`` draws from the global torch RNG instead."""
     from peft import LoraConfig, get_peft_model
 
     targets = list(target_modules) if target_modules else lora_target_modules(model)
@@ -318,8 +359,13 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                          "lora_target_modules (module names, e.g. 'q_proj,v_proj')")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
-        with warnings.catch_warnings():  # peft reads a transformers attribute deprecated in v5; not ours to act on
+        device = next(model.parameters()).device
+        with (warnings.catch_warnings(),  # peft reads a transformers attribute deprecated in v5; not ours to act on
+              torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [],
+                                    enabled=seed is not None)):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if seed is not None:
+                torch.manual_seed(seed)
             return get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"apply_lora: cannot adapt modules {targets} of {type(model).__name__}: {e}") from e

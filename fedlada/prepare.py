@@ -219,6 +219,18 @@ def _compute_key(spec: ModelSpec) -> list:
     return [device, torch.get_num_threads() if device == "cpu" else 0]
 
 
+def _fitting(corpus: list[Record], formatter, tokenizer, max_length: int) -> list[Record]:
+    """The records whose prompt leaves room for a path within ``max_length`` tokens (a warning counts the rest)."""
+    prompts = [formatter(r.question) for r in corpus]
+    lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    kept = [r for r, n in zip(corpus, lengths) if n < max_length]
+    if len(kept) < len(corpus):
+        log.warning("pretraining leaves out %d of %d corpus record(s) whose question is too long for "
+                       "train.max_length=%d (e.g. %r)", len(corpus) - len(kept), len(corpus), max_length,
+                       next(r.id for r, n in zip(corpus, lengths) if n >= max_length))
+    return kept
+
+
 def _pretrain_examples(formatter, corpus: list[Record], tokenizer, *, tokens: int, seed: int):
     from fedlada.train import SFTExample
 
@@ -262,13 +274,19 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             info["cached"] = True
         else:
             from fedlada.models import PromptFormatter
+            from fedlada.rounds import Side, check_prompts_fit
             from fedlada.train import train
 
+            fmt = PromptFormatter(tok, use_chat_template="off")
+            # a public question too long for train.max_length stops the run anyway: say which before pretraining;
+            # a general-corpus record that long is only left out of pretraining
+            check_prompts_fit(Side(None, tok, fmt), {data_source(cfg, data): data.public},
+                              max_length=cfg.train.max_length, who=f"the tiny model '{role}'")
+            corpus = _fitting(corpus, fmt, tok, cfg.train.max_length)
             model = build_tiny_model(tok, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
                                      num_heads=spec.num_heads, max_position_embeddings=max(512, cfg.train.max_length),
                                      seed=mc.pretrain_seed)
             model.to(resolve_device(spec.device))
-            fmt = PromptFormatter(tok, use_chat_template="off")
             ex, epochs = _pretrain_examples(fmt, corpus, tok, tokens=spec.pretrain_tokens, seed=mc.pretrain_seed)
             if ex and spec.pretrain_tokens > 0:
                 stats = train(model, tok, sft=ex, lr=mc.pretrain_lr, epochs=epochs,
@@ -289,13 +307,10 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
     if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if spec.lora:
-        import torch
-
-        with torch.random.fork_rng(devices=[]):  # adapter init is seeded: same run, same numbers
-            torch.manual_seed(cfg.models.pretrain_seed + sum(role.encode()))
-            model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                               target_modules=spec.lora_target_modules or None)
+    if spec.lora:  # adapter init is seeded: same run, same numbers
+        model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                           target_modules=spec.lora_target_modules or None,
+                           seed=cfg.models.pretrain_seed + sum(role.encode()))
     info["parameters"] = count_parameters(model)
     info["trainable_parameters"] = count_parameters(model, trainable_only=True)
     return model, tok, info

@@ -40,8 +40,9 @@ ANSWER_LINE_RE = re.compile(r"^[ \t]*Answer:[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTIL
 HASHES_RE = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 # Where a \boxed{...} begins; the braces are matched by hand (they nest: \boxed{\frac{1}{2}}).
 BOXED_START_RE = re.compile(r"\\boxed\s*\{")
-# "The answer is X" / "the final answer is: X"; X runs to the end of the line.
-ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?[ \t]*(\S[^\n]*)", re.IGNORECASE)
+# "The answer is X" / "the final answer is: X"; X runs to the end of the line (a lookahead, so every occurrence on
+# a line is found and the last one can win).
+ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?[ \t]*(?=(\S[^\n]*))", re.IGNORECASE)
 # The end of a sentence inside a line: a full stop, question or exclamation mark, then a blank.
 SENTENCE_END_RE = re.compile(r"[.!?]\s")
 # A number inside running text: 1,000  -3  2.5  3/4 ; a minus counts only when not glued to a word ("18-5").

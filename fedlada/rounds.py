@@ -81,17 +81,21 @@ class Side:
         return [self.formatter(q) for q in questions]
 
 
-def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str) -> None:
+def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str,
+                      max_new_tokens: int | None = None) -> None:
     """DataError if a question's prompt under ``side``'s tokenizer leaves no room for a path within ``max_length``
     tokens (training and scoring would stop on it mid-round). ``sources`` maps where records come from (a config
     key and its file) to the records ``side`` will encode; the error names the source, the record ids (up to 5 per
-    source) and their prompt lengths."""
-    bad = []
+    source) and their prompt lengths. With ``max_new_tokens``, the model must also take ``max_length`` positions
+    and the longest prompt plus ``max_new_tokens`` (sampling): a ModelError where its position table is learned
+    (a longer sequence would index past it), a warning otherwise."""
+    bad, longest = [], 0
     for where, records in sources.items():
         if not records:
             continue
         prompts = side.prompts([r.question for r in records])
         lengths = [len(x) for x in side.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        longest = max(longest, *lengths)
         long = [(r.id, n) for r, n in zip(records, lengths) if n >= max_length]
         if long:
             shown = ", ".join(f"{rid!r} ({n} tokens)" for rid, n in long[:5])
@@ -100,6 +104,24 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
                        f"train.max_length={max_length}: {shown}{more}")
     if bad:
         raise DataError("; ".join(bad) + "; raise train.max_length or shorten or drop these questions")
+    if max_new_tokens is not None:
+        _check_positions(side.model, max_length=max_length, sampling=longest + max_new_tokens, who=who)
+
+
+def _check_positions(model, *, max_length: int, sampling: int, who: str) -> None:
+    from fedlada.errors import ModelError
+    from fedlada.models import position_limit
+
+    limit, hard = position_limit(model)
+    needed = max(max_length, sampling)
+    if limit is None or needed <= limit:
+        return
+    msg = (f"{who} takes at most {limit} positions (its config's position limit) but this run needs {needed} "
+           f"(train.max_length={max_length}; longest prompt + lada.max_new_tokens = {sampling})")
+    if hard:
+        raise ModelError(f"{msg}: lower train.max_length or lada.max_new_tokens, or use a model with a longer "
+                         "context")
+    log.warning("%s; its positions past %d were not trained, expect worse paths", msg, limit)
 
 
 @dataclass

@@ -287,10 +287,11 @@ class RunStart:
 
 
 def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -> RunStart | RunResult:
-    """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the
-    thread count, check the run folder, load the data and check it is the data a resumed (or finished) run started
-    with, return a finished run's result as it is, and only then prepare the folder (a start that fails on its data changes
-    nothing; one that fails preparing its models, inside :meth:`RunStart.setting_up`, leaves nothing behind)."""
+    """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the thread
+    count, check the run folder, load the data and check it is the data a resumed (or finished) run started
+    with, return a finished run's result as it is, and only then prepare the folder (a start that fails on its
+    data changes nothing; one that fails preparing its models, inside :meth:`RunStart.setting_up`, leaves
+    nothing behind)."""
     check_generation(cfg)  # a vLLM config on a machine without vLLM or a GPU
     check_devices(cfg)  # a device this machine does not have
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
@@ -323,7 +324,7 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
                          {r.id: r for r in data.public})
     server.backend = llm_backend(cfg.models.llm, infos["llm"])
     check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
-                      who="the LLM")
+                      who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
     clients = []
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
@@ -332,7 +333,8 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
                                                     progress=events.progress)
         side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
         check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
-                          max_length=cfg.train.max_length, who=f"client {k}'s SLM")
+                          max_length=cfg.train.max_length, who=f"client {k}'s SLM",
+                          max_new_tokens=cfg.lada.max_new_tokens)
         train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
         test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
         clients.append(ClientState(k, side, train, hold, test))

@@ -40,8 +40,12 @@ Other choices: a term whose weight (``lambda_da`` or ``mu``) is 0 is dropped bef
 trains only its adapters), weight decay on all of them; on CUDA the fused AdamW kernel (same update, one launch).
 ``compile=True`` (config ``train.compile``) runs the forward passes through ``torch.compile(model, dynamic=True)``,
 off by default because its one-off compilation (about a minute per architecture on a CPU) outweighs a short update.
-Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG forked and seeded with
-``seed`` (the caller's global RNG state is restored afterwards).
+A step whose loss is not finite is not applied: ``train`` raises :class:`TrainingError` instead (the weights keep
+the previous step's values), and examples are checked when made (``SFTExample.weight`` finite and >= 0, a valid
+listwise path's teacher log-probability <= 0, -inf allowed). Dropout makes the shared-prefix passes draw other masks
+than plain rows, so ``reuse_prefix`` on and off agree to float rounding only with dropout off (the default tiny
+models have none). Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG
+forked and seeded with ``seed`` (the caller's global RNG state is restored afterwards).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from functools import partial
 import torch
 
 from fedlada.config import LR_SCHEDULES
-from fedlada.errors import ConfigError
+from fedlada.errors import ConfigError, FedLadaError
 from fedlada.losses import contrastive_path_loss, listwise_path_loss, sequence_logprobs, sft_loss
 from fedlada.paths import collate, encode_pair, path_logprobs, reuse_prefix_pays
 
@@ -73,6 +77,10 @@ class SFTExample:
     prompt: str
     path: str
     weight: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"SFTExample: weight must be a finite number >= 0, found {self.weight!r}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,14 @@ class ListwiseExample:
         if not len(self.paths) == len(self.teacher_logp) == len(self.valid):
             raise ValueError(f"ListwiseExample: paths, teacher_logp and valid must have the same length, got "
                              f"{len(self.paths)}, {len(self.teacher_logp)}, {len(self.valid)}")
+        bad = [lp for lp, ok in zip(self.teacher_logp, self.valid) if ok and (math.isnan(lp) or lp > 1e-6)]
+        if bad:  # -inf is allowed: a path the teacher rules out counts 0 in the loss
+            raise ValueError(f"ListwiseExample: a valid path's teacher_logp must be a log-probability (<= 0, not "
+                             f"NaN), found {bad[0]!r}")
+
+
+class TrainingError(FedLadaError):
+    """Training stopped before a step that would have made the weights non-finite."""
 
 
 @dataclass
@@ -315,6 +331,14 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
     compilation (about a minute per model architecture on a CPU); later calls on a model of the same architecture
     reuse it. Off by default: a short federated update rarely repays it.
     """
+    for key, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum),
+                       ("max_length", max_length)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"train: {key}: expected an integer, found {value!r}")
+    for key, value in (("lr", lr), ("beta", beta), ("tau", tau), ("lambda_da", lambda_da), ("mu", mu),
+                       ("warmup", warmup)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"train: {key}: expected a finite number, found {value!r}")
     for key, value, ok, expected in (
             ("lr", lr, lr > 0, "> 0"), ("epochs", epochs, epochs >= 0, "an integer >= 0"),
             ("batch_size", batch_size, batch_size >= 1, "an integer >= 1"),
@@ -384,6 +408,15 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
                         (weights[kind] * term).backward()  # accumulate now: one graph alive at a time
                         term_sums[kind] += term.detach().float()
                         tokens += batch["tokens"]
+                term_sums = {k: v.item() for k, v in term_sums.items()}  # one sync per kind per step
+                if not all(math.isfinite(v) for v in term_sums.values()):
+                    opt.zero_grad(set_to_none=True)
+                    model.train(was_training)
+                    raise TrainingError(
+                        f"train: the loss is not finite at step {step + 1}/{total_steps} ("
+                        + ", ".join(f"{k} {v}" for k, v in term_sums.items())
+                        + "); this step was not applied. Usually the learning rate is too high for this model "
+                        "(lower train.lr) or bf16 overflowed (train.bf16 = false)")
                 if max_grad_norm is not None and max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
@@ -392,7 +425,6 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
                     sched.step()
 
                 step += 1
-                term_sums = {k: v.item() for k, v in term_sums.items()}  # one sync per kind per step
                 losses.append(sum(weights[k] * v for k, v in term_sums.items()))
                 for name, kinds in (("sft", ("sft",)), ("da", ("pref", "list")), ("distill", ("distill",))):
                     if any(k in term_sums for k in kinds):

@@ -105,7 +105,8 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     model, tok, info = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data)
     side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
     check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
-                      max_length=cfg.train.max_length, who=f"client {k}'s SLM")
+                      max_length=cfg.train.max_length, who=f"client {k}'s SLM",
+                      max_new_tokens=cfg.lada.max_new_tokens)
     train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
     test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
     state = ClientState(k, side, train, hold, test)

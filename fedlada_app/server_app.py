@@ -284,7 +284,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
                              {r.id: r for r in data.public})
         server.backend = llm_backend(cfg.models.llm, llm_info)
         check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
-                          who="the LLM")
+                          who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
     pool = FlowerClients(grid, cfg, fcfg, rd, events)  # a failed connection keeps flower.jsonl to look at
     pool.connect(evaluate=not start)
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]

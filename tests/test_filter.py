@@ -283,6 +283,22 @@ def test_perplexity_reward_hand_computed():
     assert perplexity_reward(after, before) == pytest.approx(-2.0)
     with pytest.raises(ValueError):
         perplexity_reward([np.nan], [1.0])
+    with pytest.raises(ValueError, match="the same held-out slice, got 2 and 1 values"):
+        perplexity_reward(before, after[:1])
+
+
+def test_odd_filter_arguments_states_and_rewards_fail_clearly_or_scale():
+    for kw, fragment in ((dict(seed=-1), "seed must be an integer >= 0"),
+                         (dict(feature_dim=True), "feature_dim must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=fragment):
+            LearnabilityFilter(**{"feature_dim": 4, **kw})
+    f = LearnabilityFilter(4, seed=0)
+    f.observe(np.random.default_rng(0).random((10, 4)), np.full(10, 1e200))  # squares overflow a float64
+    assert f.fit()["reward_scale"] == pytest.approx(1e200)
+    state = f.state_dict()
+    state["pool_features"] = torch.zeros(10, 5)
+    with pytest.raises(ConfigError, match=r"pool_features \[10, 5\] and 10 reward\(s\) do not fit feature_dim=4"):
+        LearnabilityFilter(4).load_state_dict(state)
 
 
 def test_sample_rewards_hand_computed():

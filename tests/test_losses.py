@@ -250,3 +250,26 @@ def test_token_logprobs_zero_at_masked_positions():
     mask = labels != -100
     out = token_logprobs(logits, labels, mask)
     assert (out[~mask] == 0).all() and (out[mask] < 0).all()
+
+
+def test_listwise_a_valid_path_the_teacher_rules_out_counts_zero_not_nan():
+    student = torch.tensor([[-3.0, -4.0, -5.0]], requires_grad=True)
+    teacher = torch.tensor([[-math.inf, -10.0, -20.0]])
+    lengths, valid = torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool)
+    loss = listwise_path_loss(student, teacher, lengths, valid)
+    # q = (0, q1, q2): the loss is the KL over the other two paths' terms, with p over all three
+    log_p = torch.log_softmax(student.detach()[0], -1)
+    log_q = torch.log_softmax(teacher[0, 1:], -1)
+    assert_close(loss, (log_q.exp() * (log_q - log_p[1:])).sum())
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_path_losses_refuse_inputs_of_different_shapes():
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"contrastive_path_loss: expected tensors of one shape \(B,\).*"
+                                         r"pol_chosen \[3, 1\]"):
+        contrastive_path_loss(torch.zeros(3, 1), z, z, z, beta=0.1, reduction="none")
+    m = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"listwise_path_loss: expected tensors of one shape \(B,M\)"):
+        listwise_path_loss(m, torch.zeros(2, 1), m, m.bool())

@@ -32,8 +32,23 @@ def test_round_trip_and_size():
                  "paths": [{"question_id": "q", "text": "x", "logprob": -1.0}]}).encode(), "lacks key"),
     (json.dumps({"kind": "report", "version": 1, "round": 1, "client": 0, "metrics": {"a": "x"}}).encode(),
      "'metrics' must map names to numbers"),
+    (b'{"kind":"report","version":1,"round":1,"client":0,"metrics":{"a":NaN}}', "NaN is not a JSON number"),
+    (b'{"kind":"report","version":1,"metrics":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("a str, not bytes", "expected bytes, found str"),
+    (None, "expected bytes, found NoneType"),
 ])
 def test_malformed_reports_are_rejected(payload, fragment):
     with pytest.raises(MessageError) as e:
         ReportMessage.from_bytes(payload)
     assert fragment in str(e.value)
+
+
+def test_a_message_is_written_as_strict_json_and_equals_its_round_trip():
+    with pytest.raises(MessageError, match="teach message: cannot be written as JSON .* every number must be finite"):
+        TeachMessage(1, ("q",), (PathItem("q", "t", float("nan"), 1),)).to_bytes()
+    with pytest.raises(MessageError, match="report message: cannot be written"):
+        ReportMessage(1, 0, metrics={"a": float("inf")}).to_bytes()
+    t = TeachMessage(1, ["q"], [PathItem("q", "t", -1.0, 1)])  # lists from a caller
+    assert TeachMessage.from_bytes(memoryview(t.to_bytes())) == t
+    r = ReportMessage(1, 0, paths=[PathItem("q", "t", -1.0, 1)])
+    assert ReportMessage.from_bytes(bytearray(r.to_bytes())) == r

@@ -117,6 +117,17 @@ def test_model_dtype():
         model_dtype("float64")
 
 
+def test_lora_adapters_are_seeded_and_leave_the_global_rng_alone(tok):
+    def adapters(seed):
+        m = apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1), r=4, seed=seed)
+        return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_A" in n}
+
+    state = torch.random.get_rng_state()
+    a, b, c = adapters(0), adapters(0), adapters(1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[n], b[n]) for n in a) and not all(torch.equal(a[n], c[n]) for n in a)
+
+
 def test_lora_trains_only_adapters(tok):
     model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=1)
     assert lora_target_modules(model) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -280,3 +291,38 @@ def test_a_model_folder_without_a_tokenizer_says_so(tok, tmp_path):
     model.save_pretrained(tmp_path / "weights-only")
     with pytest.raises(ModelError, match=r"weights-only has no tokenizer \(none of tokenizer.json"):
         load_model(tmp_path / "weights-only")
+
+
+def test_a_model_too_short_for_the_run_is_refused_where_its_positions_are_learned(tok, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedlada.data import Record
+    from fedlada.models import PromptFormatter, position_limit
+    from fedlada.rounds import Side, check_prompts_fit
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    llama = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64)
+    assert position_limit(gpt2) == (64, True) and position_limit(llama) == (64, False)
+    recs = {"data.public (p.jsonl)": [Record("q1", "What is 2 + 3?", "5")]}
+    fmt = PromptFormatter(tok, use_chat_template="off")
+    check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=64, who="the LLM", max_new_tokens=8)  # fits
+    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .* needs 256 \(train.max_length=256"):
+        check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=256, who="the LLM", max_new_tokens=8)
+    with pytest.raises(ModelError, match=r"longest prompt \+ lada.max_new_tokens = \d+\)"):
+        check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=60)
+    with caplog.at_level("WARNING"):  # rotary positions go further, untrained: a warning
+        check_prompts_fit(Side(llama, tok, fmt), recs, max_length=256, who="client 0's SLM", max_new_tokens=8)
+    assert "client 0's SLM takes at most 64 positions" in caplog.text
+
+
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tok, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    small.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelError, match=rf"tokenizer has {tok.vocab_size} regular tokens but the model's embedding "
+                                         r"table only 100 rows"):
+        load_model(tmp_path / "m")

@@ -59,6 +59,8 @@ def test_regexes_are_module_constants():
         ("The answer is 12. Then 7 more.", None, "12"),
         ("The final answer is: $5$.", None, "5"),
         ("The answer is (B).", None, "(B)"),
+        ("the answer is 10. No, the answer is 11", None, "11"),  # the last one, also on one line
+        ("the answer is 10 and then the answer is 11", None, "11"),
         ("no digits at all", None, None),
         ("", None, None),
     ],

@@ -182,7 +182,35 @@ def test_a_question_too_long_for_max_length_fails_before_any_round_naming_file_a
     with pytest.raises(DataError, match=r"data.clients.0.train \(.*train.jsonl\): 1 question\(s\) whose prompt for "
                                         r"client 0's SLM leaves no room .* 'very-long' \(\d+ tokens\)"):
         run(cfg)
-    assert not [r for r in RunDir(out).read("metrics.jsonl") if r.get("event") == "eval"]  # before round 0
+    assert not out.exists()  # before round 0: the new run's folder is not left behind
+
+
+def test_a_public_question_too_long_is_named_before_a_tiny_model_is_pretrained(tiny_overrides, tmp_path,
+                                                                                monkeypatch):
+    import fedlada.train
+
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 2?", "answer": str(i + 2), "rationale": f"{i} + 2 = {i + 2}"}
+            for i in range(30)]
+    long = {"id": "very-long", "question": "Count the boxes. " * 60 + "What is 3 + 4?", "answer": "7"}
+    for name, recs in (("train.jsonl", rows[:10]), ("test.jsonl", rows[10:20]), ("public.jsonl", rows[20:] + [long]),
+                       ("general.jsonl", rows[20:] + [dict(long, id="long-general")])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    over = tiny_overrides + [f"models.cache_dir={tmp_path / 'cache'}", "train.max_length=64",
+                             'data.clients=[{"train": "%s", "test": "%s"}]' % (tmp_path / "train.jsonl",
+                                                                             tmp_path / "test.jsonl")]
+    monkeypatch.setattr(fedlada.train, "train", lambda *a, **k: pytest.fail("pretrained"))
+    with pytest.raises(DataError, match=r"data.public \(.*public.jsonl\): 1 question\(s\) whose prompt for the tiny "
+                                        r"model 'llm' leaves no room .* 'very-long'"):
+        run(load_config(overrides=over + [f"data.public={tmp_path / 'public.jsonl'}"]))
+    # a general-corpus record that long is only left out of pretraining
+    from fedlada.models import PromptFormatter, train_tokenizer
+    from fedlada.prepare import _fitting
+    from fedlada.data import read_records
+
+    general = read_records(tmp_path / "general.jsonl")
+    tok = train_tokenizer([r.question for r in general], vocab_size=300)
+    assert [r.id for r in _fitting(general, PromptFormatter(tok, use_chat_template="off"), tok, 64)] == \
+        [r.id for r in general[:-1]]
 
 
 def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):

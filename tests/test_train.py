@@ -337,6 +337,35 @@ def test_bad_arguments_raise_config_error(tok):
         train(model, tok, sft=SFT, lr=1e-3, grad_accum=0)
     with pytest.raises(ValueError):
         ListwiseExample("q", ["a", "b"], [-1.0], [True, True])
+    for key, value in (("batch_size", 2.5), ("epochs", 1.5), ("max_length", "x"), ("lr", float("nan"))):
+        with pytest.raises(ConfigError, match=f"train: {key}: expected"):
+            train(model, tok, sft=SFT, **{"lr": 1e-3, key: value})
+    for weight in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="SFTExample: weight must be a finite number >= 0"):
+            SFTExample("q", "a", weight=weight)
+    with pytest.raises(ValueError, match="teacher_logp must be a log-probability"):
+        ListwiseExample("q", ["a", "b"], [float("nan"), -2.0], [True, True])
+    ListwiseExample("q", ["a", "b"], [float("nan"), -2.0], [False, True])  # an invalid path's value never matters
+
+
+def test_a_step_with_a_non_finite_loss_is_not_applied(tok, monkeypatch):
+    from fedlada import train as train_mod
+
+    model = _model(tok)
+    before = _params(model)
+    real = train_mod.sft_loss
+    calls = []
+
+    def blow_up_on_the_second_step(*a, **k):  # an overflow, as a too-high learning rate gives
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(train_mod, "sft_loss", blow_up_on_the_second_step)
+    with pytest.raises(train_mod.TrainingError, match=r"not finite at step 2/\d+ \(sft nan\); this step was not"):
+        train(model, tok, sft=SFT, lr=1e-3, batch_size=4)
+    after = _params(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # step 1 was applied, step 2 was not
 
 
 def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
