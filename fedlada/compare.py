@@ -89,7 +89,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
             elif finished_only:
-                log.info("no finished run in %s: left out of the table", cfg.out_dir)
+                log.warning("no finished run in %s: left out of the table", cfg.out_dir)
                 continue
             else:
                 if events:
@@ -140,7 +140,8 @@ def write_table(result: dict, out: str | Path, *, title: str = "") -> dict[str, 
     clients = sorted({k for e in table for k in e if k.startswith("client")})
     head = ["method", "seeds", "mean SLM acc %"] + [f"{c} %" for c in clients] + [
         "LLM acc %", "LLM before %", "bytes exchanged", "training tokens"]
-    lines = [f"# {title}" if title else "", f"mean ± std over seeds {result['seeds']}", "",
+    lines = [f"# {title}" if title else "",
+             f"mean ± std over seeds {result['seeds']} (bytes and tokens: mean; their std is in table.csv)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     csv_rows = [["method", "metric", "mean", "std"]]
     for e in table:

@@ -226,8 +226,8 @@ def _fitting(corpus: list[Record], formatter, tokenizer, max_length: int) -> lis
     kept = [r for r, n in zip(corpus, lengths) if n < max_length]
     if len(kept) < len(corpus):
         log.warning("pretraining leaves out %d of %d corpus record(s) whose question is too long for "
-                       "train.max_length=%d (e.g. %r)", len(corpus) - len(kept), len(corpus), max_length,
-                       next(r.id for r, n in zip(corpus, lengths) if n >= max_length))
+                    "train.max_length=%d (e.g. %r)", len(corpus) - len(kept), len(corpus), max_length,
+                    next(r.id for r, n in zip(corpus, lengths) if n >= max_length))
     return kept
 
 

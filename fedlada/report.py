@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from fedlada.errors import FedLadaError
 
 
@@ -75,6 +77,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
     for who, v in sorted(acc.items()):
         xs = sorted(v)
         ax.plot(xs, [v[x] for x in xs], marker="o", label=who, lw=2.5 if who == "llm" else 1.5)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
     ax.set_xlabel("round (0 = before training)")
     ax.set_ylabel("answer accuracy")
     ax.set_title("Accuracy per round")
@@ -94,7 +97,9 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
             key = "learnability_gap" if pair.startswith("llm->") else "novelty_gap"
             sel = [s[key] for s in selections if s["pair"] == pair and s.get(key) is not None and s["selected"]]
             rej = [s[key] for s in selections if s["pair"] == pair and s.get(key) is not None and not s["selected"]]
-            bins = 20
+            both = sel + rej  # one set of bin edges, so the two histograms' bars line up
+            lo, hi = (min(both), max(both)) if both else (0.0, 1.0)
+            bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 21)
             if sel:
                 ax.hist(sel, bins=bins, alpha=0.6, label=f"selected ({len(sel)})", density=True)
             if rej:
@@ -119,6 +124,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.bar([x - 0.2 for x in xs], [by[x][0] / 1e3 for x in xs], width=0.4, label="server -> clients")
         ax.bar([x + 0.2 for x in xs], [by[x][1] / 1e3 for x in xs], width=0.4, label="clients -> server")
+        ax.set_xticks(xs)
         ax.set_xlabel("round")
         ax.set_ylabel("kB")
         ax.set_title("Bytes exchanged per round")

@@ -192,15 +192,15 @@ def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndar
     n = len(ids)
     if method in ("lada", "lada-sft"):
         return flt.select(ids, feats, round=round)
-    zeros = np.zeros(n)
+    none = np.full(n, np.nan)  # no prediction is made: NaN, as the filter's cold start records it
     if method == "all":
-        return Selection(ids, np.ones(n, bool), zeros, zeros, zeros, ["all: no filter"] * n)
+        return Selection(ids, np.ones(n, bool), none, none.copy(), none.copy(), ["all: no filter"] * n, round=round)
     if method == "random":
         k = min(n, selection_cap(n, n, budget=budget, min_count=flt.min_count))
         pick = set(random.Random(seed).sample(range(n), k))
         sel = np.array([i in pick for i in range(n)], bool)
-        return Selection(ids, sel, zeros, zeros, zeros,
-                         ["random at budget" if s else "random: not drawn" for s in sel])
+        return Selection(ids, sel, none, none.copy(), none.copy(),
+                         ["random at budget" if s else "random: not drawn" for s in sel], round=round)
     raise ValueError(f"method {method!r} does not select")
 
 
@@ -223,7 +223,7 @@ def _f(x) -> float | None:
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
     lc, tc = cfg.lada, cfg.train
     kw = dict(lr=lr, epochs=epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-              max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, compile=tc.compile, beta=lc.beta,
+              max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, compile=tc.compile, beta=lc.beta, tau=lc.tau,
               lambda_da=lc.lambda_da, mu=lc.mu, max_length=tc.max_length, seed=seed)
     if lc.method == "lada-sft":  # distilling step-by-step: plain SFT on the other side's paths
         kw.update(lambda_da=0.0, mu=1.0)

@@ -118,3 +118,12 @@ def test_train_keys_reach_the_training_loop():
     assert got == (True, True, 3, 0.1, 2, 5)
     assert set(kw) <= set(inspect.signature(train).parameters)
     assert _train_kwargs(load_config(), lr=0.1, epochs=1, seed=0)["compile"] is False
+    # every config key named like a training argument reaches it (lada.tau once did not)
+    cfg = load_config(overrides=["lada.tau=5.0", "lada.beta=0.3", "lada.lambda_da=2.0", "lada.mu=0.25",
+                                 "train.max_length=200", "train.batch_size=5", "train.max_grad_norm=3.0"])
+    kw = _train_kwargs(cfg, lr=0.1, epochs=1, seed=0)
+    shared = {name for name in inspect.signature(train).parameters
+              if hasattr(cfg.train, name) or hasattr(cfg.lada, name)}
+    assert shared and shared <= set(kw)
+    for name in shared:
+        assert kw[name] == getattr(cfg.train if hasattr(cfg.train, name) else cfg.lada, name), name
