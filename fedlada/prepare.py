@@ -126,6 +126,36 @@ def load_data(cfg: RunConfig) -> FederatedData:
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
 
 
+def load_server_data(cfg: RunConfig) -> FederatedData:
+    """What the server of a federated deployment reads: the public pool, the general corpus and, for the LLM's
+    evaluation on the clients' domains, each client's test file where it is on this machine (a warning names the
+    clients it is not evaluated on). Never a client's train file: every ``ClientFiles.train`` is empty. The built-in
+    benchmark is generated from its seed, as on every node."""
+    d = cfg.data
+    if d.builtin:
+        return load_data(cfg)
+    files = {"data.public": (d.public, d.public_format)}
+    if d.general:
+        files["data.general"] = (d.general, d.general_format)
+    missing = []
+    for k, c in enumerate(d.clients):
+        if Path(c.test).is_file():
+            files[f"data.clients.{k}.test"] = (c.test, c.format)
+        else:
+            missing.append(f"client {k} ({c.test})")
+    for key, (path, _fmt) in files.items():
+        if Path(path).is_dir():
+            raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
+    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what="the server's data files")
+    if missing:
+        log.warning("the LLM is not evaluated on the domain of %s: the test file is not on this machine",
+                    ", ".join(missing))
+    clients = [ClientFiles([], got.get(f"data.clients.{k}.test", [])) for k in range(len(d.clients))]
+    warn_test_overlap(clients, got["data.public"])
+    return FederatedData(clients, got["data.public"], got.get("data.general", []),
+                         {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
+
+
 def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:
     """Warn (and return the warnings) when a client's test questions also appear in its train split or in the
     public pool: the accuracy on those is then not a held-out measurement. Questions match after whitespace and

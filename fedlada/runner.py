@@ -112,7 +112,9 @@ def comparable_metrics(rows: list[dict]) -> list[dict]:
 
     def clean(x):
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if "seconds" not in k and k not in ("cached", "cache")}
+            # data_digest: a federated server fingerprints only the files it reads (no client's train file)
+            return {k: clean(v) for k, v in x.items()
+                    if "seconds" not in k and k not in ("cached", "cache", "data_digest")}
         if isinstance(x, list):
             return [clean(v) for v in x]
         return x
@@ -286,7 +288,8 @@ class RunStart:
             raise
 
 
-def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -> RunStart | RunResult:
+def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
+              load: Callable[[RunConfig], FederatedData] = load_data) -> RunStart | RunResult:
     """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the thread
     count, check the run folder, load the data and check it is the data a resumed (or finished) run started
     with, return a finished run's result as it is, and only then prepare the folder (a start that fails on its
@@ -297,7 +300,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float) -
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
     events.stage("loading data")
-    data = load_data(cfg)
+    data = load(cfg)  # a federated server: load_server_data (never a client's train file)
     digest = data_digest(data)
     if start:
         check_data_unchanged(rd, digest)  # a finished run too: its results are not those of the data as it is now

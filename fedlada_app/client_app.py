@@ -141,6 +141,19 @@ def _checkpoint_root(context: Context, req: records.Request) -> Path:
     return Path(str(context.node_config.get("checkpoint-dir") or req.checkpoint_dir))
 
 
+def _check_checkpoint_root(root: Path) -> None:
+    """ConfigError (a set-up refusal) where this node could not keep its checkpoints: found at set-up, not as a
+    failed save after every round."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".fedlada-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"checkpoint directory {root} (node config 'checkpoint-dir', else the run's out_dir) is not "
+                          f"writable on this node: {e}") from None
+
+
 def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig, k: int) -> None:
     """Bring the cached client to the state its node holds: context state, else a resume checkpoint, else fresh."""
     import torch
@@ -235,14 +248,23 @@ def _telemetry(context: Context, on: bool) -> bool:
 @app.query("setup")
 def setup(msg: Message, context: Context) -> Message:
     """Which client this node is; prepare its data and SLM; report what was prepared."""
-    req, cfg, fcfg, k = _unpack(msg, context)
+    try:
+        req, cfg, fcfg, k = _unpack(msg, context)
+    except ConfigError as e:  # this node's config (its partition-id) or version does not fit the run: say why
+        log.error("this node cannot serve the run: %s", e)
+        raw = str(context.node_config.get("partition-id", "-1"))
+        k = int(raw) if raw.lstrip("-").isdigit() else -1
+        return Message(records.setup_refusal_content(k, int(context.node_config.get("num-partitions", 0) or 0),
+                                                     str(e)), reply_to=msg)
     with _compute_lock(context):
         try:
+            _check_checkpoint_root(_checkpoint_root(context, req))
             entry = _entry(cfg, req.digest, k, fcfg.model_cache)
-        except FedLadaError as e:  # this client's data or model: the run cannot start here, say why
+        except FedLadaError as e:  # this client's data, model or folders: the run cannot start here, say why
             log.error("client %d cannot start: %s", k, e)
             return Message(records.setup_refusal_content(k, cfg.data.n_clients, str(e)), reply_to=msg)
-        content = records.setup_content(k, cfg.data.n_clients, entry.info, entry.sizes)
+        info = {key: v for key, v in entry.info.items() if key != "cache"}  # a path on this machine stays here
+        content = records.setup_content(k, cfg.data.n_clients, info, entry.sizes)
         if req.evaluate:  # the evaluation before round 1, in the same message
             _sync(entry, context, req, cfg, k)
             records.eval_content(_evaluate(entry, cfg), content)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +111,15 @@ class FlowerClients:
         by_node = {node: key for key, node in targets.items()}
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=timeout))
+        # a reply answers a message id (the grid sets it when sending); an error the SuperLink writes for a node
+        # it lost ("node unavailable") comes from the SuperLink, not from that node
+        by_id = {getattr(getattr(m, "metadata", None), "message_id", None): key for key, m in msgs.items()}
+        by_id.pop(None, None)
+        by_id.pop("", None)
         got: dict[int, _Reply] = {}
         received = 0
         for rep in replies:
-            key = by_node.get(rep.metadata.src_node_id)
+            key = by_id.get(getattr(rep.metadata, "reply_to_message_id", None), by_node.get(rep.metadata.src_node_id))
             if key is None:
                 continue
             if rep.has_error():
@@ -149,8 +155,9 @@ class FlowerClients:
                 continue
             refused = records.setup_refusal(rep.message.content)
             if refused is not None:  # a user error on that node (its data, its model): stop, as in-process
-                k = rep.message.content[records.SETUP].get("partition-id", "?")
-                raise SetupRefused(f"client {k} (SuperNode {node}) cannot start: {refused}")
+                k = rep.message.content[records.SETUP].get("partition-id", -1)
+                who = f"client {k}" if isinstance(k, int) and k >= 0 else "a client"
+                raise SetupRefused(f"{who} (SuperNode {node}) cannot start: {refused}")
             try:
                 k, n, info, sizes = records.setup_from(rep.message.content)
             except records.RecordError as e:
@@ -242,8 +249,11 @@ class FlowerClients:
     def save(self, d: Path) -> None:
         round = int(d.name.split("_")[1])
         for rep in self._to_clients(records.SAVE_TYPE, self._request(round), round):
-            if rep.error is not None:
+            if rep.error is not None:  # its state of this round is lost for a resume: a failed step, on record
                 log.warning("round %d: client %d could not save its state: %s", round, rep.client_id, rep.error)
+                self.rd.append("metrics.jsonl", [{"round": round, "event": "client_failed",
+                                                  "who": f"client{rep.client_id}",
+                                                  "reason": f"could not save its state: {rep.error}"}])
             else:
                 self.saved[rep.client_id] = round
 
@@ -264,13 +274,13 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     from fedlada.generation import llm_backend
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import data_source, prepare_model
+    from fedlada.prepare import data_source, load_server_data, prepare_model
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, drive
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
-    begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
+    begun = begin_run(cfg, resume=resume, events=events, t_start=t_start, load=load_server_data)
     if isinstance(begun, RunResult):
         return begun
     rd, start, data = begun.rd, begun.start, begun.data
@@ -311,7 +321,23 @@ def make_server_app(cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run``: the config is Flower's run config (pyproject defaults plus ``--run-config`` overrides)."""
-    logging.getLogger("fedlada").setLevel(logging.INFO)
+    lib = logging.getLogger("fedlada")
+    lib.setLevel(logging.INFO)
+    if not lib.handlers:  # Flower mirrors the ServerApp's stdout/stderr to `flwr log`, not the root logger's INFO
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        lib.addHandler(handler)
+        lib.propagate = False
     cfg, fcfg = split_run_config(context.run_config)
-    result = serve(grid, cfg, fcfg)
-    log.info("run finished: %s", json.dumps(result.summary.get("final", {})))
+    try:
+        result = serve(grid, cfg, fcfg)
+    except FedLadaError as e:  # a user error: its one line ends the log (Flower reports the ServerApp's failure)
+        log.error("%s", e)
+        raise
+    from rich.console import Console
+
+    from fedlada.report import print_summary, write_report
+
+    report = write_report(result.run_dir)
+    log.info("run finished: %s (report: %s)", json.dumps(result.summary.get("final", {})), report)
+    print_summary(result.summary, console=Console(file=sys.stdout, width=120), wall_seconds=result.wall_seconds)

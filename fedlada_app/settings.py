@@ -134,5 +134,56 @@ def pyproject_section(cfg: RunConfig | None = None, fcfg: FlowerConfig | None = 
     return "\n".join(lines).lstrip() + "\n"
 
 
+def run_config_file(cfg: RunConfig) -> str:
+    """A ``flwr run --run-config FILE`` file for ``cfg`` (e.g. one of ``configs/``, loaded with ``load_config``):
+    the keys whose value differs from the app's defaults, as dotted keys in the run config's spelling. Flower
+    accepts only keys the app lists, so a key it does not list (a fourth SLM spec) is a ConfigError."""
+    import json
+    import tomllib
+
+    def flat(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def walk(x: Any, prefix: str) -> None:
+            for k, v in x.items():
+                key = f"{prefix}.{k}" if prefix else k
+                walk(v, key) if isinstance(v, dict) else out.__setitem__(key, v)
+
+        walk(tomllib.loads(text)["tool"]["flwr"]["app"]["config"], "")
+        return out
+
+    base = flat(pyproject_section())
+    mine = flat(pyproject_section(dataclasses.replace(cfg, engine="flower")))
+    unknown = sorted(set(mine) - set(base))
+    if unknown:
+        raise ConfigError(f"flwr run accepts only the keys of pyproject.toml's [tool.flwr.app.config]; this config "
+                          f"needs {', '.join(unknown[:5])} (the app lists models.slms.0..{_slm_count(base) - 1})")
+    if len(cfg.models.slms) < _slm_count(base) and cfg.data.n_clients > len(cfg.models.slms):
+        raise ConfigError(f"this config's {len(cfg.models.slms)} SLM spec(s) are shared by {cfg.data.n_clients} "
+                          f"clients in turn, which the app's {_slm_count(base)} listed specs cannot express: give "
+                          f"one spec per client (models.slms.0..{cfg.data.n_clients - 1})")
+    lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+             for k, v in mine.items() if base.get(k) != v]
+    return "".join(line + "\n" for line in lines)
+
+
+def _slm_count(flat: dict[str, Any]) -> int:
+    return len({k.split(".")[2] for k in flat if k.startswith("models.slms.")})
+
+
 if __name__ == "__main__":
-    print(pyproject_section(), end="")
+    import argparse
+
+    from fedlada.errors import FedLadaError
+
+    parser = argparse.ArgumentParser(description="print the app's [tool.flwr.app.config] section, or with "
+                                                 "--run-config FILE a flwr run --run-config file for that config")
+    parser.add_argument("--run-config", metavar="FILE", help="a fedlada config (TOML), e.g. configs/smoke.toml")
+    args = parser.parse_args()
+    if args.run_config is None:
+        print(pyproject_section(), end="")
+    else:
+        try:
+            print(run_config_file(load_config(args.run_config)), end="")
+        except FedLadaError as e:
+            raise SystemExit(f"error: {e}") from None

@@ -350,3 +350,89 @@ def test_a_node_that_cannot_start_its_client_stops_the_run_with_its_reason(tmp_p
         pool.connect()
     assert grid.calls == 1
     assert records.setup_refusal(records.setup_content(0, 2, {}, {})) is None
+
+
+def test_a_node_whose_partition_does_not_fit_the_run_refuses_the_set_up(tmp_path, monkeypatch):
+    """A SuperNode started with a partition-id outside the run's clients answers the set-up with a refusal (the
+    server then stops at once) instead of raising, which left the server waiting out connect_timeout."""
+    from flwr.app import Context, RecordDict
+
+    from fedlada_app import client_app
+
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), records.config_digest(cfg), round=-1)
+    msg = types.SimpleNamespace(content=records.request_content(req))
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 2, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+    reason = records.setup_refusal(client_app.setup(msg, ctx))
+    assert reason == "node config partition-id=2 num-partitions=2; the run has 2 clients (partition-id 0..1)"
+
+
+def test_an_error_the_superlink_writes_for_a_lost_node_is_that_clients_reason(tmp_path, monkeypatch):
+    """Flower answers a message to a node it lost with an error whose sender is the SuperLink (node 0); it is
+    matched to the client by the message it replies to, not reported as a timeout."""
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import FlowerClients
+
+    def message(**kw):
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(message_id=""), **kw)
+
+    monkeypatch.setattr(server_app, "Message", message)
+
+    class LosingGrid:
+        def send_and_receive(self, messages, *, timeout):
+            for i, m in enumerate(messages):
+                m.metadata.message_id = f"m{i}"
+            err = types.SimpleNamespace(code=3, reason="Error: Node unavailable")
+            return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=0, reply_to_message_id="m0"),
+                                          has_error=lambda: True, error=err)]
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(LosingGrid(), cfg, FlowerConfig(timeout=5, connect_timeout=5), RunDir(tmp_path))
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), records.config_digest(cfg), round=1)
+    out = pool._exchange("train", {1: 7}, lambda key: req, round=1, timeout=5)
+    assert [(r.client_id, r.error) for r in out] == [(1, "Flower error 3: Error: Node unavailable")]
+
+
+def test_a_node_that_cannot_keep_checkpoints_refuses_and_a_lost_save_is_a_failed_step(tmp_path, monkeypatch):
+    from fedlada.errors import ConfigError
+    from fedlada.runner import RunDir, summarize_run
+    from fedlada_app import client_app
+    from fedlada_app.server_app import FlowerClients, _Reply
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"checkpoint directory .*a-file/ck .* is not writable on this node"):
+        client_app._check_checkpoint_root(blocker / "ck")
+    client_app._check_checkpoint_root(tmp_path / "ok" / "ck")
+    assert (tmp_path / "ok" / "ck").is_dir() and not any((tmp_path / "ok" / "ck").iterdir())
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path / 'run'}"])
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    pool = FlowerClients(types.SimpleNamespace(), cfg, FlowerConfig(), rd)
+    monkeypatch.setattr(pool, "_to_clients", lambda kind, req, round: [
+        _Reply(0), _Reply(1, error="Flower error 2: FileNotFoundError: /proc/nope")])
+    pool.save(tmp_path / "run" / "checkpoints" / "round_002")
+    assert summarize_run(rd, cfg)["failed_steps"] == {"client1": [2]}
+
+
+def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
+    """``python -m fedlada_app.settings --run-config FILE``: the keys that differ from the app's defaults, which
+    Flower's own parser and the app read back as the same config."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    from fedlada_app.settings import run_config_file
+
+    mine = load_config(REPO / "configs" / "smoke.toml")
+    path = tmp_path / "smoke-flat.toml"
+    path.write_text(run_config_file(mine))
+    cfg, _ = split_run_config(get_fused_config_from_dir(REPO, parse_config_args([str(path)])))
+    n = len(mine.models.slms)
+    assert (cfg.rounds, cfg.data, cfg.lada, cfg.train, cfg.models.llm, cfg.models.slms[:n]) == \
+        (mine.rounds, mine.data, mine.lada, mine.train, mine.models.llm, mine.models.slms)
+    one_spec = load_config(overrides=["data.num_clients=3", 'models.slms=[{"hidden_size": 32}]'])
+    with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 3 clients in turn"):
+        run_config_file(one_spec)

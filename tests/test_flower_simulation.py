@@ -73,6 +73,9 @@ def test_flwr_run_local_runs_the_app_and_matches_inprocess(model_cache, tmp_path
     assert stop_local_superlink(home) == []  # the detached local SuperLink is gone
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_done"] == 1
+    assert (out / "report.html").is_file() and (out / "plots" / "accuracy.png").is_file()  # as fedlada run writes
+    logs = res.stdout + res.stderr  # the ServerApp's progress and summary reach flwr run --stream
+    assert "round 1/1: evaluation" in logs and "mean SLM accuracy" in logs
     assert "engine = \"flower\"" in (out / "config.toml").read_text()
     expected = [r for r in strip(rows(ref)) if r["round"] <= 1]
     assert strip(rows(out)) == expected

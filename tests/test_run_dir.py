@@ -246,3 +246,22 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
     torch.save({"lora.weight": torch.zeros(2)}, tmp_path / "llm.pt")
     with pytest.raises(ConfigError, match=r"1 unknown weight\(s\), e.g. lora.weight"):
         load_trainable(other, tmp_path / "llm.pt", "the LLM")
+
+
+def test_a_federated_server_reads_no_client_train_file(tmp_path, caplog):
+    from fedlada.prepare import load_server_data
+
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(12)]
+    (tmp_path / "public.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    (tmp_path / "c0_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:9]))
+    clients = [{"train": str(tmp_path / f"c{k}_train.jsonl"), "test": str(tmp_path / f"c{k}_test.jsonl")}
+               for k in range(2)]  # no train file exists here, nor client 1's test file
+    cfg = load_config(overrides=[f"data.public={tmp_path / 'public.jsonl'}", f"data.clients={json.dumps(clients)}",
+                                 f"out_dir={tmp_path / 'run'}"])
+    with caplog.at_level("WARNING"):
+        data = load_server_data(cfg)
+    assert [len(c.train) for c in data.clients] == [0, 0] and [len(c.test) for c in data.clients] == [3, 0]
+    assert len(data.public) == 6
+    assert "not evaluated on the domain of client 1" in caplog.text
+    with pytest.raises(DataError, match="c0_train.jsonl: file not found"):  # what the in-process runner reads
+        runner.load_data(cfg)
