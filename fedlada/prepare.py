@@ -78,6 +78,11 @@ def _records_digest(records: list[Record]) -> str:
     return h.hexdigest()[:16]
 
 
+def client_digest(files: "ClientFiles") -> str:
+    """A fingerprint of one client's train and test records (what its node reads), for resuming on Flower."""
+    return _digest([_records_digest(files.train), _records_digest(files.test)])
+
+
 def data_digest(data: "FederatedData") -> str:
     """A fingerprint of every record a run uses (clients' splits, public pool, general corpus), in order."""
     parts = [_records_digest(data.public), _records_digest(data.general)]

@@ -40,7 +40,7 @@ from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
 from fedlada.models import check_devices
 from fedlada.messages import ReportMessage, TeachMessage
-from fedlada.prepare import (FederatedData, data_digest, data_source, load_data, prepare_model,
+from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, load_data, prepare_model,
                              split_holdout)
 from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
                                  server_teach)
@@ -252,6 +252,20 @@ def _finished_summary(rd: RunDir, cfg: RunConfig, start: int) -> dict | None:
         return None  # rewritten at the end from the metrics
 
 
+def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
+    """On Flower, where the server does not read the clients' files: each node's digest of its own records
+    (``{client: digest}`` from the set-up) must be the one it reported when the run started."""
+    setup = next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
+    before = setup.get("clients") or []
+    changed = [k for k, now in sorted(digests.items())
+               if now is not None and k < len(before) and isinstance(before[k], dict)
+               and before[k].get("data_digest") not in (None, now)]
+    if changed:
+        raise ConfigError(f"run directory {rd.path}: the data of client(s) {', '.join(map(str, changed))} changed "
+                          "since this run started (their nodes report other records); restore the files, or start a "
+                          "new run in another out_dir")
+
+
 def check_data_unchanged(rd: RunDir, digest: str) -> None:
     """A run that already has rounds must see the data it started with (its first ``setup`` line holds the digest;
     a run from before digests were kept is not checked)."""
@@ -425,7 +439,8 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
     llm_test = [rec for c in clients for rec in c.test]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
-             "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test)} for c in clients]}
+             "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test),
+                          "data_digest": client_digest(files)} for c, files in zip(clients, data.clients)]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
                  t_start=t_start)
 

@@ -97,7 +97,7 @@ def _client_files(cfg: RunConfig, k: int):
 def _prepare(cfg: RunConfig, k: int) -> _Entry:
     # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import data_source, prepare_model, split_holdout
+    from fedlada.prepare import client_digest, data_source, prepare_model, split_holdout
     from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
 
     files, data = _client_files(cfg, k)
@@ -111,7 +111,8 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
     state = ClientState(k, side, train, hold, test)
     return _Entry(state, {r.id: r for r in data.public}, info,
-                  {"train": len(train), "holdout": len(hold), "test": len(test)}, trainable_state(model))
+                  {"train": len(train), "holdout": len(hold), "test": len(test), "data_digest": client_digest(files)},
+                  trainable_state(model))
 
 
 def _entry(cfg: RunConfig, digest: str, k: int, cache_size: int) -> _Entry:

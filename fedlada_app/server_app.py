@@ -276,7 +276,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     from fedlada.models import PromptFormatter
     from fedlada.prepare import data_source, load_server_data, prepare_model
     from fedlada.rounds import ServerState, Side, check_prompts_fit
-    from fedlada.runner import begin_run, drive
+    from fedlada.runner import begin_run, check_clients_unchanged, drive
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
@@ -297,6 +297,8 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
                           who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
     pool = FlowerClients(grid, cfg, fcfg, rd, events)  # a failed connection keeps flower.jsonl to look at
     pool.connect(evaluate=not start)
+    if start:  # the server has no client's train file: each node vouches for its own records
+        check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),

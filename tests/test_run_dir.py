@@ -106,6 +106,18 @@ def test_a_resumed_run_must_see_the_data_it_started_with(tmp_path):
         check_data_unchanged(rd, "bbbb")
 
 
+def test_a_resumed_flower_run_checks_each_nodes_own_data(tmp_path):
+    from fedlada.runner import check_clients_unchanged
+
+    rd = RunDir(tmp_path)
+    rd.append("metrics.jsonl", [{"round": 0, "event": "setup",
+                                 "clients": [{"train": 5, "data_digest": "c0"}, {"train": 5, "data_digest": "c1"}]}])
+    check_clients_unchanged(rd, {0: "c0", 1: "c1"})
+    check_clients_unchanged(rd, {0: "c0", 1: None})  # a node from before digests were kept
+    with pytest.raises(ConfigError, match=r"the data of client\(s\) 1 changed since this run started"):
+        check_clients_unchanged(rd, {0: "c0", 1: "other"})
+
+
 def test_min_clients_above_the_number_of_clients_fails_up_front(tiny_overrides, monkeypatch):
     monkeypatch.setattr(runner, "build_states", lambda *a, **k: pytest.fail("models prepared"))
     with pytest.raises(ConfigError, match="'min_clients': expected at most the number of clients \\(2\\)"):
