@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     say(f"MFU: generation {result['generation']['mfu']:.1%}, scoring "
         f"{scoring['reference_paths']['mfu']:.1%}, training {result['training']['mfu']:.1%} of "
-        f"{peak:.0f} TFLOP/s; wrote {out}")
+        f"{peak:.3g} TFLOP/s; wrote {out}")
     return 0
 
 
