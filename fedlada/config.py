@@ -526,7 +526,33 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
         for k, v in items:
             _set_path(tree, k, v, defaults)
-    return _build(RunConfig, tree)
+    try:
+        return _build(RunConfig, tree)
+    except ConfigError as e:  # a bad value from the file: name the file
+        named = re.search(r"config key '([^']+)'", str(e))
+        if path is None or named is None or str(e).startswith(str(path)):
+            raise
+        from_file = named.group(1) in _file_keys(data)
+        set_too = overrides and any(k == named.group(1) for k, _v in (
+            overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)))
+        if not from_file or set_too:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _file_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a TOML file sets (items of a list of tables by index)."""
+    out = set()
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out |= _file_keys(v, key)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out |= _file_keys(x, f"{key}.{i}")
+        else:
+            out.add(key)
+    return out
 
 
 def with_overrides(cfg: RunConfig, overrides: dict[str, Any] | list[str]) -> RunConfig:

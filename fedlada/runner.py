@@ -297,6 +297,8 @@ class RunStart:
             if self.start == 0:
                 for name in (*RUN_LOGS, "config.toml", "summary.json", "flower.jsonl"):
                     (self.rd.path / name).unlink(missing_ok=True)
+                if self.rd.ckpt.is_dir() and not any(self.rd.ckpt.iterdir()):  # a node checked it could write there
+                    self.rd.ckpt.rmdir()
                 if self.created and self.rd.path.is_dir() and not any(self.rd.path.iterdir()):
                     self.rd.path.rmdir()
             raise

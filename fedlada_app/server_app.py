@@ -286,7 +286,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     rd, start, data = begun.rd, begun.start, begun.data
     if not start:
         (rd.path / "flower.jsonl").unlink(missing_ok=True)
-    with begun.setting_up():  # a new run whose LLM cannot be prepared leaves no run folder
+    with begun.setting_up():  # a new run whose models cannot be prepared leaves no run folder
         events.stage("preparing the LLM")
         llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
                                             progress=events.progress)
@@ -295,8 +295,8 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         server.backend = llm_backend(cfg.models.llm, llm_info)
         check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
                           who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
-    pool = FlowerClients(grid, cfg, fcfg, rd, events)  # a failed connection keeps flower.jsonl to look at
-    pool.connect(evaluate=not start)
+        pool = FlowerClients(grid, cfg, fcfg, rd, events)
+        pool.connect(evaluate=not start)  # a node that refuses (its data, its model) also stops a new run cleanly
     if start:  # the server has no client's train file: each node vouches for its own records
         check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
     llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]

@@ -153,15 +153,19 @@ def run_config_file(cfg: RunConfig) -> str:
         return out
 
     base = flat(pyproject_section())
+    slms, n = cfg.models.slms, cfg.data.n_clients
+    if len(slms) < n <= _slm_count(base):  # specs shared in turn: spelled out, one per client
+        cfg = dataclasses.replace(cfg, models=dataclasses.replace(
+            cfg.models, slms=tuple(slms[k % len(slms)] for k in range(n))))
+    if len(cfg.models.slms) < min(n, _slm_count(base)):
+        raise ConfigError(f"this config's {len(slms)} SLM spec(s) are shared by {n} clients in turn; a flwr run "
+                          f"config gives each client its own spec, and the app lists {_slm_count(base)}: give one "
+                          f"spec per client")
     mine = flat(pyproject_section(dataclasses.replace(cfg, engine="flower")))
     unknown = sorted(set(mine) - set(base))
     if unknown:
         raise ConfigError(f"flwr run accepts only the keys of pyproject.toml's [tool.flwr.app.config]; this config "
                           f"needs {', '.join(unknown[:5])} (the app lists models.slms.0..{_slm_count(base) - 1})")
-    if len(cfg.models.slms) < _slm_count(base) and cfg.data.n_clients > len(cfg.models.slms):
-        raise ConfigError(f"this config's {len(cfg.models.slms)} SLM spec(s) are shared by {cfg.data.n_clients} "
-                          f"clients in turn, which the app's {_slm_count(base)} listed specs cannot express: give "
-                          f"one spec per client (models.slms.0..{cfg.data.n_clients - 1})")
     lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
              for k, v in mine.items() if base.get(k) != v]
     return "".join(line + "\n" for line in lines)

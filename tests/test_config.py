@@ -85,6 +85,14 @@ def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
             load_config(p)
     p.write_text('rounds = 2\n[[models.slms]]\nlora_r = 8\n')
     assert load_config(p, ["lada.budget=0.3", "train.bf16=true"]).rounds == 2  # CLI strings are parsed
+    p.write_text("[lada]\ntemperature = nan\n")  # a bad value names the file
+    with pytest.raises(ConfigError, match=r"typed.toml: config key 'lada.temperature': expected a finite number"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^config key 'lada.temperature'"):  # the override's value, not the file's
+        load_config(p, ["lada.temperature=nan"])
+    p.write_text("[[models.slms]]\nlora_r = 0\n")
+    with pytest.raises(ConfigError, match=r"typed.toml: config key 'models.slms.0.lora_r'"):
+        load_config(p)
 
 
 def test_user_data_needs_public_pool():

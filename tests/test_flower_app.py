@@ -434,5 +434,7 @@ def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
     assert (cfg.rounds, cfg.data, cfg.lada, cfg.train, cfg.models.llm, cfg.models.slms[:n]) == \
         (mine.rounds, mine.data, mine.lada, mine.train, mine.models.llm, mine.models.slms)
     one_spec = load_config(overrides=["data.num_clients=3", 'models.slms=[{"hidden_size": 32}]'])
-    with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 3 clients in turn"):
-        run_config_file(one_spec)
+    flat = run_config_file(one_spec)  # shared in turn: spelled out per client
+    assert all(f"models.slms.{k}.hidden_size = 32" in flat for k in range(3))
+    with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 4 clients in turn"):
+        run_config_file(load_config(overrides=["data.num_clients=4", 'models.slms=[{"hidden_size": 32}]']))
