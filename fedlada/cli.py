@@ -14,7 +14,8 @@ import time
 
 from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 
-INTERRUPTED = "interrupted; completed rounds are checkpointed, run the same command to resume"
+INTERRUPTED = ("interrupted; every completed round is checkpointed and the same command resumes after the last "
+               "(a new run interrupted before its first round leaves nothing behind)")
 
 
 def _console():
