@@ -15,7 +15,7 @@ import time
 from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 
 INTERRUPTED = ("interrupted; every completed round is checkpointed and the same command resumes after the last "
-               "(a new run interrupted before its first round leaves nothing behind)")
+               "(a new run interrupted while preparing its models leaves no folder)")
 
 
 def _console():
