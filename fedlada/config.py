@@ -522,20 +522,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         _check_file_types(data, RunConfig, "", p)
         # a file's tables replace the defaults key by key (lists replace lists whole)
         _merge(tree, data, defaults, "", p)
-    if overrides:
-        items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
-        for k, v in items:
-            _set_path(tree, k, v, defaults)
+    items = list(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or ()))
+    for k, v in items:
+        _set_path(tree, k, v, defaults)
     try:
         return _build(RunConfig, tree)
-    except ConfigError as e:  # a bad value from the file: name the file
+    except ConfigError as e:  # a bad value from the file (not overridden): name the file
         named = re.search(r"config key '([^']+)'", str(e))
-        if path is None or named is None or str(e).startswith(str(path)):
-            raise
-        from_file = named.group(1) in _file_keys(data)
-        set_too = overrides and any(k == named.group(1) for k, _v in (
-            overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)))
-        if not from_file or set_too:
+        if (path is None or named is None or str(e).startswith(str(path))
+                or named.group(1) not in _file_keys(data) or named.group(1) in dict(items)):
             raise
         raise ConfigError(f"{path}: {e}") from None
 
@@ -585,14 +580,10 @@ def _check_file_types(data: dict, cls: type, prefix: str, source: Path) -> None:
             for i, x in enumerate(v):
                 if isinstance(x, dict):
                     _check_file_types(x, item, f"{full}.{i}", source)
-        elif isinstance(v, str) and (tp in (bool, int, float) or item in (bool, int, float)):
-            kind = ("true or false" if bool in (tp, item) else "a list of numbers" if item
-                    else "an integer" if tp is int else "a number")
+        elif isinstance(v, str) and tp in (bool, int, float):
+            kind = "true or false" if tp is bool else "an integer" if tp is int else "a number"
             raise ConfigError(f"{source}: config key '{full}': expected {kind}, found the string {v!r} (in a TOML "
                               "file, write it without quotes)")
-        elif item in (bool, int, float) and isinstance(v, list) and any(isinstance(x, str) for x in v):
-            raise ConfigError(f"{source}: config key '{full}': expected a list of numbers, found {v!r} (in a TOML "
-                              "file, write the numbers without quotes)")
 
 
 def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) -> None:

@@ -117,14 +117,21 @@ def load_data(cfg: RunConfig) -> FederatedData:
         return FederatedData(clients, read_records(out / "public.jsonl"), general, {"benchmark": str(out), **kw})
     files = {f"data.clients.{k}.{split}": (getattr(c, split), c.format)
              for k, c in enumerate(d.clients) for split in ("train", "test")}
-    files["data.public"] = (d.public, d.public_format)
+    return _user_data(cfg, files, what="the run's data files")
+
+
+def _user_data(cfg: RunConfig, files: dict[str, tuple[str, str]], *, what: str) -> FederatedData:
+    """The run's data from the client files in ``files`` (``{config key: (path, format)}``; a client split not
+    named there is empty) plus the public pool and general corpus, validated and read together."""
+    d = cfg.data
+    files = {**files, "data.public": (d.public, d.public_format)}
     if d.general:
         files["data.general"] = (d.general, d.general_format)
     for key, (path, _fmt) in files.items():
         if Path(path).is_dir():
             raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
-    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what="the run's data files")
-    clients = [ClientFiles(got[f"data.clients.{k}.train"], got[f"data.clients.{k}.test"])
+    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what=what)
+    clients = [ClientFiles(got.get(f"data.clients.{k}.train", []), got.get(f"data.clients.{k}.test", []))
                for k in range(len(d.clients))]
     warn_test_overlap(clients, got["data.public"])
     return FederatedData(clients, got["data.public"], got.get("data.general", []),
@@ -139,26 +146,13 @@ def load_server_data(cfg: RunConfig) -> FederatedData:
     d = cfg.data
     if d.builtin:
         return load_data(cfg)
-    files = {"data.public": (d.public, d.public_format)}
-    if d.general:
-        files["data.general"] = (d.general, d.general_format)
-    missing = []
-    for k, c in enumerate(d.clients):
-        if Path(c.test).is_file():
-            files[f"data.clients.{k}.test"] = (c.test, c.format)
-        else:
-            missing.append(f"client {k} ({c.test})")
-    for key, (path, _fmt) in files.items():
-        if Path(path).is_dir():
-            raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
-    got = read_data_files(files, max_record_bytes=d.max_record_bytes, what="the server's data files")
+    files = {f"data.clients.{k}.test": (c.test, c.format) for k, c in enumerate(d.clients) if Path(c.test).is_file()}
+    missing = [f"client {k} ({c.test})" for k, c in enumerate(d.clients) if f"data.clients.{k}.test" not in files]
+    data = _user_data(cfg, files, what="the server's data files")
     if missing:
         log.warning("the LLM is not evaluated on the domain of %s: the test file is not on this machine",
                     ", ".join(missing))
-    clients = [ClientFiles([], got.get(f"data.clients.{k}.test", [])) for k in range(len(d.clients))]
-    warn_test_overlap(clients, got["data.public"])
-    return FederatedData(clients, got["data.public"], got.get("data.general", []),
-                         {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
+    return data
 
 
 def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:
@@ -256,8 +250,9 @@ def _compute_key(spec: ModelSpec) -> list:
 
 def _fitting(corpus: list[Record], formatter, tokenizer, max_length: int) -> list[Record]:
     """The records whose prompt leaves room for a path within ``max_length`` tokens (a warning counts the rest)."""
-    prompts = [formatter(r.question) for r in corpus]
-    lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    from fedlada.rounds import Side, prompt_lengths
+
+    lengths = prompt_lengths(Side(None, tokenizer, formatter), corpus)
     kept = [r for r, n in zip(corpus, lengths) if n < max_length]
     if len(kept) < len(corpus):
         log.warning("pretraining leaves out %d of %d corpus record(s) whose question is too long for "
@@ -317,7 +312,8 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             # a general-corpus record that long is only left out of pretraining
             check_prompts_fit(Side(None, tok, fmt), {data_source(cfg, data): data.public},
                               max_length=cfg.train.max_length, who=f"the tiny model '{role}'")
-            corpus = _fitting(corpus, fmt, tok, cfg.train.max_length)
+            if corpus is not data.public:  # the public pool was just checked
+                corpus = _fitting(corpus, fmt, tok, cfg.train.max_length)
             model = build_tiny_model(tok, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
                                      num_heads=spec.num_heads, max_position_embeddings=max(512, cfg.train.max_length),
                                      seed=mc.pretrain_seed)

@@ -81,6 +81,14 @@ class Side:
         return [self.formatter(q) for q in questions]
 
 
+def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
+    """Tokens of each record's prompt under ``side`` (its formatter and tokenizer)."""
+    if not records:
+        return []
+    return [len(x) for x in side.tokenizer(side.prompts([r.question for r in records]),
+                                           add_special_tokens=False)["input_ids"]]
+
+
 def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str,
                       max_new_tokens: int | None = None) -> None:
     """DataError if a question's prompt under ``side``'s tokenizer leaves no room for a path within ``max_length``
@@ -93,8 +101,7 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     for where, records in sources.items():
         if not records:
             continue
-        prompts = side.prompts([r.question for r in records])
-        lengths = [len(x) for x in side.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        lengths = prompt_lengths(side, records)
         longest = max(longest, *lengths)
         long = [(r.id, n) for r, n in zip(records, lengths) if n >= max_length]
         if long:

@@ -252,11 +252,15 @@ def _finished_summary(rd: RunDir, cfg: RunConfig, start: int) -> dict | None:
         return None  # rewritten at the end from the metrics
 
 
+def _setup_row(rd: RunDir) -> dict:
+    """The run's ``setup`` line of metrics.jsonl (what it started with), or {}."""
+    return next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
+
+
 def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
     """On Flower, where the server does not read the clients' files: each node's digest of its own records
     (``{client: digest}`` from the set-up) must be the one it reported when the run started."""
-    setup = next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
-    before = setup.get("clients") or []
+    before = _setup_row(rd).get("clients") or []
     changed = [k for k, now in sorted(digests.items())
                if now is not None and k < len(before) and isinstance(before[k], dict)
                and before[k].get("data_digest") not in (None, now)]
@@ -269,8 +273,7 @@ def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
 def check_data_unchanged(rd: RunDir, digest: str) -> None:
     """A run that already has rounds must see the data it started with (its first ``setup`` line holds the digest;
     a run from before digests were kept is not checked)."""
-    setup = next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
-    before = setup.get("data_digest")
+    before = _setup_row(rd).get("data_digest")
     if before is not None and before != digest:
         raise ConfigError(f"run directory {rd.path}: the data changed since this run started (digest {before}, now "
                           f"{digest}); restore the files, or start a new run in another out_dir")

@@ -141,16 +141,10 @@ def run_config_file(cfg: RunConfig) -> str:
     import json
     import tomllib
 
-    def flat(text: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    from flwr.common.config import flatten_dict
 
-        def walk(x: Any, prefix: str) -> None:
-            for k, v in x.items():
-                key = f"{prefix}.{k}" if prefix else k
-                walk(v, key) if isinstance(v, dict) else out.__setitem__(key, v)
-
-        walk(tomllib.loads(text)["tool"]["flwr"]["app"]["config"], "")
-        return out
+    def flat(text: str) -> dict[str, Any]:  # as Flower flattens the app's section
+        return flatten_dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
 
     base = flat(pyproject_section())
     slms, n = cfg.models.slms, cfg.data.n_clients
