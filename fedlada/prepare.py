@@ -248,6 +248,9 @@ def _compute_key(spec: ModelSpec) -> list:
     return [device, torch.get_num_threads() if device == "cpu" else 0]
 
 
+_said: set[str] = set()
+
+
 def _fitting(corpus: list[Record], formatter, tokenizer, max_length: int) -> list[Record]:
     """The records whose prompt leaves room for a path within ``max_length`` tokens (a warning counts the rest)."""
     from fedlada.rounds import Side, prompt_lengths
@@ -255,9 +258,12 @@ def _fitting(corpus: list[Record], formatter, tokenizer, max_length: int) -> lis
     lengths = prompt_lengths(Side(None, tokenizer, formatter), corpus)
     kept = [r for r, n in zip(corpus, lengths) if n < max_length]
     if len(kept) < len(corpus):
-        log.warning("pretraining leaves out %d of %d corpus record(s) whose question is too long for "
-                    "train.max_length=%d (e.g. %r)", len(corpus) - len(kept), len(corpus), max_length,
-                    next(r.id for r, n in zip(corpus, lengths) if n >= max_length))
+        message = (f"pretraining leaves out {len(corpus) - len(kept)} of {len(corpus)} corpus record(s) whose "
+                   f"question is too long for train.max_length={max_length} (e.g. "
+                   f"{next(r.id for r, n in zip(corpus, lengths) if n >= max_length)!r})")
+        if message not in _said:  # models sharing a tokenizer leave out the same records: say it once
+            _said.add(message)
+            log.warning("%s", message)
     return kept
 
 

@@ -287,7 +287,7 @@ class RunStart:
     start: int
     data: FederatedData
     digest: str
-    created: bool = False  # the folder did not exist before this start
+    created: Path | None = None  # the topmost folder of the run's path this start made (None: it existed)
 
     @contextmanager
     def setting_up(self):
@@ -302,8 +302,14 @@ class RunStart:
                     (self.rd.path / name).unlink(missing_ok=True)
                 if self.rd.ckpt.is_dir() and not any(self.rd.ckpt.iterdir()):  # a node checked it could write there
                     self.rd.ckpt.rmdir()
-                if self.created and self.rd.path.is_dir() and not any(self.rd.path.iterdir()):
-                    self.rd.path.rmdir()
+                if self.created is not None:  # the folders this start made, from the run folder up, if empty
+                    top = self.created.absolute()
+                    for d in (self.rd.path.absolute(), *self.rd.path.absolute().parents):
+                        if not d.is_dir() or any(d.iterdir()):
+                            break
+                        d.rmdir()
+                        if d == top:
+                            break
             raise
 
 
@@ -327,7 +333,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
     if summary is not None:
         events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
         return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
-    created = not rd.path.exists()
+    created = next((p for p in reversed((rd.path.absolute(), *rd.path.absolute().parents)) if not p.exists()), None)
     init_run_dir(rd, cfg, start)
     return RunStart(rd, start, data, digest, created)
 

@@ -4,6 +4,7 @@ fails writes nothing, a resumed run must see its own config and data, and a fini
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,13 @@ def test_a_new_run_whose_models_fail_leaves_no_run_folder(tiny_overrides, tmp_pa
     with pytest.raises(ModelError):
         run(cfg)
     assert Path(cfg.out_dir).is_dir() and not any(Path(cfg.out_dir).iterdir())
+    # a nested --out: the parents this start made go too, a parent that was there stays
+    (tmp_path / "kept").mkdir()
+    nested = load_config(overrides=tiny_overrides + [f"models.llm.source={tmp_path / 'no-such-model'}",
+                                                     f"out_dir={tmp_path / 'kept' / 'a' / 'b' / 'run'}"])
+    with pytest.raises(ModelError):
+        run(nested)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_a_resumed_run_must_see_the_data_it_started_with(tmp_path):
@@ -198,7 +206,7 @@ def test_a_question_too_long_for_max_length_fails_before_any_round_naming_file_a
 
 
 def test_a_public_question_too_long_is_named_before_a_tiny_model_is_pretrained(tiny_overrides, tmp_path,
-                                                                                monkeypatch):
+                                                                                monkeypatch, caplog):
     import fedlada.train
 
     rows = [{"id": f"q{i}", "question": f"What is {i} + 2?", "answer": str(i + 2), "rationale": f"{i} + 2 = {i + 2}"}
@@ -221,8 +229,12 @@ def test_a_public_question_too_long_is_named_before_a_tiny_model_is_pretrained(t
 
     general = read_records(tmp_path / "general.jsonl")
     tok = train_tokenizer([r.question for r in general], vocab_size=300)
-    assert [r.id for r in _fitting(general, PromptFormatter(tok, use_chat_template="off"), tok, 64)] == \
-        [r.id for r in general[:-1]]
+    fmt = PromptFormatter(tok, use_chat_template="off")
+    with caplog.at_level(logging.WARNING, logger="fedlada.prepare"):
+        assert [r.id for r in _fitting(general, fmt, tok, 64)] == [r.id for r in general[:-1]]
+        assert [r.id for r in _fitting(general, fmt, tok, 64)] == [r.id for r in general[:-1]]  # a second model
+    said = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert len(said) == 1 and "'long-general'" in said[0]  # said once, not once per model
 
 
 def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
