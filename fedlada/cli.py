@@ -9,13 +9,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 
 INTERRUPTED = ("interrupted; every completed round is checkpointed and the same command resumes after the last "
                "(a new run interrupted while preparing its models leaves no folder)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``timeout``): stopped the way Ctrl-C stops, with exit status 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted_status(e: KeyboardInterrupt) -> int:
+    return 143 if isinstance(e, Terminated) else 130
 
 
 def _console():
@@ -99,10 +113,10 @@ def cmd_run(args) -> int:
         try:
             with _RichEvents(console) as ev:
                 result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
-        except KeyboardInterrupt:  # Flower's worker threads would keep the interpreter from exiting
+        except KeyboardInterrupt as e:  # Flower's worker threads would keep the interpreter from exiting
             print(INTERRUPTED, file=sys.stderr, flush=True)
             sys.stdout.flush()
-            os._exit(130)
+            os._exit(_interrupted_status(e))
     else:
         from fedlada.runner import run
 
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from fedlada.errors import FedLadaError
 
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C does
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except FedLadaError as e:
@@ -274,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return _interrupted_status(e)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,12 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     return aggregate(rows, methods=tuple(labels), seeds=seeds)
 
 
+def _mean_before(run: dict, clients: list[str]) -> float | None:
+    """The clients' mean accuracy before round 1, or None where a client has no round-0 evaluation."""
+    before = [run["accuracy"].get(c, {}).get("0") for c in clients]
+    return None if not before or any(b is None for b in before) else sum(before) / len(before)
+
+
 def aggregate(rows: dict, *, methods, seeds) -> dict:
     table = []
     for method in methods:
@@ -116,8 +122,7 @@ def aggregate(rows: dict, *, methods, seeds) -> dict:
             entry[c] = _mean_std([r["final"].get(c) for r in runs])
         entry["llm"] = _mean_std([r["final"].get("llm") for r in runs])
         entry["llm_before"] = _mean_std([r["accuracy"].get("llm", {}).get("0") for r in runs])
-        entry["slm_before"] = _mean_std([
-            sum(r["accuracy"][c]["0"] for c in clients) / len(clients) for r in runs])
+        entry["slm_before"] = _mean_std([_mean_before(r, clients) for r in runs])
         entry["bytes"] = _mean_std([r["bytes_client_to_server"] + r["bytes_server_to_client"] for r in runs])
         entry["train_tokens"] = _mean_std([r["train_tokens_federated"] for r in runs])
         table.append(entry)

@@ -6,8 +6,11 @@ the defaults below, an optional TOML file (``fedlada run --config FILE``), then 
 list items are addressed by index (``models.slms.1.hidden_size=96``). Unknown keys and ill-typed values are a
 :class:`~fedlada.errors.ConfigError` naming the key, what was expected and what was found.
 
-Every [ours] choice of the method (see the module docstrings of ``filter``, ``losses`` and ``rounds``) has its
-knob here.
+The [ours] choices of the method (module docstrings of ``filter``, ``losses``, ``train`` and ``rounds``) that a
+run varies have their knob here; a few are arguments of the library functions only (the filter's ``nan_policy``,
+``cold_start_clusters`` and ``batch_size``; ``train``'s ``bucket_by_length``, ``reuse_prefix``, ``weight_decay``
+and ``lr_schedule`` for the round updates) or fixed rules of ``rounds`` (the chosen/rejected paths, the server's
+20% reward slice), each documented where it is.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ class ModelSpec:
     tokenizer: str = "shared"  # tiny models: "shared" server tokenizer or "own" (a separately trained one)
     tokenizer_vocab: int = 384
     dtype: str = "float32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -238,12 +241,15 @@ class LadaConfig:
     filter_epochs: int = 10
     filter_lr: float = 1e-3
     reward_mix: float = 0.5
-    # distillation
+    # distillation: L = L_SFT(local data) + lambda_da * L_DA + mu * L_SFT(the other side's selected correct paths)
+    # loss (the L_DA term): pairwise = the contrastive path loss against a frozen reference (chosen: the other
+    # side's correct path, rejected: the receiver's own wrong path); listwise = the joint-probability loss over the
+    # M correct paths of a question (needs 2 or more); sft = no L_DA term (the same run as lambda_da = 0)
     loss: str = "pairwise"
-    beta: float = 0.1
-    lambda_da: float = 1.0
-    mu: float = 0.5
-    tau: float = 1.0
+    beta: float = 0.1  # pairwise: the inverse temperature of the contrastive loss
+    lambda_da: float = 1.0  # weight of L_DA; method "lada-sft" fixes it to 0
+    mu: float = 0.5  # weight of SFT on the other side's selected paths; method "lada-sft" fixes it to 1
+    tau: float = 1.0  # listwise: the temperature of the path distributions
 
     def __post_init__(self):
         _check(self.method in METHODS, "lada.method", f"one of {METHODS}", self.method)
@@ -268,6 +274,13 @@ class LadaConfig:
         _check(self.lambda_da >= 0, "lada.lambda_da", "a float >= 0", self.lambda_da)
         _check(self.mu >= 0, "lada.mu", "a float >= 0", self.mu)
         _check(self.tau > 0, "lada.tau", "a float > 0", self.tau)
+        if self.method == "lada-sft" and (self.lambda_da, self.mu) != (1.0, 0.5):
+            # lada-sft is LaDa with SFT (weight 1) on the other side's paths in place of the contrastive term: a
+            # value of these keys would be recorded in config.toml and not used
+            raise ConfigError(f"'lada.lambda_da' = {self.lambda_da!r}, 'lada.mu' = {self.mu!r}: lada.method = "
+                              "'lada-sft' trains SFT at weight 1 on the other side's selected paths and no "
+                              "contrastive term, so it takes neither key; leave both at their defaults (1.0, 0.5), "
+                              "or use lada.method = 'lada' with lada.loss = 'sft' to weight that SFT by lada.mu")
 
 
 @dataclass(frozen=True)
@@ -346,6 +359,7 @@ class RunConfig:
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
         _check(self.engine in ("inprocess", "flower"), "engine", "'inprocess' or 'flower'", self.engine)
         _check(bool(self.out_dir), "out_dir", "a directory path", self.out_dir)
+        object.__setattr__(self, "out_dir", os.path.expanduser(self.out_dir))  # "~/runs/x" is not a folder named ~
         _check(self.threads >= 0, "threads", "an integer >= 0", self.threads)
         _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)
         _check(self.min_clients <= self.data.n_clients, "min_clients",
@@ -478,8 +492,16 @@ def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
                                   f"found {part!r}")
             idx = int(part)
             if idx >= len(node):
+                listed = ".".join(parts[:i])
+                hint = (f"; give the whole list instead: --set '{listed}=[{{\"train\": ..., \"test\": ...}}, ...]'"
+                        if listed == "data.clients" else "")
                 if idx > len(node) or not node:
-                    raise ConfigError(f"config key '{key}': index {idx} out of range (list has {len(node)} items)")
+                    raise ConfigError(f"config key '{key}': index {idx} out of range (list has {len(node)} "
+                                      f"items){hint}")
+                if listed == "data.clients":  # a copy of the last client would evaluate on its test file
+                    raise ConfigError(f"config key '{key}': data.clients has {len(node)} client(s); a new client "
+                                      f"is not made by index, as it would take client {len(node) - 1}'s other "
+                                      f"files{hint}")
                 node.append(json.loads(json.dumps(node[-1])))
             if last:
                 node[idx] = value
@@ -529,8 +551,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         return _build(RunConfig, tree)
     except ConfigError as e:  # a bad value from the file (not overridden): name the file
         named = re.search(r"config key '([^']+)'", str(e))
+        overridden = any(named is not None and (named.group(1) == k or named.group(1).startswith(k + "."))
+                         for k, _ in items)
         if (path is None or named is None or str(e).startswith(str(path))
-                or named.group(1) not in _file_keys(data) or named.group(1) in dict(items)):
+                or named.group(1) not in _file_keys(data) or overridden):
             raise
         raise ConfigError(f"{path}: {e}") from None
 
@@ -576,7 +600,10 @@ def _check_file_types(data: dict, cls: type, prefix: str, source: Path) -> None:
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
             _check_file_types(v, tp, full, source)
-        elif item is not None and dataclasses.is_dataclass(item) and isinstance(v, list):
+        elif item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(v, list):
+                raise ConfigError(f"{source}: config key '{full}': expected a list of tables ([[{full}]] sections), "
+                                  f"found {_toml_kind(v)} {v!r}")
             for i, x in enumerate(v):
                 if isinstance(x, dict):
                     _check_file_types(x, item, f"{full}.{i}", source)
@@ -584,6 +611,15 @@ def _check_file_types(data: dict, cls: type, prefix: str, source: Path) -> None:
             kind = "true or false" if tp is bool else "an integer" if tp is int else "a number"
             raise ConfigError(f"{source}: config key '{full}': expected {kind}, found the string {v!r} (in a TOML "
                               "file, write it without quotes)")
+        elif (tp is str and not isinstance(v, str)) or (tp is int and isinstance(v, float)):
+            kind = "a string (in quotes)" if tp is str else "an integer (without a decimal point)"
+            raise ConfigError(f"{source}: config key '{full}': expected {kind}, found {_toml_kind(v)} {v!r}")
+
+
+def _toml_kind(v) -> str:
+    return ("a boolean" if isinstance(v, bool) else "a number" if isinstance(v, (int, float)) else
+            "a string" if isinstance(v, str) else "a table" if isinstance(v, dict) else
+            "a list" if isinstance(v, list) else type(v).__name__)
 
 
 def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) -> None:

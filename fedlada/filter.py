@@ -142,9 +142,11 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, iters: int = 50) -> tuple[np.nda
         d2 = np.minimum(d2, ((x - x[idx]) ** 2).sum(1))
     centroids = x[chosen].copy()
     labels = np.full(n, -1)
+    def nearest(c: np.ndarray) -> np.ndarray:
+        return ((x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None, :]).argmin(1)
+
     for _ in range(iters):
-        dist = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None, :]
-        new = dist.argmin(1)
+        new = nearest(centroids)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -152,6 +154,8 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, iters: int = 50) -> tuple[np.nda
             members = labels == c
             if members.any():
                 centroids[c] = x[members].mean(0)
+    else:  # out of iterations before converging: the labels of the centroids returned
+        labels = nearest(centroids)
     return centroids, labels
 
 
@@ -231,13 +235,13 @@ class LearnabilityFilter:
             "alpha": (alpha, math.isfinite(alpha), "a finite number"),
             "threshold": (threshold, 0.0 < threshold < 1.0, "in (0, 1)"),
             "budget": (budget, 0.0 < budget <= 1.0, "a fraction in (0, 1]"),
-            "min_count": (min_count, isinstance(min_count, int) and min_count >= 0, "an integer >= 0"),
-            "epochs": (epochs, isinstance(epochs, int) and epochs >= 1, "an integer >= 1"),
+            "min_count": (min_count, _is_int(min_count) and min_count >= 0, "an integer >= 0"),
+            "epochs": (epochs, _is_int(epochs) and epochs >= 1, "an integer >= 1"),
             "lr": (lr, lr > 0, "> 0"),
-            "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1, "an integer >= 1"),
+            "batch_size": (batch_size, _is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
             "nan_policy": (nan_policy, nan_policy in ("zero", "drop"), "'zero' or 'drop'"),
             "cold_start_clusters": (cold_start_clusters,
-                                    isinstance(cold_start_clusters, int) and cold_start_clusters >= 1,
+                                    _is_int(cold_start_clusters) and cold_start_clusters >= 1,
                                     "an integer >= 1"),
         }
         for key, (value, ok, want) in checks.items():
@@ -323,6 +327,10 @@ class LearnabilityFilter:
                     reasons[i] = f"below threshold: sigmoid(s)={p[i]:.2f} <= {thr}"
             sel = Selection(ids, selected, s, np.where(eligible, f1, np.nan), np.where(eligible, f2, np.nan),
                             reasons, round=round, cold_start=False)
+            if n_ok and not selected.any():  # only with min_count = 0
+                log.warning("filter round %d: nothing selected of %d (every sigmoid(s) <= threshold %s, min_count "
+                            "0); an empty selection brings no reward back, so the filter cannot learn its way out "
+                            "of it: raise lada.min_count or lower lada.threshold", round, n_ok, thr)
         log.info("filter round %d: selected %d of %d (%s)", round, int(selected.sum()), n,
                  "cold start" if sel.cold_start else "learned")
         return sel
@@ -461,11 +469,15 @@ def sample_rewards(R: float, improvement, *, mix: float = 0.5) -> np.ndarray:
     improvement_i is the receiver's per-token NLL drop (before - after) on sample i's chosen path. R is in
     perplexity units and improvement in nats, so mix also sets their relative weight; the filter rescales targets
     by the pool RMS, which keeps either term from swamping training. Where improvement_i is NaN (no path scored)
-    the label falls back to R."""
+    the label falls back to R. Where R is NaN (unknown: the receiver had no held-out slice this round) the label is
+    improvement_i alone, not a made-up R = 0; where both are NaN the label is NaN (``observe`` skips it)."""
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"sample_rewards: mix must be in [0, 1], got {mix!r}")
     imp = _vector("improvement", improvement)
-    return np.where(np.isfinite(imp), mix * R + (1.0 - mix) * imp, float(R))
+    R = float(R)
+    if not math.isfinite(R):
+        return np.where(np.isfinite(imp), imp, np.nan)
+    return np.where(np.isfinite(imp), mix * R + (1.0 - mix) * imp, R)
 
 
 def _stats(v: np.ndarray) -> dict:

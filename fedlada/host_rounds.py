@@ -448,8 +448,8 @@ def save_host_state(server: ServerState, d: Path) -> None:
 
 
 def load_host_state(server: ServerState, d: Path, cfg: RunConfig) -> None:
-    f = Path(d) / "host_slm.pt"
     """Restore what :func:`save_host_state` wrote (the fedcollm server's aggregated SLM)."""
+    f = Path(d) / "host_slm.pt"
     if cfg.host.name == "fedcollm" and f.is_file():
         load_trainable(_ensure_slm(server, cfg).model, torch.load(f, weights_only=True), where=str(f))
 

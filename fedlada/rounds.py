@@ -13,14 +13,22 @@ Per-round algorithm (LADA.md, "Per-round algorithm"), as split between the two s
    and the LLM (LoRA by default) trains on the union with the same contrastive loss, roles swapped; its reward is
    the perplexity drop on a held-out slice of the received paths.
 
-Departures and choices [ours] (all configurable in ``fedlada.config``):
+Departures and choices [ours] (the knobs are in ``fedlada.config``; the fixed rules below are not configurable):
 - The candidate set is a seeded subset of the public pool each round (``lada.candidates_per_round``), so cost per
   round does not grow with the pool.
 - Chosen path for the client: among the LLM's correct paths, the one with the lowest SLM per-token NLL (the most
-  learnable one); rejected: the SLM's own wrong path with the highest SLM log-probability (its most confident
-  mistake). No wrong own path -> the sample only enters the mu-weighted SFT term.
-- Baselines run on the same loop: ``local`` (no exchange), ``all`` (no filter), ``random`` (random selection at
-  LaDa's budget), ``lada-sft`` (LaDa's filter, plain SFT on the other side's paths instead of the contrastive loss).
+  learnable one); rejected: the SLM's own wrong path with the highest SLM per-token log-probability (its most
+  confident mistake, length-normalised). No wrong own path -> the sample only enters the mu-weighted SFT term. The
+  server's choice mirrors it: the client's most confident correct path (lowest SLM per-token NLL) against the LLM's
+  wrong path with the highest LLM per-token log-probability. (Fixed rules.)
+- The server's reward slice is a seeded 20% of the questions a client sent (none when it sent fewer than 5: the
+  reward R is then unknown, recorded as null, and the filter learns from the per-sample improvements alone).
+- The reward is measured after the receiver's whole update, so on a client it also carries that round's local SFT:
+  it ranks rounds and samples by what followed them, not by a controlled ablation of each selection.
+- Baselines run on the same loop: ``local`` (no exchange: the server's teach message and the clients' reports are
+  sent empty, about 150 bytes a client a round), ``all`` (no filter), ``random`` (random selection at LaDa's
+  budget), ``lada-sft`` (LaDa's filter, SFT at weight 1 on the other side's paths instead of the contrastive term:
+  ``lada.lambda_da`` and ``lada.mu`` are fixed and may not be set).
 
 Seeds are derived from (run seed, round, client, purpose) by :func:`derive_seed`, so a resumed run replays the
 same random choices as an uninterrupted one.
@@ -90,13 +98,15 @@ def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
 
 
 def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str,
-                      max_new_tokens: int | None = None) -> None:
+                      max_new_tokens: int | None = None, trained: str | None = None) -> None:
     """DataError if a question's prompt under ``side``'s tokenizer leaves no room for a path within ``max_length``
     tokens (training and scoring would stop on it mid-round). ``sources`` maps where records come from (a config
     key and its file) to the records ``side`` will encode; the error names the source, the record ids (up to 5 per
     source) and their prompt lengths. With ``max_new_tokens``, the model must also take ``max_length`` positions
     and the longest prompt plus ``max_new_tokens`` (sampling): a ModelError where its position table is learned
-    (a longer sequence would index past it), a warning otherwise."""
+    (a longer sequence would index past it), a warning otherwise. ``trained`` names the source whose records are
+    trained on with their rationale (a client's train split): a warning counts those whose prompt + path is longer
+    than ``max_length`` (the path is cut from the right, so its answer line is not trained on)."""
     bad, longest = [], 0
     for where, records in sources.items():
         if not records:
@@ -111,8 +121,22 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
                        f"train.max_length={max_length}: {shown}{more}")
     if bad:
         raise DataError("; ".join(bad) + "; raise train.max_length or shorten or drop these questions")
+    if trained is not None and sources.get(trained):
+        _warn_cut_paths(side, trained, sources[trained], max_length=max_length, who=who)
     if max_new_tokens is not None:
         _check_positions(side.model, max_length=max_length, sampling=longest + max_new_tokens, who=who)
+
+
+def _warn_cut_paths(side: Side, where: str, records: list[Record], *, max_length: int, who: str) -> None:
+    paths = [reasoning.format_path(r.rationale, r.answer) for r in records]
+    lengths = [n + len(y) + 1 for n, y in zip(prompt_lengths(side, records),  # + eos
+                                              side.tokenizer(paths, add_special_tokens=False)["input_ids"])]
+    cut = [(r.id, n) for r, n in zip(records, lengths) if n > max_length]
+    if cut:
+        log.warning("%s: %d of %d record(s) are longer than train.max_length=%d under %s's tokenizer (e.g. %r, %d "
+                    "tokens): their path is cut from the right, so its answer line is not trained on; raise "
+                    "train.max_length or shorten their rationales", where, len(cut), len(records), max_length, who,
+                    cut[0][0], cut[0][1])
 
 
 def _check_positions(model, *, max_length: int, sampling: int, who: str) -> None:
@@ -225,6 +249,12 @@ def _selection_records(sel: Selection, *, round: int, pair: str, scalars: dict[s
 def _f(x) -> float | None:
     x = float(x)
     return None if not math.isfinite(x) else float(f"{x:.6g}")
+
+
+def _da_loss(cfg: RunConfig) -> str:
+    """The L_DA term that trains: ``lada.loss``, or "sft" (none) for lada-sft and lambda_da = 0."""
+    lc = cfg.lada
+    return "sft" if lc.method == "lada-sft" or lc.lambda_da == 0 else lc.loss
 
 
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
@@ -349,22 +379,23 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         logd.metrics["filter"] = summarize(sel, {"learnability_gap": gap})
         selected_q = [q for q, s in zip(cand, sel.selected) if s]
         sel_feats = feats[sel.selected]
-    # 5. distillation examples
+    # 5. distillation examples (pairs or lists only where an L_DA term trains, so the counts are what trains)
+    da_loss = _da_loss(cfg)
     pref, listwise, dist = [], [], []
     for q in selected_q:
         y_pos = chosen[q]
         dist.append(SFTExample(prompts[q], y_pos.text))
-        if lc.loss == "listwise":
+        if da_loss == "listwise":
             ps = teach_by_q[q]
             if len(ps) >= 2:
                 listwise.append(ListwiseExample(prompts[q], [p.text for p in ps], [p.logprob for p in ps],
                                                 [True] * len(ps)))
         else:
             wrong = [r for r in own_rows[q] if not r[3]]
-            if wrong and lc.loss == "pairwise":
+            if wrong and da_loss == "pairwise":
                 y_neg = max(wrong, key=lambda r: r[1] / max(r[2], 1))[0]
                 pref.append(PreferenceExample(prompts[q], y_pos.text, y_neg))
-    if lc.loss == "listwise" and selected_q and not listwise:
+    if da_loss == "listwise" and selected_q and not listwise:
         log.warning("round %d, client %d: listwise loss, but no selected question has 2 or more distinct correct "
                     "teacher paths; only the SFT term on teacher paths trains (raise lada.paths_per_question or "
                     "lada.temperature)", round, k)
@@ -379,7 +410,8 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         nll_after = _holdout_nll(side, state.holdout, cfg)
         sel_after = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
                                 batch_size=64, max_length=cfg.train.max_length).nll
-        R = perplexity_reward(nll_before, nll_after) if len(nll_before) else 0.0  # no holdout: a one-record split
+        # no held-out slice (a one-record split): R is unknown, and the labels are the per-sample improvements
+        R = perplexity_reward(nll_before, nll_after) if len(nll_before) else float("nan")
         rewards = sample_rewards(R, sel_before - sel_after, mix=lc.reward_mix)
         state.filter.observe(sel_feats, rewards)
         fit = state.filter.fit()
@@ -415,10 +447,15 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
     """Steps 3-5 and 7 on the server: novelty gap, filter per client, LLM update on the union of selections."""
     lc = cfg.lada
     logd = StepLog()
+    clients = [r.client for r in reports]
+    if len(set(clients)) < len(clients):
+        raise ValueError(f"server_learn: round {round}: more than one report from client(s) "
+                         f"{sorted({c for c in clients if clients.count(c) > 1})}; pass one report per client")
     if lc.method == "local" or not reports:
         return logd
     t0 = time.perf_counter()
     side = state.side
+    da_loss = _da_loss(cfg)
     rng = random.Random(derive_seed(cfg.seed, "server-holdout", round))
     pref, listwise, dist, holdout = [], [], [], []
     per_client_feats: list[tuple[int, np.ndarray, int]] = []
@@ -464,10 +501,10 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
             prompt = prompts[j]
             dist.append(SFTExample(prompt, best[q].text))
             wrong = [r for r in state.own_paths.get(q, []) if not r[3]]
-            if wrong and lc.loss == "pairwise":
+            if wrong and da_loss == "pairwise":
                 y_neg = max(wrong, key=lambda r: r[1] / max(r[2], 1))[0]
                 pref.append(PreferenceExample(prompt, best[q].text, y_neg))
-            elif lc.loss == "listwise":
+            elif da_loss == "listwise":
                 ps = [p for p in paths if p.question_id == q]
                 if len(ps) >= 2:  # the teacher here is the client: its own scores are the targets
                     listwise.append(ListwiseExample(prompt, [p.text for p in ps], [p.logprob for p in ps],
@@ -491,7 +528,9 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                                max_length=cfg.train.max_length).nll if holdout else np.zeros(0))
         d_after = score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
                               batch_size=64, max_length=cfg.train.max_length).nll
-        R = perplexity_reward(h_before, h_after) if len(h_before) else 0.0
+        # fewer than 5 received questions leave no reward slice: R is unknown (None in the metrics), and the labels
+        # are the per-sample improvements alone (filter.sample_rewards)
+        R = perplexity_reward(h_before, h_after) if len(h_before) else float("nan")
         logd.metrics["server_reward"] = _f(R)
         start = 0
         for k, f, n in per_client_feats:

@@ -8,7 +8,8 @@ A run directory holds everything needed to understand the run:
                        selected or not, and why
 ``audit.jsonl``        per round and client: what left the client (record kinds, counts, bytes)
 ``checkpoints/round_NNN/``  models' trainable weights and filter states after each completed round
-``report.html`` + ``plots/``  written at the end (``fedlada.report``)
+``report.html`` + ``plots/``  written at the end by the command line and ``compare``
+                       (``fedlada.report.write_report``; ``run`` itself does not)
 ``summary.json``       the final table
 
 Resume: the last round whose checkpoint holds a ``COMPLETE`` marker is loaded, lines of later rounds are dropped
@@ -122,7 +123,8 @@ def comparable_metrics(rows: list[dict]) -> list[dict]:
     return [clean(r) for r in rows if r.get("event") != "round_time"]
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The model's trainable tensors on the CPU, by state_dict name: what a checkpoint holds of a model."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
@@ -132,7 +134,7 @@ def save_checkpoint(rd: RunDir, round: int, server: ServerState, pool) -> None:
     d = rd.ckpt / f"round_{round:03d}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    torch.save(_trainable_state(server.side.model), d / "llm.pt")
+    torch.save(trainable_state(server.side.model), d / "llm.pt")
     torch.save({"server_filters": {k: f.state_dict() for k, f in server.filters.items()}, "round": round},
                d / "server_state.pt")
     save_host_state(server, d)
@@ -270,13 +272,27 @@ def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
                           "new run in another out_dir")
 
 
-def check_data_unchanged(rd: RunDir, digest: str) -> None:
+def check_data_unchanged(rd: RunDir, digest: str, data: FederatedData | None = None) -> None:
     """A run that already has rounds must see the data it started with (its first ``setup`` line holds the digest;
-    a run from before digests were kept is not checked)."""
-    before = _setup_row(rd).get("data_digest")
-    if before is not None and before != digest:
-        raise ConfigError(f"run directory {rd.path}: the data changed since this run started (digest {before}, now "
-                          f"{digest}); restore the files, or start a new run in another out_dir")
+    a run from before digests were kept is not checked). With ``data``, the error names the clients whose records
+    changed (from the per-client digests of the setup line), else the shared files."""
+    row = _setup_row(rd)
+    before = row.get("data_digest")
+    if before is None or before == digest:
+        return
+    what = "the data"
+    old = [c.get("data_digest") if isinstance(c, dict) else None for c in row.get("clients") or []]
+    if data is not None and old:
+        changed = [k for k, files in enumerate(data.clients)
+                   if k < len(old) and old[k] not in (None, client_digest(files))]
+        if len(old) != len(data.clients):
+            what = f"the data (the run started with {len(old)} client(s), now {len(data.clients)})"
+        elif changed:
+            what = "the train/test records of client(s) " + ", ".join(map(str, changed))
+        elif all(o is not None for o in old):
+            what = "the public pool or the general corpus (every client's records are as they were)"
+    raise ConfigError(f"run directory {rd.path}: {what} changed since this run started (digest {before}, now "
+                      f"{digest}); restore the files, or start a new run in another out_dir")
 
 
 @dataclass
@@ -328,7 +344,9 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
     data = load(cfg)  # a federated server: load_server_data (never a client's train file)
     digest = data_digest(data)
     if start:
-        check_data_unchanged(rd, digest)  # a finished run too: its results are not those of the data as it is now
+        # a finished run too (its results are not those of the data as it is now); only a process that reads the
+        # clients' files can say which client changed
+        check_data_unchanged(rd, digest, data if load is load_data else None)
     summary = _finished_summary(rd, cfg, start)
     if summary is not None:
         events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
@@ -362,7 +380,7 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
         side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
         check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
                           max_length=cfg.train.max_length, who=f"client {k}'s SLM",
-                          max_new_tokens=cfg.lada.max_new_tokens)
+                          max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"))
         train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
         test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
         clients.append(ClientState(k, side, train, hold, test))
@@ -413,7 +431,7 @@ class InProcessClients:
 
     def save(self, d: Path) -> None:
         for c in self.clients:
-            torch.save(_trainable_state(c.side.model), d / f"client_{c.client_id}.pt")
+            torch.save(trainable_state(c.side.model), d / f"client_{c.client_id}.pt")
             if c.filter is not None:
                 torch.save(c.filter.state_dict(), d / f"client_{c.client_id}_filter.pt")
 

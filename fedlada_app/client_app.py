@@ -6,7 +6,7 @@ Each handler unpacks a request (``fedlada_app.records``), calls the library, pac
   simulation sets them, a SuperNode gets them from ``--node-config``); prepare the client's data and SLM
   (pretraining a tiny SLM into the shared model cache if it is not there yet), report what was prepared (the server
   writes it into the run's ``setup`` line) and, when asked, evaluate the SLM before round 1.
-- ``train``: ``fedlada.rounds.client_step`` on the server's teach bytes; replies with the report bytes, unless
+- ``train``: ``fedlada.host_rounds.client_step`` (``fedlada.rounds.client_step`` plus the host's step) on the server's teach bytes; replies with the report bytes, unless
   switched off the client's local log (``records`` explains the telemetry record), and, when asked, the evaluation
   of the updated SLM (one message per client and round instead of two; its state is final for the round).
 - ``evaluate``: greedy accuracy of the SLM on the client's test split (``fedlada.rounds.evaluate``); the server
@@ -47,6 +47,7 @@ from flwr.clientapp import ClientApp
 
 from fedlada.config import RunConfig, resolve_threads
 from fedlada.errors import ConfigError, FedLadaError
+from fedlada.runner import trainable_state  # what the runner checkpoints of a client's model
 from fedlada_app import records
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,6 @@ class _Entry:
 
 
 _CACHE: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
-
-
-def trainable_state(model) -> dict:
-    """The model's trainable tensors (what the runner checkpoints for a client)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
 def _client_files(cfg: RunConfig, k: int):
@@ -106,7 +101,7 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
     check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
                       max_length=cfg.train.max_length, who=f"client {k}'s SLM",
-                      max_new_tokens=cfg.lada.max_new_tokens)
+                      max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"))
     train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
     test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
     state = ClientState(k, side, train, hold, test)

@@ -5,9 +5,10 @@
 Every line of the round logic (teach, the checks on each report, learn, evaluation, checkpoints, resume) is the
 library's.
 
-The server loads the data of the whole run, including every client's test split: the LLM's accuracy is measured
-on the union of the clients' test splits, as in the in-process runner and the paper. That is evaluation-only
-access for the experimenter; no training step of the server reads a client's records.
+The server reads the public pool, ``data.general`` and, where they are on its machine, the clients' test files
+(``prepare.load_server_data``), never a client's train file: the LLM's accuracy is measured on the union of the
+clients' test splits, as in the in-process runner and the paper. That is evaluation-only access for the
+experimenter; no training step of the server reads a client's records.
 
 Faults. A node whose reply is a Flower error, or malformed (``records.RecordError``), or missing after
 ``flower.timeout`` seconds, becomes a failed client of that round (``client_failed`` in ``metrics.jsonl``, with the
@@ -273,6 +274,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
           t_start: float | None = None) -> RunResult:
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     from fedlada.generation import llm_backend
+    from fedlada.host_rounds import check_host_config
     from fedlada.models import PromptFormatter
     from fedlada.prepare import data_source, load_server_data, prepare_model
     from fedlada.rounds import ServerState, Side, check_prompts_fit
@@ -280,6 +282,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
+    check_host_config(cfg)  # a refused host/model pairing fails before any work, as in-process
     begun = begin_run(cfg, resume=resume, events=events, t_start=t_start, load=load_server_data)
     if isinstance(begun, RunResult):
         return begun

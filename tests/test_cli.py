@@ -113,3 +113,28 @@ def test_data_make_lists_what_it_wrote(tmp_path, capsys):
     assert lines[0] == f"wrote the built-in benchmark to {out}"
     assert any(line.strip().startswith("client 1 (") for line in lines)
     assert not any("general corpus" in line or "PosixPath" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_sigterm_while_preparing_models_stops_like_ctrl_c_and_leaves_no_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs" / "term"
+    cmd = [sys.executable, "-m", "fedlada.cli", "run", "--config", "configs/smoke.toml", "--set", "threads=1",
+           "--set", f"models.cache_dir={tmp_path / 'cache'}", "--set", "models.llm.pretrain_tokens=5000000",
+           "--out", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "config.toml").exists():  # the folder is made once data loaded
+        time.sleep(0.2)
+    time.sleep(2)  # into the LLM's (long) pretraining
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # neither the run folder nor the parent this start made

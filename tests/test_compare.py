@@ -30,6 +30,12 @@ def test_aggregate_mean_and_sample_std(tmp_path):
     rows_csv = list(csv.reader(open(files["csv"])))
     assert ["lada", "mean_slm", "0.5", str(lada["mean_slm"][1])] in rows_csv
     assert files["plot"].stat().st_size > 1000
+    # a run without a client's round-0 evaluation (or with a None accuracy) leaves it out of slm_before
+    gap = _summary(0.4, 0.6, 0.5)
+    gap["accuracy"]["client1"] = {"0": None}
+    del gap["accuracy"]["client0"]
+    res = aggregate({("lada", 0): _summary(0.5, 0.7, 0.4), ("lada", 1): gap}, methods=("lada",), seeds=(0, 1))
+    assert res["table"][0]["slm_before"] == (pytest.approx(0.1), 0.0)
 
 
 def test_methods_may_name_their_host():

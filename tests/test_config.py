@@ -1,6 +1,7 @@
 """The typed config: defaults, TOML files, overrides, Flower's flat run_config, and errors naming the key."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -55,10 +56,12 @@ def test_flat_run_config_equals_nested():
     ("models.slms.9.hidden_size=64", "out of range"),
     ("models.llm.num_heads=7", "a divisor of hidden_size"),
     ("budget", "expected key=value"),
+    ("lada.method=lada-sft,lada.mu=0.3", "lada.method = 'lada-sft' trains SFT at weight 1"),
+    ("lada.method=lada-sft,lada.lambda_da=3", "so it takes neither key"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=[override])
+        load_config(overrides=override.split(",") if override.startswith("lada.method=lada-sft") else [override])
     assert fragment in str(e.value)
 
 
@@ -79,7 +82,10 @@ def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
     for text, fragment in (('rounds = "2"', "'rounds': expected an integer, found the string '2'"),
                            ('[train]\nbf16 = "yes"', "'train.bf16': expected true or false"),
                            ('[lada]\nbudget = "0.3"', "'lada.budget': expected a number"),
-                           ('[[models.slms]]\nlora_r = "8"', "'models.slms.0.lora_r': expected an integer")):
+                           ('[[models.slms]]\nlora_r = "8"', "'models.slms.0.lora_r': expected an integer"),
+                           ("[data]\npublic = 5", "'data.public': expected a string (in quotes), found a number 5"),
+                           ("[data]\neval_limit = 5.0", "'data.eval_limit': expected an integer (without a decimal"),
+                           ('[data]\nclients = "x"', "'data.clients': expected a list of tables ([[data.clients]]")):
         p.write_text(text + "\n")
         with pytest.raises(ConfigError, match=re.escape(f"typed.toml: config key {fragment}")):
             load_config(p)
@@ -93,6 +99,15 @@ def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
     p.write_text("[[models.slms]]\nlora_r = 0\n")
     with pytest.raises(ConfigError, match=r"typed.toml: config key 'models.slms.0.lora_r'"):
         load_config(p)
+    # a file's client list: a new client is not made by index (it would copy the last one's test file), and a bad
+    # list given on the command line is not blamed on the file
+    p.write_text('[data]\npublic = "p.jsonl"\n[[data.clients]]\ntrain = "a.jsonl"\ntest = "b.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"a new client is not made by index.*give the whole list instead"):
+        load_config(p, ["data.clients.1.train=c.jsonl"])
+    with pytest.raises(ConfigError, match=r"^config key 'data.clients.0.test'"):
+        load_config(p, ['data.clients=[{"train": "x.jsonl"}]'])
+    assert load_config(p, ["data.clients.0.train=c.jsonl"]).data.clients[0].train == "c.jsonl"
+    assert load_config(overrides=["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
 
 
 def test_user_data_needs_public_pool():

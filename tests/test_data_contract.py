@@ -207,6 +207,37 @@ def test_contract_answers_are_one_line_and_a_marker_less_gsm8k_file_is_hinted(tm
     assert "one line" in problems[0].message and "####" in problems[1].message
 
 
+def test_every_format_checks_its_final_answer_is_one_line_with_a_letter_or_digit(tmp_path):
+    rows = [{"question": "q", "answer": "2+3=5\n#### 5 apples\nNote: easy"},  # gsm8k: text after '#### N'
+            {"id": "r", "question": "q", "answer": "5\rsix"}, {"id": "u", "question": "q", "answer": "5\u2028six"},
+            {"id": "p", "question": "q", "answer": "..."}, {"source": "q", "target": "\u2014"},
+            {"id": "ok", "question": "q", "answer": "-3.5"}]
+    found = []
+    for i, row in enumerate(rows):
+        path = tmp_path / f"a{i}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        found.append([(p.key, p.message) for p in validate_files(path)])
+    assert [len(f) for f in found] == [1, 1, 1, 1, 1, 0]
+    assert all("one line" in f[0][1] for f in found[:3]) and "'#### <answer>'" in found[0][0][1]
+    assert all("no letter or digit" in f[0][1] for f in found[3:5]) and found[4][0][0] == "target"
+
+
+def test_alpaca_input_joins_the_question_and_unusable_containers_say_why(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "Solve the problem.", "input": "Tom has 2 and buys 3. How many?",
+                                "output": "2+3=5. The answer is 5."}) + "\n")
+    [rec] = read_records(path)
+    assert rec.question == "Solve the problem.\nTom has 2 and buys 3. How many?" and rec.answer == "5"
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"id": "a", "question": "q", "answer": "1"}]}, indent=2))
+    [problem] = validate_files(wrapped)
+    assert "single object over several lines" in problem.message and "'data'" in problem.message
+    indexed = tmp_path / "indexed.csv"
+    indexed.write_text(",id,question,answer\n0,a,q,1\n")
+    [problem] = validate_files(indexed)
+    assert "unknown key ''" in problem.message and "pandas index" in problem.message
+
+
 def test_cot_targets_broken_over_lines_become_one_answer(tmp_path):
     path = tmp_path / "cot.jsonl"
     path.write_text(json.dumps({"source": "q", "rationale": "r", "target": "New\n  York"}) + "\n")

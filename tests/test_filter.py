@@ -100,6 +100,15 @@ def test_threshold_respected_when_budget_is_loose():
     assert 0 < sel.selected.sum() < 100
 
 
+def test_an_empty_learned_selection_is_warned_about(caplog):
+    filt, _ = _trained(min_count=0, budget=1.0, threshold=0.999999)
+    x, _ = _sign_task(n=20, seed=1)
+    with caplog.at_level("WARNING", logger="fedlada.filter"):
+        sel = filt.select([str(i) for i in range(20)], x, round=2)
+    assert not sel.selected.any()
+    assert "nothing selected of 20" in caplog.text and "raise lada.min_count" in caplog.text
+
+
 def test_min_count_fills_with_top_scores():
     filt, _ = _trained(min_count=30, budget=0.5, threshold=0.99)
     x, _ = _sign_task(n=40, seed=1)
@@ -206,6 +215,11 @@ def test_kmeans_recovers_blobs():
     centroids, labels = kmeans(x, 2, seed=0)
     assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[30]
     assert_close(np.sort(centroids[:, 0]), np.array([x[:30, 0].mean(), x[30:, 0].mean()]))
+    # stopped before converging: the labels returned are those of the centroids returned
+    spread = np.random.default_rng(1).normal(size=(200, 2))
+    centroids, labels = kmeans(spread, 7, seed=0, iters=1)
+    nearest = ((spread[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(labels, nearest)
 
 
 def test_same_seed_same_selection():
@@ -289,7 +303,8 @@ def test_perplexity_reward_hand_computed():
 
 def test_odd_filter_arguments_states_and_rewards_fail_clearly_or_scale():
     for kw, fragment in ((dict(seed=-1), "seed must be an integer >= 0"),
-                         (dict(feature_dim=True), "feature_dim must be an integer >= 1")):
+                         (dict(feature_dim=True), "feature_dim must be an integer >= 1"),
+                         (dict(min_count=True), "min_count must be an integer >= 0")):
         with pytest.raises(ConfigError, match=fragment):
             LearnabilityFilter(**{"feature_dim": 4, **kw})
     f = LearnabilityFilter(4, seed=0)
@@ -305,6 +320,9 @@ def test_sample_rewards_hand_computed():
     r = sample_rewards(2.0, np.array([1.0, -1.0, np.nan]), mix=0.25)
     assert_close(r, np.array([0.25 * 2 + 0.75 * 1, 0.25 * 2 - 0.75, 2.0]))
     assert_close(sample_rewards(3.0, np.array([5.0]), mix=1.0), np.array([3.0]))
+    # R unknown (no held-out slice): the improvements alone, not R = 0; both unknown: NaN, which observe() skips
+    r = sample_rewards(float("nan"), np.array([1.5, np.nan]), mix=0.25)
+    assert r[0] == 1.5 and np.isnan(r[1])
     with pytest.raises(ValueError):
         sample_rewards(1.0, np.zeros(2), mix=1.5)
 

@@ -289,6 +289,20 @@ def test_compute_lock_makes_clientapps_on_one_machine_take_turns(tmp_path):
         pass  # no key: nothing to hold
 
 
+def test_a_refused_host_pairing_stops_the_server_before_any_work(tmp_path):
+    from fedlada.errors import ConfigError
+    from fedlada_app.server_app import serve
+
+    class UntouchedGrid:
+        def __getattr__(self, name):
+            pytest.fail(f"the grid was used ({name}) before the host pairing was checked")
+
+    cfg = load_config(overrides=["host.name=fedcollm", f"out_dir={tmp_path / 'run'}"])  # default SLMs differ
+    with pytest.raises(ConfigError, match="'fedcollm' averages the SLMs' weights"):
+        serve(UntouchedGrid(), cfg, FlowerConfig())
+    assert not (tmp_path / "run").exists()
+
+
 def test_set_up_gets_the_connect_window_and_a_failed_connect_says_why(tmp_path, monkeypatch):
     from fedlada.runner import RunDir
     from fedlada_app import server_app

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fedlada import host_rounds
+from fedlada import host_rounds, reasoning
 from fedlada.config import load_config
 from fedlada.errors import ConfigError
 from fedlada.hosts import decode_state, decode_topk, encode_topk, fedavg, tokenizer_fingerprint
@@ -173,6 +173,22 @@ def _states(overrides):
 def _host_bytes(msg) -> int:
     """What the host payload adds to a message on the wire."""
     return len(msg.to_bytes()) - len(replace(msg, host=None).to_bytes())
+
+
+def test_server_learn_without_a_reward_slice_records_no_reward_and_learns_from_the_improvements(tiny_overrides):
+    from fedlada import rounds
+    from fedlada.messages import PathItem
+
+    cfg, data, server, clients = _states(tiny_overrides)
+    recs = list(server.public.values())[:3]  # fewer than 5 received questions: no reward slice this round
+    paths = tuple(PathItem(r.id, reasoning.format_path(r.rationale, r.answer), -4.0, 8) for r in recs)
+    rep = ReportMessage(round=1, client=0, paths=paths)
+    log = rounds.server_learn(server, [rep], cfg=cfg, round=1)
+    assert log.metrics["server_selected"] >= 1 and log.metrics["server_reward"] is None  # unknown, not 0
+    pool = server.filters[0].pool_rewards
+    assert len(pool) == log.metrics["server_selected"] and torch.isfinite(pool).all() and (pool != 0).all()  # the per-sample improvements
+    with pytest.raises(ValueError, match=r"more than one report from client\(s\) \[0\]"):
+        rounds.server_learn(server, [rep, rep], cfg=cfg, round=2)
 
 
 def test_fedmkt_round_exchanges_counted_top_k_logits_and_distils_on_the_selection(tiny_overrides, gold_sampler):

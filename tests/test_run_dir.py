@@ -112,6 +112,19 @@ def test_a_resumed_run_must_see_the_data_it_started_with(tmp_path):
     check_data_unchanged(RunDir(tmp_path / "older"), "bbbb")  # no digest recorded: nothing to compare
     with pytest.raises(ConfigError, match="the data changed since this run started"):
         check_data_unchanged(rd, "bbbb")
+    # with the data at hand, the error says which client's records changed, or that the shared files did
+    from fedlada.prepare import ClientFiles, FederatedData, client_digest
+
+    a, b = Record("a", "What is 1 + 1?", "2"), Record("b", "What is 2 + 2?", "4")
+    clients = [ClientFiles([a], [b]), ClientFiles([b], [a])]
+    rd2 = RunDir(tmp_path / "two")
+    rd2.path.mkdir()
+    rd2.append("metrics.jsonl", [{"round": 0, "event": "setup", "data_digest": "aaaa",
+                                  "clients": [{"data_digest": client_digest(c)} for c in clients]}])
+    with pytest.raises(ConfigError, match=r"the train/test records of client\(s\) 1 changed"):
+        check_data_unchanged(rd2, "bbbb", FederatedData([clients[0], ClientFiles([a], [a])], [a], [], {}))
+    with pytest.raises(ConfigError, match="the public pool or the general corpus"):
+        check_data_unchanged(rd2, "bbbb", FederatedData(clients, [b], [], {}))
 
 
 def test_a_resumed_flower_run_checks_each_nodes_own_data(tmp_path):
@@ -289,3 +302,19 @@ def test_a_federated_server_reads_no_client_train_file(tmp_path, caplog):
     assert "not evaluated on the domain of client 1" in caplog.text
     with pytest.raises(DataError, match="c0_train.jsonl: file not found"):  # what the in-process runner reads
         runner.load_data(cfg)
+
+
+def test_train_records_whose_path_is_cut_by_max_length_are_warned_about(caplog):
+    from fedlada.models import PromptFormatter, train_tokenizer
+    from fedlada.rounds import Side, check_prompts_fit
+
+    short = Record("short", "What is 1 + 1?", "2", "1 + 1 = 2")
+    long = Record("long", "What is 1 + 1?", "2", "\n".join(["1 + 1 = 2"] * 80))
+    tok = train_tokenizer([long.question, long.rationale, "Answer: 2"], vocab_size=300)
+    side = Side(None, tok, PromptFormatter(tok, use_chat_template="off"))
+    with caplog.at_level(logging.WARNING, logger="fedlada.rounds"):
+        check_prompts_fit(side, {"data.clients.0.train (t.jsonl)": [short, long], "data.public (p.jsonl)": [long]},
+                          max_length=64, who="client 0's SLM", trained="data.clients.0.train (t.jsonl)")
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("data.clients.0.train (t.jsonl): 1 of 2 record(s) are longer than train.max_length=64")
+    assert "'long'" in warning and "answer line is not trained on" in warning

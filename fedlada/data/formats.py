@@ -6,12 +6,13 @@ Formats (one JSON object each):
   any other key is a problem (it is most likely a misspelt field).
 - ``gsm8k``: ``question``; ``answer`` holds the rationale, then ``#### <answer>`` on the last line. The
   calculator annotations (``<<48/2=24>>``) are stripped from the rationale.
-- ``mathinstruct``: ``instruction`` is the question; the answer is taken from ``output`` ("The answer is X",
+- ``mathinstruct``: ``instruction`` is the question (an Alpaca-style non-empty ``input`` is appended to it on a
+  new line); the answer is taken from ``output`` ("The answer is X",
   else the last ``\\boxed{X}``, else the last number) and the rest of ``output`` is the rationale. Program-of-thought
   records (``source`` naming PoT) hold code, not a rationale, and are reported as problems.
 - ``cot`` (CoT-Collection): ``source`` is the question, ``rationale`` the rationale, ``target`` the answer.
 
-Formats without ids take the caller's default id (``{file-stem}-{line}``) unless the object carries a string
+Every format's final answer must be one line with a letter or digit in it. Formats without ids take the caller's default id (``{file-stem}-{line}``) unless the object carries a string
 ``id``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
 first object of a file. Converters never raise: they return the record (or None) and a list of (key, message).
 """
@@ -85,6 +86,15 @@ def _clean_lines(text: str | None) -> str | None:
     return joined or None
 
 
+def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) -> None:
+    """A final answer is one line (any line break: \\n, \\r, U+2028, ...) with a letter or digit in it (an answer of
+    punctuation alone normalises to nothing and would match any such prediction)."""
+    if len(answer.strip().splitlines()) > 1:
+        issues.append((key, f"spans several lines; expected the final answer alone on one line ({several})"))
+    elif not any(ch.isalnum() for ch in answer):
+        issues.append((key, f"{answer.strip()!r} has no letter or digit; expected a final answer"))
+
+
 def _foreign_id(obj: dict, default_id: str) -> str:
     value = obj.get("id")
     return value if isinstance(value, str) and value.strip() else default_id
@@ -95,16 +105,16 @@ def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
     issues: Issues = []
     for key in obj:
         if key not in RECORD_KEYS:
-            issues.append((key, f"unknown key (allowed: {', '.join(RECORD_KEYS)})"))
+            name = "" if str(key).strip() else " '' (a column without a name, e.g. a saved pandas index; drop it)"
+            issues.append((key, f"unknown key{name} (allowed: {', '.join(RECORD_KEYS)})"))
     rid = _required_text(obj, "id", issues)
     if rid is None and "id" not in obj and "question" in obj and "answer" in obj and "rationale" not in obj:
         issues[-1] = ("id", "missing (expected a non-empty string; a GSM8K-style file needs '#### <answer>' as the "
                             "last line of every answer)")
     question = _required_text(obj, "question", issues)
     answer = _required_text(obj, "answer", issues)
-    if answer is not None and "\n" in answer.strip():
-        issues.append(("answer", "spans several lines; expected the final answer alone on one line (the reasoning "
-                                 "goes in 'rationale')"))
+    if answer is not None:
+        _check_final_answer(answer, "answer", issues, several="the reasoning goes in 'rationale'")
     optional = {key: _optional_text(obj, key, issues) for key in OPTIONAL_KEYS}
     if issues:
         return None, issues
@@ -129,6 +139,8 @@ def convert_gsm8k(obj: dict, *, default_id: str) -> Converted:
         rationale, answer = split_gsm8k_answer(raw)
         if answer is None:
             issues.append(("answer", "expected the rationale, then '#### <answer>' with a non-empty answer"))
+        else:
+            _check_final_answer(answer, "answer", issues, several="nothing may follow the '#### <answer>' line")
     if issues:
         return None, issues
     return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
@@ -154,6 +166,9 @@ def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
 def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
     issues: Issues = []
     question = _required_text(obj, "instruction", issues)
+    extra = obj.get("input")  # Alpaca-style records put the problem itself in "input"
+    if question is not None and isinstance(extra, str) and extra.strip():
+        question = f"{question.strip()}\n{extra.strip()}"
     output = _required_text(obj, "output", issues)
     source = obj.get("source")
     rationale = answer = None
@@ -163,6 +178,8 @@ def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
         rationale, answer = split_mathinstruct_output(output)
         if not answer:
             issues.append(("output", "no final answer found (expected 'The answer is X', \\boxed{X} or a number)"))
+        else:
+            _check_final_answer(answer, "output", issues, several="its final answer")
     if issues:
         return None, issues
     return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
@@ -176,6 +193,9 @@ def convert_cot(obj: dict, *, default_id: str) -> Converted:
     if issues:
         return None, issues
     answer = " ".join(answer.split())  # a target broken over lines is still one final answer
+    _check_final_answer(answer, "target", issues, several="")
+    if issues:
+        return None, issues
     return Record(_foreign_id(obj, default_id), question.strip(), answer, _clean_lines(rationale)), issues
 
 

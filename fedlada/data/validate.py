@@ -159,6 +159,18 @@ def _decoded(data: bytes, name: str, problems: list[Problem]) -> str | None:
         return None
 
 
+def _one_json_object(data: bytes) -> dict | None:
+    """The object a whole file holds when it is one JSON object spread over several lines (else None)."""
+    text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
+    if text.strip().count("\n") == 0:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterable[Item]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -166,6 +178,12 @@ def _items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterable[Item
     data = path.read_bytes()
     if suffix in (".csv", ".json"):
         if suffix == ".json" and not data.lstrip(_UTF8_BOM + b" \t\r\n").startswith(b"["):
+            whole = _one_json_object(data)
+            if whole is not None:  # e.g. {"data": [...]}, indented: not a list, not one record per line
+                lists = [k for k, v in whole.items() if isinstance(v, list)]
+                hint = f"; its records may be the list under {lists[0]!r}: save that list" if lists else ""
+                return iter([(1, 1, None, "a .json file holds a list of records ([...]) or one record per line (JSON "
+                                          f"Lines); this one is a single object over several lines{hint}", "")])
             return _jsonl_items(data, max_bytes)
         text = _decoded(data, str(path), problems)
         if text is None:
@@ -258,7 +276,7 @@ def expand_data_paths(paths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
-    for p in map(Path, paths):
+    for p in (Path(x).expanduser() for x in paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*")
                            if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.name != MANIFEST_NAME)
