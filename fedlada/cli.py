@@ -124,7 +124,10 @@ def cmd_run(args) -> int:
             result = run(cfg, resume=not args.fresh, events=ev)
     from fedlada.report import print_summary, write_report
 
-    report = write_report(result.run_dir)
+    try:
+        report = write_report(result.run_dir)
+    except OSError as e:  # e.g. a finished run in a read-only folder: its summary still stands
+        report = f"not written ({e.strerror or e}{': ' + str(e.filename) if getattr(e, 'filename', None) else ''})"
     print_summary(result.summary, console=_stdout_console(), wall_seconds=result.wall_seconds)
     console.print(f"run directory: {result.run_dir}\nreport: {report}")
     return 0

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedlada import rounds
+from fedlada import checkpoints, rounds
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record
 from fedlada.errors import ConfigError
@@ -444,14 +444,14 @@ def save_host_state(server: ServerState, d: Path) -> None:
     """Write the host's server state into checkpoint directory ``d`` (nothing for hosts without one)."""
     h = getattr(server, "host", None)
     if h is not None and h.slm is not None:
-        torch.save(trainable_state(h.slm.model), Path(d) / "host_slm.pt")
+        checkpoints.save(trainable_state(h.slm.model), Path(d) / "host_slm.pt")
 
 
 def load_host_state(server: ServerState, d: Path, cfg: RunConfig) -> None:
     """Restore what :func:`save_host_state` wrote (the fedcollm server's aggregated SLM)."""
     f = Path(d) / "host_slm.pt"
     if cfg.host.name == "fedcollm" and f.is_file():
-        load_trainable(_ensure_slm(server, cfg).model, torch.load(f, weights_only=True), where=str(f))
+        load_trainable(_ensure_slm(server, cfg).model, checkpoints.load(f), where=str(f))
 
 
 # --------------------------------------------------------------------------------------------- the round steps

@@ -100,12 +100,35 @@ def benchmark_kwargs(cfg: RunConfig) -> dict:
                 max_steps=d.max_steps, max_value=d.max_value)
 
 
+def _benchmark_damage(out: Path) -> str | None:
+    """What differs between a cached benchmark's files and its manifest (their sha256), or None (intact or absent)."""
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        for rel, entry in sorted(entries.items()):
+            f = out / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if hashlib.sha256(f.read_bytes()).hexdigest() != entry["sha256"]:
+                return f"{rel} differs from its manifest"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"manifest.json unreadable: {type(e).__name__}"
+    return None
+
+
 def load_data(cfg: RunConfig) -> FederatedData:
     """The run's data: user files (validated up front) or the cached built-in benchmark."""
     d = cfg.data
     if d.builtin:
         kw = benchmark_kwargs(cfg)
         out = cache_root(cfg) / "data" / f"benchmark-{_digest(kw)}"
+        damaged = _benchmark_damage(out)
+        if damaged:  # generated data: make it again rather than run on a changed copy
+            log.warning("the cached built-in benchmark in %s was changed or damaged (%s); it is generated again",
+                        out, damaged)
+            shutil.rmtree(out, ignore_errors=True)
         if not (out / "manifest.json").is_file():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -281,6 +304,20 @@ def _pretrain_examples(formatter, corpus: list[Record], tokenizer, *, tokens: in
     return ex[: min(n, len(ex))] if epochs == 1 else ex, epochs
 
 
+def _check_cached_shape(model, spec: ModelSpec, path: Path, role: str) -> None:
+    """A cache entry is keyed by its shape, so a model of another shape there was changed by hand or damaged."""
+    from fedlada.errors import ModelError
+
+    c = model.config
+    found = (getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None),
+             getattr(c, "num_attention_heads", None))
+    wanted = (spec.hidden_size, spec.num_layers, spec.num_heads)
+    if found != wanted:
+        raise ModelError(f"the cached tiny model '{role}' in {path} has hidden_size, num_layers, num_heads = {found}, "
+                         f"but its spec asks for {wanted}: the cache entry was changed or damaged; delete {path} and "
+                         "it is built again")
+
+
 def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: FederatedData,
                   progress: Callable[[int, int], None] | None = None):
     """Return ``(model, tokenizer, info)`` for ``spec`` (built+pretrained+cached if tiny, else loaded)."""
@@ -301,7 +338,14 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         path = cache_root(cfg) / "models" / key
         info["cache"] = str(path)
         if (path / "config.json").is_file():
-            model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
+            from fedlada.errors import ModelError
+
+            try:
+                model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
+            except ModelError as e:
+                raise ModelError(f"{e}; {path} is a cache entry of the tiny model '{role}': delete it and it is built "
+                                 "again") from None
+            _check_cached_shape(model, spec, path, role)
             stored = path / "fedlada_pretrain.json"
             if stored.is_file():
                 # the stored record says how the weights were made; where they are now is this cache (a copied or

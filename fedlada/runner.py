@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from fedlada import checkpoints
 from fedlada import config as config_mod
 from fedlada.config import RunConfig
 from fedlada.errors import ConfigError, FedLadaError
@@ -73,10 +74,42 @@ class Events:
 # ----------------------------------------------------------------------------------------- run directory
 
 
+LOCK_NAME = ".lock"  # held (flock) by the process running in a run folder; not part of the run
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.ckpt = self.path / "checkpoints"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Hold the folder for this process until :meth:`unlock` (or its exit): a second process that wants to run
+        in it is refused (ConfigError) instead of interleaving its logs and checkpoints with this one's."""
+        try:
+            import fcntl
+        except ImportError:  # not on this platform: no lock
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"run directory {self.path} is in use by another process (pid {holder}); wait for it to "
+                              "end, or use another out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self, *, remove: bool = False) -> None:
+        if self._lock_fd is None:
+            return
+        if remove:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        os.close(self._lock_fd)  # closing releases the flock
+        self._lock_fd = None
 
     def write_atomic(self, name: str, text: str) -> None:
         p = self.path / name
@@ -134,19 +167,19 @@ def save_checkpoint(rd: RunDir, round: int, server: ServerState, pool) -> None:
     d = rd.ckpt / f"round_{round:03d}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    torch.save(trainable_state(server.side.model), d / "llm.pt")
-    torch.save({"server_filters": {k: f.state_dict() for k, f in server.filters.items()}, "round": round},
-               d / "server_state.pt")
+    checkpoints.save(trainable_state(server.side.model), d / "llm.pt")
+    checkpoints.save({"server_filters": {k: f.state_dict() for k, f in server.filters.items()}, "round": round},
+                     d / "server_state.pt")
     save_host_state(server, d)
     pool.save(d)
-    (d / "COMPLETE").write_text(str(round))
+    checkpoints.mark_complete(d, round)
 
 
 def load_trainable(model, path: Path, who: str) -> None:
     """Load a checkpoint of ``model``'s trainable weights (as ``save_checkpoint`` wrote them). A checkpoint whose
     names or shapes do not fit the model (its source was changed since the run started) is a ConfigError, not a
     silent partial load."""
-    state = torch.load(path)
+    state = checkpoints.load(path)
     mine = model.state_dict()
     unknown = [n for n in state if n not in mine]
     wrong = [f"{n} {tuple(state[n].shape)} vs {tuple(mine[n].shape)}" for n in state
@@ -164,7 +197,7 @@ def load_checkpoint(rd: RunDir, round: int, server: ServerState, cfg: RunConfig)
 
     d = rd.ckpt / f"round_{round:03d}"
     load_trainable(server.side.model, d / "llm.pt", "the LLM")
-    st = torch.load(d / "server_state.pt", weights_only=False)
+    st = checkpoints.load(d / "server_state.pt", weights_only=False)
     for k, s in st["server_filters"].items():
         server.filters[k] = _filter_for(None, s["feature_dim"], cfg, derive_seed(cfg.seed, "server-filter", k))
         server.filters[k].load_state_dict(s)
@@ -203,7 +236,7 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
     rd = RunDir(cfg.out_dir)
     if rd.path.exists() and not rd.path.is_dir():
         raise ConfigError(f"out_dir {rd.path}: exists and is not a directory")
-    if not rd.path.is_dir() or not any(rd.path.iterdir()):
+    if not rd.path.is_dir() or not any(p.name != LOCK_NAME for p in rd.path.iterdir()):
         return rd, 0
     existing = rd.path / "config.toml"
     if not _is_run_config(existing):
@@ -233,6 +266,7 @@ def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> None:
     if start:
         for name in RUN_LOGS:
             rd.truncate_after(name, start)
+        (rd.path / "summary.json").unlink(missing_ok=True)  # an extended run is unfinished until its last round
     else:
         for name in RUN_LOGS:
             (rd.path / name).unlink(missing_ok=True)
@@ -313,6 +347,7 @@ class RunStart:
         try:
             yield
         except BaseException:
+            self.rd.unlock(remove=self.start == 0)
             if self.start == 0:
                 for name in (*RUN_LOGS, "config.toml", "summary.json", "flower.jsonl"):
                     (self.rd.path / name).unlink(missing_ok=True)
@@ -352,7 +387,12 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
         events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
         return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
     created = next((p for p in reversed((rd.path.absolute(), *rd.path.absolute().parents)) if not p.exists()), None)
-    init_run_dir(rd, cfg, start)
+    rd.lock()  # before anything in the folder changes: a second process is refused here
+    try:
+        init_run_dir(rd, cfg, start)
+    except BaseException:
+        rd.unlock(remove=start == 0)
+        raise
     return RunStart(rd, start, data, digest, created)
 
 
@@ -431,9 +471,9 @@ class InProcessClients:
 
     def save(self, d: Path) -> None:
         for c in self.clients:
-            torch.save(trainable_state(c.side.model), d / f"client_{c.client_id}.pt")
+            checkpoints.save(trainable_state(c.side.model), d / f"client_{c.client_id}.pt")
             if c.filter is not None:
-                torch.save(c.filter.state_dict(), d / f"client_{c.client_id}_filter.pt")
+                checkpoints.save(c.filter.state_dict(), d / f"client_{c.client_id}_filter.pt")
 
     def load(self, d: Path) -> None:
         from fedlada.rounds import _filter_for
@@ -442,7 +482,7 @@ class InProcessClients:
             load_trainable(c.side.model, d / f"client_{c.client_id}.pt", f"client {c.client_id}")
             f = d / f"client_{c.client_id}_filter.pt"
             if f.is_file():
-                s = torch.load(f, weights_only=False)
+                s = checkpoints.load(f, weights_only=False)
                 c.filter = _filter_for(None, s["feature_dim"], self.cfg,
                                        derive_seed(self.cfg.seed, "filter", c.client_id))
                 c.filter.load_state_dict(s)
@@ -477,7 +517,17 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
 def drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm_test: list, events: Events, *,
           setup: dict, stop_after_round: int | None = None, t_start: float | None = None) -> RunResult:
     """The round loop shared by every engine. ``pool`` is the engine's view of the clients (see
-    :class:`InProcessClients`); only serialised messages pass between it and the server."""
+    :class:`InProcessClients`); only serialised messages pass between it and the server. The run folder's lock
+    (:meth:`RunDir.lock`, taken by ``begin_run``) is released when the loop ends, however it ends."""
+    try:
+        return _drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
+                      t_start=t_start)
+    finally:
+        rd.unlock()
+
+
+def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm_test: list, events: Events, *,
+           setup: dict, stop_after_round: int | None = None, t_start: float | None = None) -> RunResult:
     from fedlada.messages import MessageError
 
     t_start = t_start if t_start is not None else time.perf_counter()

@@ -45,6 +45,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedlada import checkpoints
 from fedlada.config import RunConfig, resolve_threads
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.runner import trainable_state  # what the runner checkpoints of a client's model
@@ -152,8 +153,6 @@ def _check_checkpoint_root(root: Path) -> None:
 
 def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig, k: int) -> None:
     """Bring the cached client to the state its node holds: context state, else a resume checkpoint, else fresh."""
-    import torch
-
     from fedlada.runner import load_trainable
 
     model = entry.state.side.model
@@ -176,7 +175,7 @@ def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig,
             d = root / f"round_{r:03d}"
             load_trainable(model, d / f"client_{k}.pt", f"client {k}")
             ff = d / f"client_{k}_filter.pt"
-            entry.state.filter = _filter(torch.load(ff, weights_only=True) if ff.is_file() else None, cfg, k)
+            entry.state.filter = _filter(checkpoints.load(ff) if ff.is_file() else None, cfg, k)
             entry.holds = f"resume-{r}"
     elif entry.holds != "init":
         model.load_state_dict(entry.initial, strict=False)
@@ -312,23 +311,21 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("save")
 def save(msg: Message, context: Context) -> Message:
     """Write this client's state after round ``req.round`` where the runner keeps client checkpoints."""
-    import torch
-
     req, cfg, fcfg, k = _unpack(msg, context)
     d = _checkpoint_root(context, req) / f"round_{req.round:03d}"
     d.mkdir(parents=True, exist_ok=True)
     node = records.load_state(context.state)
     written = [d / f"client_{k}.pt"]
     if node is not None:  # the state this node trained: no need to prepare the SLM
-        torch.save(node.weights(), written[0])
+        checkpoints.save(node.weights(), written[0])
         if node.filter_bytes is not None:
             written.append(d / f"client_{k}_filter.pt")
             written[-1].write_bytes(node.filter_bytes)
     else:  # never trained in this run: the prepared (or resumed) state
         entry = _entry(cfg, req.digest, k, fcfg.model_cache)
         _sync(entry, context, req, cfg, k)
-        torch.save(trainable_state(entry.state.side.model), written[0])
+        checkpoints.save(trainable_state(entry.state.side.model), written[0])
         if entry.state.filter is not None:
             written.append(d / f"client_{k}_filter.pt")
-            torch.save(entry.state.filter.state_dict(), written[-1])
+            checkpoints.save(entry.state.filter.state_dict(), written[-1])
     return Message(records.saved_content([str(p) for p in written]), reply_to=msg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +274,27 @@ def test_a_moved_model_cache_reports_where_the_model_was_loaded_from(tmp_path):
     info = prepare.prepare_model(moved.models.slms[0], role="client0", cfg=moved, data=data)[2]
     assert info["cached"] is True and info["pretrain_loss"] == made["pretrain_loss"]
     assert info["cache"].startswith(str(tmp_path / "b")) and made["cache"].startswith(str(tmp_path / "a"))
+
+
+def test_a_changed_or_damaged_cache_entry_is_refused_naming_it(tmp_path):
+    import json
+
+    from conftest import TINY
+    from fedlada import prepare
+    from fedlada.config import load_config
+    from fedlada.errors import ModelError
+
+    cfg = load_config(None, TINY + [f"models.cache_dir={tmp_path / 'c'}"])
+    data = prepare.load_data(cfg)
+    entry = Path(prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)[2]["cache"])
+    conf = json.loads((entry / "config.json").read_text())
+    (entry / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": conf["num_hidden_layers"] + 1}))
+    with pytest.raises(ModelError, match=r"has hidden_size, num_layers, num_heads = .* but its spec asks for .*delete"):
+        prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
+    (entry / "config.json").write_text(json.dumps(conf))
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match=r"is a cache entry of the tiny model 'client0': delete it"):
+        prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
 
 
 def test_lora_targets_gpt2_style_conv1d_projections():

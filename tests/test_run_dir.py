@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,65 @@ def test_train_records_whose_path_is_cut_by_max_length_are_warned_about(caplog):
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("data.clients.0.train (t.jsonl): 1 of 2 record(s) are longer than train.max_length=64")
     assert "'long'" in warning and "answer line is not trained on" in warning
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_and_an_extension_drops_the_old_summary(tmp_path):
+    import subprocess
+    import sys
+
+    from fedlada.runner import LOCK_NAME, init_run_dir
+
+    rd = RunDir(tmp_path / "run")
+    rd.lock()  # this process runs in it
+    holder = subprocess.run([sys.executable, "-c", "from fedlada.runner import RunDir\nRunDir(%r).lock()" % str(rd.path)],
+                            capture_output=True, text=True)
+    assert holder.returncode != 0 and f"is in use by another process (pid {os.getpid()})" in holder.stderr
+    rd.unlock()
+    free = subprocess.run([sys.executable, "-c", "from fedlada.runner import RunDir\nRunDir(%r).lock()" % str(rd.path)],
+                          capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
+    # the lock file alone does not make the folder "not empty": it is still a new run's folder
+    cfg = load_config(overrides=[f"out_dir={rd.path}", "rounds=3"])
+    assert [p.name for p in rd.path.iterdir()] == [LOCK_NAME] and check_run_dir(cfg, resume=True)[1] == 0
+    # extending a finished run: its summary.json goes until the new last round is done
+    (rd.path / "summary.json").write_text("{}")
+    init_run_dir(rd, cfg, 2)
+    assert not (rd.path / "summary.json").exists()
+
+
+def test_checkpoint_files_are_written_durably_and_a_damaged_one_is_named_with_the_way_to_resume(tmp_path):
+    import torch
+
+    from fedlada import checkpoints
+    from fedlada.errors import FedLadaError
+
+    d = tmp_path / "checkpoints" / "round_002"
+    d.mkdir(parents=True)
+    checkpoints.save({"w": torch.ones(3)}, d / "client_0.pt")
+    assert torch.equal(checkpoints.load(d / "client_0.pt")["w"], torch.ones(3))
+    data = (d / "client_0.pt").read_bytes()
+    (d / "client_0.pt").write_bytes(data[: len(data) // 2])  # cut short
+    (d / "server_state.pt").write_bytes(b"")
+    for name, fragment in (("client_0.pt", "is unreadable"), ("server_state.pt", "is unreadable"),
+                           ("client_1.pt", "is missing")):
+        with pytest.raises(ConfigError, match=rf"checkpoint file .*{name} {fragment}.*delete .*round_002 to resume "
+                                              r"from the round before it"):
+            checkpoints.load(d / name, weights_only=name != "server_state.pt")
+    with pytest.raises(FedLadaError, match=r"cannot write checkpoint file .*nowhere.*same command resumes"):
+        checkpoints.save({"w": torch.ones(3)}, tmp_path / "nowhere" / "x.pt")
+    checkpoints.mark_complete(d, 2)
+    assert (d / "COMPLETE").read_text() == "2"
+
+
+def test_a_changed_cached_benchmark_is_generated_again(tmp_path, caplog):
+    from fedlada.prepare import load_data
+
+    cfg = load_config(overrides=[f"models.cache_dir={tmp_path / 'cache'}", "data.train_per_client=30",
+                                 "data.test_per_client=10", "data.public_size=20", "data.general_size=0"])
+    first = load_data(cfg)
+    train = Path(first.source["benchmark"]) / "client_0" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[:5]))  # cut short by hand
+    with caplog.at_level(logging.WARNING, logger="fedlada.prepare"):
+        again = load_data(cfg)
+    assert "client_0/train.jsonl differs from its manifest" in caplog.text
+    assert [r.id for r in again.clients[0].train] == [r.id for r in first.clients[0].train]

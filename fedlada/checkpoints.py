@@ -1,0 +1,50 @@
+"""Checkpoint files: written durably, read with an error that names the file and says how to resume.
+
+``save`` writes through an open file and fsyncs it before returning, so a round's ``COMPLETE`` marker (written after
+all of its files) never stands beside a file the operating system had not stored yet; a failed write (a full disk,
+a file-size limit) is a :class:`~fedlada.errors.FedLadaError` naming the file. ``load`` turns a damaged or missing
+file into a :class:`~fedlada.errors.ConfigError` that names it and the round folder to delete to resume from the
+round before.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from fedlada.errors import ConfigError, FedLadaError
+
+
+def save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        raise FedLadaError(f"cannot write checkpoint file {path}: {e.strerror if isinstance(e, OSError) else e} "
+                           "(a full disk or a file-size limit?); the rounds checkpointed before are kept, and the "
+                           "same command resumes after the last of them") from e
+
+
+def mark_complete(folder: str | os.PathLike, round: int) -> None:
+    """The round's ``COMPLETE`` marker, stored durably: written last, it says every file of the round is there."""
+    path = Path(folder) / "COMPLETE"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(str(round))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load(path: str | os.PathLike, *, weights_only: bool = True):
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=weights_only)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
+        raise ConfigError(f"checkpoint file {path} is {reason}: the checkpoint of that round is damaged; delete "
+                          f"{path.parent} to resume from the round before it") from None
