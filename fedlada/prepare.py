@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,12 +60,29 @@ def data_source(cfg: RunConfig, data: FederatedData, client: int | None = None, 
 
 
 def cache_root(cfg: RunConfig) -> Path:
+    """models.cache_dir, else $FEDLADA_CACHE, else $XDG_CACHE_HOME/fedlada (~/.cache/fedlada); ConfigError where
+    that path is a file."""
     if cfg.models.cache_dir:
-        return Path(cfg.models.cache_dir).expanduser()
-    env = os.environ.get("FEDLADA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlada"
+        root, named = Path(cfg.models.cache_dir).expanduser(), "models.cache_dir"
+    elif os.environ.get("FEDLADA_CACHE"):
+        root, named = Path(os.environ["FEDLADA_CACHE"]).expanduser(), "$FEDLADA_CACHE"
+    else:
+        root, named = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedlada", "the default cache"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"the cache {root} ({named}) is a file, not a folder; point $FEDLADA_CACHE or "
+                          "models.cache_dir at a folder")
+    return root
+
+
+@contextmanager
+def _writing_cache(root: Path):
+    """An OSError while filling the cache names the cache and how to choose another one."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot write the cache {root}: {e.strerror or e}"
+                          f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}; make it writable, or "
+                          "point $FEDLADA_CACHE or models.cache_dir at a writable folder") from None
 
 
 def _digest(obj) -> str:
@@ -131,9 +149,10 @@ def load_data(cfg: RunConfig) -> FederatedData:
             shutil.rmtree(out, ignore_errors=True)
         if not (out / "manifest.json").is_file():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            make_benchmark(tmp, **kw)
-            tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
+            with _writing_cache(cache_root(cfg)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                make_benchmark(tmp, **kw)
+                tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
         clients = [ClientFiles(read_records(out / f"client_{k}" / "train.jsonl"),
                                read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
         general = read_records(out / "general.jsonl") if d.general_size else []
@@ -247,8 +266,9 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
         texts = rng.sample(texts, len(texts) // 2)
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    _publish(tmp, path)
+    with _writing_cache(cache_root(cfg)):
+        tok.save_pretrained(tmp)
+        _publish(tmp, path)
     return AutoTokenizer.from_pretrained(path), key
 
 
@@ -378,9 +398,11 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
                             pretrain_loss=stats.loss)
                 (path.parent).mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            save_model(model, tok, tmp)
-            (tmp / "fedlada_pretrain.json").write_text(json.dumps(info, indent=1))
-            _publish(tmp, path)
+            with _writing_cache(cache_root(cfg)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_model(model, tok, tmp)
+                (tmp / "fedlada_pretrain.json").write_text(json.dumps(info, indent=1))
+                _publish(tmp, path)
             model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
             info["cached"] = False
     else:

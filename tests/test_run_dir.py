@@ -381,3 +381,16 @@ def test_a_changed_cached_benchmark_is_generated_again(tmp_path, caplog):
         again = load_data(cfg)
     assert "client_0/train.jsonl differs from its manifest" in caplog.text
     assert [r.id for r in again.clients[0].train] == [r.id for r in first.clients[0].train]
+
+
+def test_a_cache_that_is_a_file_or_cannot_be_written_is_named_with_the_way_out(tmp_path, monkeypatch):
+    from fedlada import prepare
+
+    afile = tmp_path / "cache-file"
+    afile.write_text("x")
+    monkeypatch.setenv("FEDLADA_CACHE", str(afile))
+    with pytest.raises(ConfigError, match=r"the cache .*cache-file \(\$FEDLADA_CACHE\) is a file, not a folder"):
+        prepare.cache_root(load_config())
+    with pytest.raises(ConfigError, match=r"cannot write the cache .*: Permission denied: .*x; make it writable"):
+        with prepare._writing_cache(tmp_path):
+            raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
