@@ -150,3 +150,13 @@ def test_train_keys_reach_the_training_loop():
     assert shared and shared <= set(kw)
     for name in shared:
         assert kw[name] == getattr(cfg.train if hasattr(cfg.train, name) else cfg.lada, name), name
+
+
+def test_the_contrastive_term_that_trains_is_what_the_metrics_count():
+    from fedlada.rounds import _da_loss
+
+    assert _da_loss(load_config()) == "pairwise"
+    assert _da_loss(load_config(overrides=["lada.loss=listwise"])) == "listwise"
+    # no L_DA term trains: no pairs or lists are built (and none is counted as preference_pairs)
+    for over in (["lada.method=lada-sft"], ["lada.lambda_da=0"], ["lada.loss=sft"]):
+        assert _da_loss(load_config(overrides=over)) == "sft"

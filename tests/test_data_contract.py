@@ -368,3 +368,11 @@ def test_a_damaged_parquet_file_is_a_problem_not_a_crash(tmp_path):
     assert "not a readable Parquet file" in problems[0].message
     with pytest.raises(DataError, match="not a readable Parquet file"):
         list(iter_records(bad))
+
+
+def test_data_paths_expand_the_home_folder():
+    from pathlib import Path
+
+    from fedlada.data.validate import expand_data_paths
+
+    assert expand_data_paths(["~/no-such-file.jsonl"]) == [Path.home() / "no-such-file.jsonl"]
