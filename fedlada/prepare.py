@@ -7,7 +7,8 @@ Models: a ``ModelSpec`` names a Hugging Face id, a local directory, a ``.gguf`` 
 are built from a Llama config and pretrained on what the *server* may see -- the general corpus if one is given,
 else the public pool -- never on a client's private files. The tokenizer shared by tiny models is trained on the
 same server-side text. Pretrained tiny models are cached under ``models.cache_dir``, else ``$FEDLADA_CACHE``, else
-``$XDG_CACHE_HOME/fedlada`` (``~/.cache/fedlada`` without it), keyed by everything that determines their weights, so a second run skips pretraining.
+``$XDG_CACHE_HOME/fedlada`` (``~/.cache/fedlada`` without it), keyed by everything that determines their weights, so
+a second run skips pretraining.
 """
 
 from __future__ import annotations

@@ -45,8 +45,9 @@ the previous step's values), and examples are checked when made (``SFTExample.we
 listwise path's teacher log-probability <= 0, -inf allowed). Dropout makes the shared-prefix passes draw other masks
 than plain rows, so ``reuse_prefix`` on and off agree to float rounding only with dropout off (the default tiny
 models have none). The reference pass runs in eval mode (no dropout) and the training passes in train mode, so with
-dropout (e.g. ``lora_dropout`` > 0) the pairwise loss at the first step is not exactly log 2. Determinism: shuffling uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG
-forked and seeded with ``seed`` (the caller's global RNG state is restored afterwards).
+dropout (e.g. ``lora_dropout`` > 0) the pairwise loss at the first step is not exactly log 2. Determinism: shuffling
+uses ``random.Random`` seeded from ``seed``; dropout uses the torch RNG forked and seeded with ``seed`` (the
+caller's global RNG state is restored afterwards).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Each handler unpacks a request (``fedlada_app.records``), calls the library, pac
   simulation sets them, a SuperNode gets them from ``--node-config``); prepare the client's data and SLM
   (pretraining a tiny SLM into the shared model cache if it is not there yet), report what was prepared (the server
   writes it into the run's ``setup`` line) and, when asked, evaluate the SLM before round 1.
-- ``train``: ``fedlada.host_rounds.client_step`` (``fedlada.rounds.client_step`` plus the host's step) on the server's teach bytes; replies with the report bytes, unless
-  switched off the client's local log (``records`` explains the telemetry record), and, when asked, the evaluation
+- ``train``: ``fedlada.host_rounds.client_step`` (``fedlada.rounds.client_step`` plus the host's step) on the
+  server's teach bytes; replies with the report bytes, unless switched off the client's local log (``records`` explains the telemetry record), and, when asked, the evaluation
   of the updated SLM (one message per client and round instead of two; its state is final for the round).
 - ``evaluate``: greedy accuracy of the SLM on the client's test split (``fedlada.rounds.evaluate``); the server
   sends it to clients whose train step failed.

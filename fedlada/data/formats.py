@@ -12,8 +12,8 @@ Formats (one JSON object each):
   records (``source`` naming PoT) hold code, not a rationale, and are reported as problems.
 - ``cot`` (CoT-Collection): ``source`` is the question, ``rationale`` the rationale, ``target`` the answer.
 
-Every format's final answer must be one line with a letter or digit in it. Formats without ids take the caller's default id (``{file-stem}-{line}``) unless the object carries a string
-``id``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
+Every format's final answer must be one line with a letter or digit in it. Formats without ids take the caller's
+default id (``{file-stem}-{line}``) unless the object carries a string ``id``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
 first object of a file. Converters never raise: they return the record (or None) and a list of (key, message).
 """
 
