@@ -274,12 +274,14 @@ class LadaConfig:
         _check(self.lambda_da >= 0, "lada.lambda_da", "a float >= 0", self.lambda_da)
         _check(self.mu >= 0, "lada.mu", "a float >= 0", self.mu)
         _check(self.tau > 0, "lada.tau", "a float > 0", self.tau)
-        if self.method == "lada-sft" and (self.lambda_da, self.mu) != (1.0, 0.5):
+        fixed = {k: LadaConfig.__dataclass_fields__[k].default for k in ("lambda_da", "mu")}
+        if self.method == "lada-sft" and (self.lambda_da, self.mu) != (fixed["lambda_da"], fixed["mu"]):
             # lada-sft is LaDa with SFT (weight 1) on the other side's paths in place of the contrastive term: a
             # value of these keys would be recorded in config.toml and not used
             raise ConfigError(f"'lada.lambda_da' = {self.lambda_da!r}, 'lada.mu' = {self.mu!r}: lada.method = "
                               "'lada-sft' trains SFT at weight 1 on the other side's selected paths and no "
-                              "contrastive term, so it takes neither key; leave both at their defaults (1.0, 0.5), "
+                              "contrastive term, so it takes neither key; leave both at their defaults "
+                              f"({fixed['lambda_da']}, {fixed['mu']}), "
                               "or use lada.method = 'lada' with lada.loss = 'sft' to weight that SFT by lada.mu")
 
 

@@ -107,11 +107,13 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     (a longer sequence would index past it), a warning otherwise. ``trained`` names the source whose records are
     trained on with their rationale (a client's train split): a warning counts those whose prompt + path is longer
     than ``max_length`` (the path is cut from the right, so its answer line is not trained on)."""
-    bad, longest = [], 0
+    bad, longest, trained_lengths = [], 0, []
     for where, records in sources.items():
         if not records:
             continue
         lengths = prompt_lengths(side, records)
+        if where == trained:
+            trained_lengths = lengths
         longest = max(longest, *lengths)
         long = [(r.id, n) for r, n in zip(records, lengths) if n >= max_length]
         if long:
@@ -122,14 +124,15 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     if bad:
         raise DataError("; ".join(bad) + "; raise train.max_length or shorten or drop these questions")
     if trained is not None and sources.get(trained):
-        _warn_cut_paths(side, trained, sources[trained], max_length=max_length, who=who)
+        _warn_cut_paths(side, trained, sources[trained], trained_lengths, max_length=max_length, who=who)
     if max_new_tokens is not None:
         _check_positions(side.model, max_length=max_length, sampling=longest + max_new_tokens, who=who)
 
 
-def _warn_cut_paths(side: Side, where: str, records: list[Record], *, max_length: int, who: str) -> None:
+def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens: list[int], *, max_length: int,
+                    who: str) -> None:
     paths = [reasoning.format_path(r.rationale, r.answer) for r in records]
-    lengths = [n + len(y) + 1 for n, y in zip(prompt_lengths(side, records),  # + eos
+    lengths = [n + len(y) + 1 for n, y in zip(prompt_tokens,  # + eos
                                               side.tokenizer(paths, add_special_tokens=False)["input_ids"])]
     cut = [(r.id, n) for r, n in zip(records, lengths) if n > max_length]
     if cut:

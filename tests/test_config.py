@@ -152,7 +152,7 @@ def test_train_keys_reach_the_training_loop():
         assert kw[name] == getattr(cfg.train if hasattr(cfg.train, name) else cfg.lada, name), name
 
 
-def test_the_contrastive_term_that_trains_is_what_the_metrics_count():
+def test_the_contrastive_term_that_trains_follows_method_loss_and_weight():
     from fedlada.rounds import _da_loss
 
     assert _da_loss(load_config()) == "pairwise"

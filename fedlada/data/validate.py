@@ -159,10 +159,19 @@ def _decoded(data: bytes, name: str, problems: list[Problem]) -> str | None:
         return None
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _one_json_object(data: bytes) -> dict | None:
     """The object a whole file holds when it is one JSON object spread over several lines (else None)."""
     text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
-    if text.strip().count("\n") == 0:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if text.strip().count("\n") == 0 or _parses(first):  # one line, or JSON Lines: not a spread-out object
         return None
     try:
         obj = json.loads(text)
