@@ -169,8 +169,8 @@ def main(argv=None) -> int:
 
     # 1. the card's matmul rate
     peak = matmul_tflops(device, n=w["matmul_n"], iters=w["matmul_iters"])
-    result["matmul_bf16_tflops"] = round(peak, 2)
-    say(f"bf16 matmul {w['matmul_n']}^3: {peak:.1f} TFLOP/s")
+    result["matmul_bf16_tflops"] = float(f"{peak:.4g}")  # 4 significant digits: a CPU without bf16 units is < 0.01
+    say(f"bf16 matmul {w['matmul_n']}^3: {peak:.3g} TFLOP/s")
 
     # 2. data and tokenizer, offline
     with tempfile.TemporaryDirectory(prefix="fedlada-gpu-check-") as tmp:

@@ -83,7 +83,12 @@ def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
              "| scenario | comparison | treatment | control | paired diff (pts) | wins/seeds | LLM diff (pts) |",
              "|---|---|---|---|---|---|---|"]
     res = {}
-    f = lambda ms: "-" if ms[0] is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"  # noqa: E731
+
+    def f(ms) -> str:  # mean ± std in points; one seed has no spread to show
+        if ms[0] is None:
+            return "-"
+        return f"{100 * ms[0]:.1f}" + ("" if ms[1] is None else f" ± {100 * ms[1]:.1f}")
+
     for sc in scenarios:
         for label, tr, ct in COMPARISONS:
             p = paired(root / sc, tr, ct, seeds)

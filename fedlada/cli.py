@@ -227,6 +227,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from fedlada.export import export_model
+
+    out = export_model(args.run_dir, args.model, args.out, round=args.round)
+    _console().print(f"{args.model} written to {out} (a plain Hugging Face model folder; see fedlada_export.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlada", description="Federated reasoning distillation with LaDa.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -271,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--model", required=True, help="llm or client<K> (e.g. client0)")
+    ex.add_argument("--out", required=True, help="a new or empty folder")
+    ex.add_argument("--round", type=int, help="after which round (default: the last completed one)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from fedlada.config import RunConfig
+from fedlada.report import who_key
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,14 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
     m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None  # undefined for one
     return m, sd
 
 
 def parse_method(entry: str, default_host: str) -> tuple[str, str, str]:
     """``"lada"`` or ``"<host>:<method>"`` -> (host, method, row label). The label is the method alone for LaDa
     without a host, else ``<host>-<method>`` (also the run's sub-directory)."""
-    from fedlada.config import HOSTS, METHODS
+    from fedlada.config import HOSTS, METHODS, method_label
     from fedlada.errors import ConfigError
 
     host, _, method = entry.rpartition(":")
@@ -42,7 +43,7 @@ def parse_method(entry: str, default_host: str) -> tuple[str, str, str]:
         raise ConfigError(f"--methods: {entry!r} names host {host!r}; expected one of {HOSTS}")
     if method not in METHODS:
         raise ConfigError(f"--methods: {entry!r} names method {method!r}; expected one of {METHODS}")
-    return host, method, (method if host == "none" else f"{host}-{method}")
+    return host, method, method_label(host, method)
 
 
 def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,
@@ -55,7 +56,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     ``finished_only`` runs nothing: the table holds the runs already finished (each row says over how many seeds)."""
     from fedlada import runner
     from fedlada.report import write_report
-    from fedlada.config import same_config, with_overrides
+    from fedlada.config import config_diff, same_config, with_overrides
     from fedlada.errors import ConfigError
 
     out = Path(out)
@@ -79,8 +80,9 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             summ = Path(cfg.out_dir) / "summary.json"
             if summ.is_file():
                 if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
-                    raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config; use another "
-                                      f"--out for a table with other settings")
+                    keys = config_diff(Path(cfg.out_dir) / "config.toml", cfg)
+                    raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config (differs in: "
+                                      f"{', '.join(keys)}); use another --out for a table with other settings")
                 if digest is None:
                     from fedlada.prepare import data_digest, load_data
 
@@ -115,7 +117,7 @@ def aggregate(rows: dict, *, methods, seeds) -> dict:
         runs = [rows[(method, s)] for s in seeds if (method, s) in rows]
         if not runs:
             continue
-        clients = sorted({k for r in runs for k in r["final"] if k.startswith("client")})
+        clients = sorted({k for r in runs for k in r["final"] if k.startswith("client")}, key=who_key)
         entry = {"method": method, "seeds": len(runs)}
         entry["mean_slm"] = _mean_std([r["mean_slm_accuracy"] for r in runs])
         for c in clients:
@@ -134,7 +136,7 @@ def _fmt(ms, pct=True) -> str:
     if m is None:
         return "-"
     if pct:
-        return f"{100 * m:.1f} ± {100 * s:.1f}"
+        return f"{100 * m:.1f}" if s is None else f"{100 * m:.1f} ± {100 * s:.1f}"  # one seed: no spread to show
     return f"{m:,.0f}"
 
 
@@ -142,7 +144,7 @@ def write_table(result: dict, out: str | Path, *, title: str = "") -> dict[str, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = result["table"]
-    clients = sorted({k for e in table for k in e if k.startswith("client")})
+    clients = sorted({k for e in table for k in e if k.startswith("client")}, key=who_key)
     head = ["method", "seeds", "mean SLM acc %"] + [f"{c} %" for c in clients] + [
         "LLM acc %", "LLM before %", "bytes exchanged", "training tokens"]
     lines = [f"# {title}" if title else "",

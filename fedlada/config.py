@@ -67,6 +67,10 @@ class ClientData:
         object.__setattr__(self, "test", os.path.expanduser(self.test))
 
 
+BUILTIN_ONLY = ("seed", "num_clients", "train_per_client", "test_per_client", "public_size", "general_size",
+                "max_steps", "max_value")  # DataConfig keys of the built-in benchmark
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data comes from. With no ``clients`` given, the built-in benchmark is generated."""
@@ -87,7 +91,11 @@ class DataConfig:
     max_value: int = 99
     # evaluation and reward slices
     eval_limit: int = 100  # test questions per client scored each round (0 = the whole split)
-    holdout_size: int = 64  # examples of a client's train split held out for the filter's reward
+    # tokens a greedy evaluation answer may take (0 = lada.max_new_tokens): set it to compare runs that vary
+    # lada.max_new_tokens under one evaluation protocol
+    eval_max_new_tokens: int = 0
+    # examples of a client's train split held out for the filter's reward (at most a fifth of the split)
+    holdout_size: int = 64
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # a longer record in a data file is reported as a problem
 
     def __post_init__(self):
@@ -98,6 +106,8 @@ class DataConfig:
         _check(1 <= self.max_steps <= 12, "data.max_steps", "an integer in 1..12", self.max_steps)
         _check(self.max_value >= 40, "data.max_value", "an integer >= 40", self.max_value)
         _check(self.eval_limit >= 0, "data.eval_limit", "an integer >= 0", self.eval_limit)
+        _check(self.eval_max_new_tokens >= 0, "data.eval_max_new_tokens", "an integer >= 0 (0: lada.max_new_tokens)",
+               self.eval_max_new_tokens)
         _check(self.holdout_size >= 1, "data.holdout_size", "an integer >= 1", self.holdout_size)
         _check(self.max_record_bytes >= 64, "data.max_record_bytes", "an integer >= 64", self.max_record_bytes)
         _check_format(self.public_format, "data.public_format")
@@ -114,6 +124,13 @@ class DataConfig:
     @property
     def builtin(self) -> bool:
         return not self.clients
+
+    def unused_builtin_keys(self) -> list[str]:
+        """The built-in benchmark's keys set away from their defaults while data.clients names files (ignored)."""
+        if self.builtin:
+            return []
+        return [f"data.{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if f.name in BUILTIN_ONLY and getattr(self, f.name) != f.default]
 
     @property
     def n_clients(self) -> int:
@@ -157,6 +174,13 @@ class ModelSpec:
         _check(self.chat_template in ("auto", "on", "off"), "models.*.chat_template", "auto|on|off",
                self.chat_template)
         _check(self.lora_r >= 1, "models.*.lora_r", "an integer >= 1", self.lora_r)
+        _check(self.lora_alpha > 0, "models.*.lora_alpha", "an integer >= 1 (the adapters' scale is alpha / r)",
+               self.lora_alpha)
+        # AdamW cannot train float16 weights in place (its eps and small updates underflow to 0, and a weight with a
+        # zero gradient becomes NaN); LoRA keeps its adapters in float32
+        _check(self.dtype != "float16" or self.lora, "models.*.dtype",
+               "'bfloat16' or 'float32' for a fully fine-tuned model (float16 weights are trained only through "
+               "LoRA adapters: set lora = true)", self.dtype)
         _check(0 <= self.lora_dropout < 1, "models.*.lora_dropout", "a probability in [0, 1)", self.lora_dropout)
         _check(DEVICE_RE.fullmatch(self.device) is not None, "models.*.device", "auto, cpu, cuda, cuda:N or mps",
                self.device)
@@ -283,6 +307,15 @@ class LadaConfig:
                               "contrastive term, so it takes neither key; leave both at their defaults "
                               f"({fixed['lambda_da']}, {fixed['mu']}), "
                               "or use lada.method = 'lada' with lada.loss = 'sft' to weight that SFT by lada.mu")
+        if self.loss == "listwise" and self.method not in ("local", "lada-sft") and self.lambda_da > 0:
+            # the listwise loss ranks the distinct correct paths of a question: one path, or greedy decoding's
+            # identical copies, leave nothing to rank in any round
+            _check(self.paths_per_question >= 2, "lada.paths_per_question",
+                   "an integer >= 2 with lada.loss = 'listwise' (it ranks several paths per question)",
+                   self.paths_per_question)
+            _check(self.temperature > 0, "lada.temperature",
+                   "> 0 with lada.loss = 'listwise' (greedy decoding samples one path, so there is nothing to rank)",
+                   self.temperature)
 
 
 @dataclass(frozen=True)
@@ -366,6 +399,11 @@ class RunConfig:
         _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)
         _check(self.min_clients <= self.data.n_clients, "min_clients",
                f"at most the number of clients ({self.data.n_clients})", self.min_clients)
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """Tokens a greedy evaluation answer may take: data.eval_max_new_tokens, else lada.max_new_tokens."""
+        return self.data.eval_max_new_tokens or self.lada.max_new_tokens
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -473,12 +511,25 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+def _default_at(defaults: dict, key: str) -> Any:
+    """The default value at dotted ``key`` (list items by index, else the first item), or None if there is none."""
+    node: Any = defaults
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and node:
+            node = node[min(int(part), len(node) - 1)]
+        else:
+            return None
+    return node
+
+
 def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
     """Set dotted ``key`` in the nested dict ``tree`` (lists addressed by index), checking the key exists.
 
     Where the defaults cannot tell (items of a list that is empty by default), the final ``_build`` checks the keys.
     """
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{") and not isinstance(_default_at(defaults, key), str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
@@ -724,3 +775,8 @@ def dump_toml(cfg: RunConfig) -> str:
 
     table(to_dict(cfg), "")
     return "\n".join(lines).lstrip() + "\n"
+
+
+def method_label(host: str, method: str) -> str:
+    """A run's method as tables name it: the method alone for LaDa without a host, else ``<host>-<method>``."""
+    return method if host == "none" else f"{host}-{method}"

@@ -413,6 +413,10 @@ class LearnabilityFilter:
         self.num_fits += 1
         result = {"exploit_mse_initial": before, "exploit_mse": exploit_mse, "explore_mse": explore_mse,
                   "pool_size": n, "reward_scale": self.reward_scale}
+        if not all(math.isfinite(v) for v in (exploit_mse, explore_mse)):
+            log.warning("filter: fit %d diverged (exploit MSE %s, explore MSE %s): its scores are not numbers, so "
+                        "selection falls back to the minimum-count fill; lower lada.filter_lr", self.num_fits,
+                        exploit_mse, explore_mse)
         log.info("filter fit %d: %s", self.num_fits, result)
         return result
 

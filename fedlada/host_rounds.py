@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from fedlada import checkpoints, rounds
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record
-from fedlada.errors import ConfigError
+from fedlada.errors import ConfigError, ModelError
 from fedlada.hosts import (TopK, choose_targets, decode_state, decode_topk, encode_state, encode_topk, fedavg,
                            tokenizer_fingerprint, topk_kd_loss)
 from fedlada.losses import sft_loss
@@ -86,6 +86,8 @@ HOST_BASELINES = {"host": "all", "host-random": "random"}  # host-only method ->
 _ARCH_IGNORED = ("device", "dtype", "gradient_checkpointing")  # ModelSpec fields FedAvg does not care about
 # fields that only shape a tiny model: a loaded model's architecture is its source's
 _TINY_ONLY = ("hidden_size", "num_layers", "num_heads", "tokenizer", "tokenizer_vocab", "pretrain_tokens")
+# fields that only shape LoRA adapters: two fully fine-tuned SLMs average alike whatever they say
+_LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def _secs(t0: float) -> float:
@@ -174,7 +176,8 @@ def check_host_config(cfg: RunConfig) -> None:
         first = cfg.models.slm_for(0)
         for k in range(1, n):
             spec = cfg.models.slm_for(k)
-            ignored = _ARCH_IGNORED + (() if first.is_tiny or spec.is_tiny else _TINY_ONLY)
+            ignored = (_ARCH_IGNORED + (() if first.is_tiny or spec.is_tiny else _TINY_ONLY)
+                       + (_LORA_ONLY if not first.lora and not spec.lora else ()))
             diff = [f"{f.name} ({getattr(spec, f.name)!r} vs {getattr(first, f.name)!r})"
                     for f in dataclasses.fields(ModelSpec)
                     if f.name not in ignored and getattr(first, f.name) != getattr(spec, f.name)]
@@ -221,7 +224,10 @@ def topk_targets(model, tokenizer, prompts: list[str], paths: list[str], *, k: i
     ``path_index`` of the result is the pair's index in the input.
     """
     enc = [encode_pair(tokenizer, p, y, max_length=max_length) for p, y in zip(prompts, paths)]
-    k = min(k, _vocab(model))
+    # rows past the tokenizer's ids (an embedding table padded to a multiple of 64 or 128, as many released models
+    # have) are no token: leaving them out keeps every id one a student sharing the tokenizer has a row for
+    n_ids = min(len(tokenizer), _vocab(model))
+    k = min(k, n_ids)
     out: list[TopK | None] = [None] * len(enc)
     dev = next(model.parameters()).device
     was_training = model.training
@@ -237,7 +243,7 @@ def topk_targets(model, tokenizer, prompts: list[str], paths: list[str], *, k: i
                 pos = b["loss_mask"][r].nonzero().squeeze(-1)
                 lg, lab = logits[r, pos], b["labels"][r, pos]
                 ce = float(F.cross_entropy(lg, lab))
-                v, ix = lg.topk(k, dim=-1)
+                v, ix = lg[:, :n_ids].topk(k, dim=-1)
                 out[i] = TopK(i, ce, v.half().numpy(), ix.numpy().astype(np.int64))
     finally:
         model.train(was_training)
@@ -264,8 +270,9 @@ def kd_train(model, tokenizer, examples: Sequence[KDExample], *, lr: float, epoc
     V = _vocab(model)
     for ex in examples:
         if ex.indices.size and int(ex.indices.max()) >= V:
-            raise MessageError(f"host KD: teacher token id {int(ex.indices.max())} is outside the student's "
-                               f"vocabulary of {V}")
+            raise ModelError(f"host KD: the teacher's top-k logits name token id {int(ex.indices.max())}, but the "
+                             f"student's output layer has {V} rows: the host needs the LLM and the SLMs to share one "
+                             "tokenizer whose every id both models have a row for")
     enc = [encode_pair(tokenizer, ex.prompt, ex.path, max_length=max_length) for ex in examples]
     dev = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

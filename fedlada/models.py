@@ -243,6 +243,8 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {where} needs the 'gguf' package: pip install gguf")
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if not gguf:
+        _refuse_encoder_decoder(src, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs)
@@ -261,9 +263,68 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = model.to(target).eval()
+    _check_causal(model, tokenizer, where)
     logger.info("loaded %s: %s, %s parameters, %s on %s", where, type(model).__name__,
                 f"{count_parameters(model):,}", torch_dtype, target)
-    return model.to(target).eval(), tokenizer
+    return model, tokenizer
+
+
+def _refuse_encoder_decoder(src: str, where: str) -> None:
+    """An encoder-decoder (T5, BART) is refused by its config, before transformers lists every causal-LM class."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src)
+    except Exception:  # noqa: BLE001 - the model loader reports what is wrong with the folder or id
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"model {where} ({config.model_type}) is an encoder-decoder model; FedLaDa needs a "
+                         "decoder-only causal language model (Llama, Qwen2, Mistral, GPT-2, ...)")
+
+
+@torch.no_grad()
+def _check_causal(model, tokenizer, where: str) -> None:
+    """ModelError unless the model is causal: its predictions at a position must not depend on later tokens.
+
+    transformers loads some encoder-only models as ``AutoModelForCausalLM`` (BERT as ``BertLMHeadModel``) and they
+    stay bidirectional, which would make every path's score depend on the tokens after it. Probed directly: two
+    inputs that differ in their last token only must give the same logits before it (two forward passes of 8
+    tokens; rounding allowed for 16-bit weights)."""
+    rows = model.get_input_embeddings().num_embeddings
+    ids = [i for i in tokenizer("1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"] if i < rows][:7]
+    if len(ids) < 2:
+        ids = [i % rows for i in range(1, 8)]
+    dev = next(model.parameters()).device
+    a = torch.tensor([ids + [ids[0]]], device=dev)
+    b = torch.tensor([ids + [ids[1] if ids[1] != ids[0] else (ids[0] + 1) % rows]], device=dev)
+    was_training = model.training
+    model.eval()
+    try:
+        la = model(input_ids=a).logits[0, :-1].float()
+        lb = model(input_ids=b).logits[0, :-1].float()
+    finally:
+        model.train(was_training)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tol = (1e-2 if half else 1e-5) * max(1.0, float(la.abs().max()))
+    if float((la - lb).abs().max()) > tol:
+        raise ModelError(f"model {where} ({model.config.model_type}) is not a causal language model: its "
+                         "predictions change with later tokens (an encoder-only model such as BERT?); FedLaDa "
+                         "needs a decoder-only causal language model (Llama, Qwen2, Mistral, GPT-2, ...)")
+
+
+def weights_fingerprint(model) -> str:
+    """A short digest of a model's weights: every parameter's name, shape and dtype and its first and last 256
+    values. Cheap on any model size, and different for any two models that were trained or initialised apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -330,11 +391,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def lora_target_modules(model) -> list[str]:
-    """Leaf names of the linear projections of attention and MLP blocks, found by module name.
+    """Leaf names of every linear projection (attention and MLP blocks alike), found by module type.
 
-    Llama-like models give ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``; for other architectures,
-    every ``nn.Linear`` leaf name except the output head, and transformers' ``Conv1D`` projections (GPT-2 style:
-    ``c_attn c_proj c_fc``), which peft adapts too.
+    Every ``nn.Linear`` leaf name except the output head's, and transformers' ``Conv1D`` projections (GPT-2 style:
+    ``c_attn c_proj c_fc``), which peft adapts too. Llama-like models give ``q_proj k_proj v_proj o_proj gate_proj
+    up_proj down_proj`` (in that order); other names follow sorted (Phi's ``dense fc1 fc2``, OPT's ``out_proj``).
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -342,7 +403,7 @@ def lora_target_modules(model) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
              if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not head}
     llama = [n for n in LLAMA_PROJECTIONS if n in names]
-    return llama if llama else sorted(names)
+    return llama + sorted(names - set(llama))
 
 
 def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
@@ -357,7 +418,13 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     if not targets:
         raise ModelError(f"apply_lora: found no linear layers to adapt in {type(model).__name__}; name them with "
                          "lora_target_modules (module names, e.g. 'q_proj,v_proj')")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    from transformers.pytorch_utils import Conv1D
+
+    adapted = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    # GPT-2-style Conv1D stores its weight transposed: say so, rather than have peft warn and switch it per layer
+    conv1d = bool(adapted) and all(isinstance(m, Conv1D) for m in adapted)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        fan_in_fan_out=conv1d)
     try:
         device = next(model.parameters()).device
         with (warnings.catch_warnings(),  # peft reads a transformers attribute deprecated in v5; not ours to act on

@@ -60,6 +60,11 @@ def data_source(cfg: RunConfig, data: FederatedData, client: int | None = None, 
     return f"data.clients.{client}.{split} ({getattr(cfg.data.clients[client], split)})"
 
 
+def eval_split(test: list[Record], cfg: RunConfig) -> list[Record]:
+    """The test records evaluated each round: the first ``data.eval_limit`` of a client's test split (0: all)."""
+    return test[: cfg.data.eval_limit] if cfg.data.eval_limit else test
+
+
 def cache_root(cfg: RunConfig) -> Path:
     """models.cache_dir, else $FEDLADA_CACHE, else $XDG_CACHE_HOME/fedlada (~/.cache/fedlada); ConfigError where
     that path is a file."""
@@ -158,6 +163,10 @@ def load_data(cfg: RunConfig) -> FederatedData:
                                read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
         general = read_records(out / "general.jsonl") if d.general_size else []
         return FederatedData(clients, read_records(out / "public.jsonl"), general, {"benchmark": str(out), **kw})
+    unused = d.unused_builtin_keys()
+    if unused:
+        log.warning("%s: these keys shape the built-in benchmark, which is not made when data.clients names your "
+                    "files; they are ignored (the run has %d client(s))", ", ".join(unused), len(d.clients))
     files = {f"data.clients.{k}.{split}": (getattr(c, split), c.format)
              for k, c in enumerate(d.clients) for split in ("train", "test")}
     return _user_data(cfg, files, what="the run's data files")
@@ -325,6 +334,31 @@ def _pretrain_examples(formatter, corpus: list[Record], tokenizer, *, tokens: in
     return ex[: min(n, len(ex))] if epochs == 1 else ex, epochs
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _weight_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every weight file of a saved model, by file name."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+            if f.suffix in WEIGHT_SUFFIXES}
+
+
+def _check_cached_weights(path: Path, stored: dict, role: str) -> None:
+    """A cache entry records its weight files' sha256 when it is made: bytes changed since then (a damaged disk, a
+    partial copy) are named instead of loaded. Entries made before the record existed are not checked."""
+    from fedlada.errors import ModelError
+
+    expected = stored.get("weights_sha256")
+    if not isinstance(expected, dict):
+        return
+    found = _weight_hashes(path)
+    for name, digest in expected.items():
+        if found.get(name) != digest:
+            state = "is missing" if name not in found else "differs from the checksum recorded when it was made"
+            raise ModelError(f"the cached tiny model '{role}': {path / name} {state}: the cache entry is damaged; "
+                             f"delete {path} and it is built again")
+
+
 def _check_cached_shape(model, spec: ModelSpec, path: Path, role: str) -> None:
     """A cache entry is keyed by its shape, so a model of another shape there was changed by hand or damaged."""
     from fedlada.errors import ModelError
@@ -343,7 +377,7 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
                   progress: Callable[[int, int], None] | None = None):
     """Return ``(model, tokenizer, info)`` for ``spec`` (built+pretrained+cached if tiny, else loaded)."""
     from fedlada.models import (apply_lora, build_tiny_model, count_parameters, load_model, resolve_device,
-                                save_model)
+                                save_model, weights_fingerprint)
 
     info: dict = {"role": role, "source": spec.source}
     if spec.is_tiny:
@@ -361,17 +395,23 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         if (path / "config.json").is_file():
             from fedlada.errors import ModelError
 
+            stored_file = path / "fedlada_pretrain.json"
+            try:
+                stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}
+            except (OSError, ValueError) as e:
+                raise ModelError(f"the cached tiny model '{role}': {stored_file} is unreadable ({e}): the cache entry "
+                                 f"is damaged; delete {path} and it is built again") from None
+            _check_cached_weights(path, stored if isinstance(stored, dict) else {}, role)
             try:
                 model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
             except ModelError as e:
                 raise ModelError(f"{e}; {path} is a cache entry of the tiny model '{role}': delete it and it is built "
                                  "again") from None
             _check_cached_shape(model, spec, path, role)
-            stored = path / "fedlada_pretrain.json"
-            if stored.is_file():
+            if isinstance(stored, dict):
                 # the stored record says how the weights were made; where they are now is this cache (a copied or
                 # moved cache keeps its records)
-                info.update({k: v for k, v in json.loads(stored.read_text()).items() if k not in ("role", "cache")})
+                info.update({k: v for k, v in stored.items() if k not in ("role", "cache", "weights_sha256")})
             info["cached"] = True
         else:
             from fedlada.models import PromptFormatter
@@ -402,12 +442,14 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             with _writing_cache(cache_root(cfg)):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_model(model, tok, tmp)
-                (tmp / "fedlada_pretrain.json").write_text(json.dumps(info, indent=1))
+                (tmp / "fedlada_pretrain.json").write_text(json.dumps({**info, "weights_sha256": _weight_hashes(tmp)},
+                                                                      indent=1))
                 _publish(tmp, path)
             model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
             info["cached"] = False
     else:
         model, tok = load_model(spec.source, dtype=spec.dtype, device=spec.device, gguf_file=spec.gguf_file or None)
+    info["weights_fingerprint"] = weights_fingerprint(model)  # the base weights, checked when a run resumes
     if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

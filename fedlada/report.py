@@ -12,11 +12,17 @@ import html
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
 from fedlada.errors import FedLadaError
+
+
+def who_key(name: str) -> tuple:
+    """Sort key for "client2", "client10", "llm", "llm->client10": numbers compared as numbers."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -74,7 +80,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
         if r.get("event") == "eval" and r.get("accuracy") is not None:
             acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for who, v in sorted(acc.items()):
+    for who, v in sorted(acc.items(), key=lambda kv: who_key(kv[0])):
         xs = sorted(v)
         ax.plot(xs, [v[x] for x in xs], marker="o", label=who, lw=2.5 if who == "llm" else 1.5)
     ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
@@ -87,7 +93,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
     out.append(("Accuracy per round (each SLM on its client's test split; the LLM on their union)", _png(fig)))
     plt.close(fig)
     # gap distributions, selected vs rejected
-    pairs = sorted({s["pair"] for s in selections})
+    pairs = sorted({s["pair"] for s in selections}, key=who_key)
     if pairs:
         n = len(pairs)
         cols = min(n, 3)
@@ -105,6 +111,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
             if rej:
                 ax.hist(rej, bins=bins, alpha=0.6, label=f"rejected ({len(rej)})", density=True)
             ax.set_title(f"{pair}: {key.replace('_', ' ')}", fontsize=9)
+            ax.set_ylabel("density (each histogram sums to 1)", fontsize=7)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
@@ -152,19 +159,22 @@ def write_report(run_dir: str | Path) -> Path:
     rd = RunDir(run_dir)
     cfg = load_config(rd.path / "config.toml")
     metrics = read_jsonl(rd.path / "metrics.jsonl")
-    selections = read_jsonl(rd.path / "selections.jsonl")
     summary = summarize_run(rd, cfg)
+    # an interrupted round's decisions stay in the file until a resume redoes that round: completed rounds only
+    selections = [s for s in read_jsonl(rd.path / "selections.jsonl") if s.get("round", 0) <= summary["rounds_done"]]
     figs = _plots(metrics, selections, rd.path / "plots")
     head, rows = _table(summary)
     tbl = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
     n_sel = sum(1 for s in selections if s["selected"])
     body = [f"<h1>FedLaDa run: {html.escape(str(rd.path))}</h1>",
-            f"<p>method <b>{html.escape(summary['method'])}</b>, seed {summary['seed']}, "
+            f"<p>method <b>{html.escape(summary.get('label', summary['method']))}</b>, seed {summary['seed']}, "
             f"{summary['rounds_done']} round(s) completed. Bytes clients&rarr;server: "
             f"{summary['bytes_client_to_server']:,}; server&rarr;clients: {summary['bytes_server_to_client']:,}. "
             f"Training tokens (federated rounds): {summary['train_tokens_federated']:,}. "
             f"Filter decisions recorded: {len(selections):,} ({n_sel:,} selected).</p>",
+            "<p>Models: " + "; ".join(f"{html.escape(k)}: {html.escape(v)}"
+                                      for k, v in summary.get("models", {}).items()) + ".</p>",
             "<h2>Accuracy</h2>", tbl]
     body += [f"<p><b>{html.escape(line)}</b></p>" for line in failed_step_lines(summary)]
     if not selections:
@@ -192,7 +202,7 @@ def print_summary(summary: dict, *, console=None, wall_seconds: float | None = N
 
     console = console or Console()
     head, rows = _table(summary)
-    t = Table(title=f"FedLaDa ({summary['method']}, seed {summary['seed']}): accuracy per round")
+    t = Table(title=f"FedLaDa ({summary.get('label', summary['method'])}, seed {summary['seed']}): accuracy per round")
     for h in head:
         t.add_column(h, justify="right" if h != "model" else "left")
     for row in rows:

@@ -68,7 +68,9 @@ def _secs(t0: float) -> float:
 def _r2(x: float) -> float:
     return float(f"{x:.2f}")
 
-Progress = Callable[[str, int, int], None]
+# ``progress(done, total)``: called by a round function as its longest part advances (the training loop's
+# optimizer steps; server_teach: after sampling and after scoring), e.g. to drive a progress bar
+Progress = Callable[[int, int], None]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -98,7 +100,8 @@ def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
 
 
 def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str,
-                      max_new_tokens: int | None = None, trained: str | None = None) -> None:
+                      max_new_tokens: int | None = None, trained: str | None = None,
+                      evaluated: Sequence[Record] = (), eval_max_new_tokens: int | None = None) -> None:
     """DataError if a question's prompt under ``side``'s tokenizer leaves no room for a path within ``max_length``
     tokens (training and scoring would stop on it mid-round). ``sources`` maps where records come from (a config
     key and its file) to the records ``side`` will encode; the error names the source, the record ids (up to 5 per
@@ -106,8 +109,15 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     and the longest prompt plus ``max_new_tokens`` (sampling): a ModelError where its position table is learned
     (a longer sequence would index past it), a warning otherwise. ``trained`` names the source whose records are
     trained on with their rationale (a client's train split): a warning counts those whose prompt + path is longer
-    than ``max_length`` (the path is cut from the right, so its answer line is not trained on)."""
+    than ``max_length`` (the path is cut from the right, so its answer line is not trained on). ``evaluated``: records
+    only answered (the evaluation's greedy paths, ``eval_max_new_tokens`` long, default ``max_new_tokens``; never
+    trained on or scored): they count for the positions check alone."""
     bad, longest, trained_lengths = [], 0, []
+    answering = 0, ""
+    if evaluated and max_new_tokens is not None:
+        n_eval = eval_max_new_tokens or max_new_tokens
+        answering = (max(prompt_lengths(side, list(evaluated))) + n_eval,
+                     "longest test prompt + evaluation answer tokens = {}")
     for where, records in sources.items():
         if not records:
             continue
@@ -126,7 +136,8 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     if trained is not None and sources.get(trained):
         _warn_cut_paths(side, trained, sources[trained], trained_lengths, max_length=max_length, who=who)
     if max_new_tokens is not None:
-        _check_positions(side.model, max_length=max_length, sampling=longest + max_new_tokens, who=who)
+        need = max((longest + max_new_tokens, "longest prompt + lada.max_new_tokens = {}"), answering)
+        _check_positions(side.model, max_length=max_length, sampling=need[0], who=who, what=need[1])
 
 
 def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens: list[int], *, max_length: int,
@@ -142,7 +153,8 @@ def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens
                     cut[0][0], cut[0][1])
 
 
-def _check_positions(model, *, max_length: int, sampling: int, who: str) -> None:
+def _check_positions(model, *, max_length: int, sampling: int, who: str,
+                     what: str = "longest prompt + lada.max_new_tokens = {}") -> None:
     from fedlada.errors import ModelError
     from fedlada.models import position_limit
 
@@ -151,10 +163,10 @@ def _check_positions(model, *, max_length: int, sampling: int, who: str) -> None
     if limit is None or needed <= limit:
         return
     msg = (f"{who} takes at most {limit} positions (its config's position limit) but this run needs {needed} "
-           f"(train.max_length={max_length}; longest prompt + lada.max_new_tokens = {sampling})")
+           f"(train.max_length={max_length}; {what.format(sampling)})")
     if hard:
-        raise ModelError(f"{msg}: lower train.max_length or lada.max_new_tokens, or use a model with a longer "
-                         "context")
+        raise ModelError(f"{msg}: lower train.max_length, lada.max_new_tokens or data.eval_max_new_tokens, or use a "
+                         "model with a longer context")
     log.warning("%s; its positions past %d were not trained, expect worse paths", msg, limit)
 
 
@@ -291,9 +303,13 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
         sampled = state.backend.sample(prompts, **sample_kw)
     else:
         sampled = sample_paths(side.model, side.tokenizer, prompts, batch_size=64, **sample_kw)
+    if progress:
+        progress(1, 2)
     flat_p = [p for p, paths in zip(prompts, sampled) for _ in paths]
     flat_y = [y for paths in sampled for y in paths]
     sc = score_paths(side.model, side.tokenizer, flat_p, flat_y, batch_size=64, max_length=cfg.train.max_length)
+    if progress:
+        progress(2, 2)
     items, i, n_correct_q = [], 0, 0
     for qid, paths in zip(qids, sampled):
         gold = state.public[qid].answer
@@ -328,6 +344,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
     sft = sft_examples(side, state.train)
     train_kw = _train_kwargs(cfg, lr=cfg.train.client_lr, epochs=cfg.train.client_epochs,
                              seed=derive_seed(cfg.seed, "client-train", round, k))
+    train_kw["progress"] = progress
 
     if lc.method == "local":
         stats = train(side.model, side.tokenizer, sft=sft, **train_kw)
@@ -524,7 +541,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                            batch_size=64, max_length=cfg.train.max_length).nll
     stats = train(side.model, side.tokenizer, sft=(), preference=pref, listwise=listwise, distill_sft=dist,
                   **_train_kwargs(cfg, lr=cfg.train.server_lr, epochs=cfg.train.server_epochs,
-                                  seed=derive_seed(cfg.seed, "server-train", round)))
+                                  seed=derive_seed(cfg.seed, "server-train", round)), progress=progress)
     logd.metrics.update(_stats(stats, "server_train"))
     if lc.method in ("lada", "lada-sft"):
         h_after = (score_paths(side.model, side.tokenizer, h_prompts, [p.text for p in holdout], batch_size=64,

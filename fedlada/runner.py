@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,15 +38,15 @@ import torch
 
 from fedlada import checkpoints
 from fedlada import config as config_mod
-from fedlada.config import RunConfig
+from fedlada.config import RunConfig, method_label
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
 from fedlada.models import check_devices
 from fedlada.messages import ReportMessage, TeachMessage
-from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, load_data, prepare_model,
-                             split_holdout)
-from fedlada.host_rounds import (check_host_config, client_step, load_host_state, save_host_state, server_learn,
-                                 server_teach)
+from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
+                             prepare_model, split_holdout)
+from fedlada.host_rounds import (check_host_config, client_step, describe, load_host_state, save_host_state,
+                                 server_learn, server_teach)
 from fedlada.report import read_jsonl
 from fedlada.rounds import ClientState, ServerState, Side, check_prompts_fit, derive_seed, evaluate
 
@@ -75,6 +76,17 @@ class Events:
 
 
 LOCK_NAME = ".lock"  # held (flock) by the process running in a run folder; not part of the run
+
+
+def _finite(value):
+    """``value`` with every non-finite float (NaN, infinity) replaced by None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class RunDir:
@@ -118,11 +130,12 @@ class RunDir:
         tmp.replace(p)
 
     def append(self, name: str, rows: list[dict]) -> None:
+        """Append JSON lines (a NaN or infinity becomes null: the files stay strict JSON), synced to disk."""
         if not rows:
             return
         with open(self.path / name, "a", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
+                f.write(json.dumps(_finite(r), sort_keys=True, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -329,6 +342,23 @@ def check_data_unchanged(rd: RunDir, digest: str, data: FederatedData | None = N
                       f"{digest}); restore the files, or start a new run in another out_dir")
 
 
+def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict) -> None:
+    """A resumed run's LoRA models must start from the base weights the run began with: their checkpoints hold the
+    adapters only, trained on those weights (the first ``setup`` line holds each model's fingerprint; a fully
+    fine-tuned model's checkpoint holds all of its weights, so it is not checked)."""
+    before = _setup_row(rd).get("models") or {}
+    for who, info in infos.items():
+        spec = cfg.models.llm if who == "llm" else cfg.models.slm_for(int(who.removeprefix("client")))
+        old = (before.get(who) or {}).get("weights_fingerprint")
+        new = (info or {}).get("weights_fingerprint")
+        if spec.lora and old and new and old != new:
+            name = "the LLM" if who == "llm" else f"{who}'s SLM"
+            raise ConfigError(f"run directory {rd.path}: the base weights of {name} (models source "
+                              f"{spec.source!r}) changed since this run started (fingerprint {old}, now {new}); its "
+                              "checkpoints hold LoRA adapters trained on the old weights: restore that model, or "
+                              "start a new run in another out_dir")
+
+
 @dataclass
 class RunStart:
     """Where a run stands once its folder and data are checked: resume after round ``start`` on ``data``."""
@@ -410,7 +440,9 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
                          {r.id: r for r in data.public})
     server.backend = llm_backend(cfg.models.llm, infos["llm"])
     check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
-                      who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
+                      who="the LLM", max_new_tokens=cfg.lada.max_new_tokens,
+                      evaluated=[r for files in data.clients for r in eval_split(files.test, cfg)],
+                      eval_max_new_tokens=cfg.eval_max_new_tokens)
     clients = []
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
@@ -420,9 +452,10 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
         side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
         check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
                           max_length=cfg.train.max_length, who=f"client {k}'s SLM",
-                          max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"))
+                          max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"),
+                          evaluated=eval_split(files.test, cfg), eval_max_new_tokens=cfg.eval_max_new_tokens)
         train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
-        test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
+        test = eval_split(files.test, cfg)
         clients.append(ClientState(k, side, train, hold, test))
     return server, clients, infos
 
@@ -458,7 +491,7 @@ class InProcessClients:
                 if self.fail_hook:
                     self.fail_hook(round, c.client_id)
                 rep, clog = client_step(c, TeachMessage.from_bytes(teach), public=self.public, cfg=self.cfg,
-                                        round=round)
+                                        round=round, progress=self.events.progress)
             except ClientFailure as e:
                 out.append(ClientResult(c.client_id, error=str(e)))
                 continue
@@ -467,7 +500,7 @@ class InProcessClients:
 
     def evaluate(self, round: int) -> list[dict]:
         return [{"round": round, "event": "eval", "who": f"client{c.client_id}",
-                 **evaluate(c.side, c.test, max_new_tokens=self.cfg.lada.max_new_tokens)} for c in self.clients]
+                 **evaluate(c.side, c.test, max_new_tokens=self.cfg.eval_max_new_tokens)} for c in self.clients]
 
     def save(self, d: Path) -> None:
         for c in self.clients:
@@ -533,6 +566,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
     t_start = t_start if t_start is not None else time.perf_counter()
     if start:
         events.stage(f"resuming after round {start}")
+        check_models_unchanged(rd, cfg, setup.get("models") or {})
         load_checkpoint(rd, start, server, cfg)
         pool.load(rd.ckpt / f"round_{start:03d}")
     else:
@@ -543,7 +577,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
     for t in range(start + 1, last + 1):
         t_round = time.perf_counter()
         events.stage(f"round {t}/{cfg.rounds}: LLM reasoning paths")
-        teach, slog = server_teach(server, cfg=cfg, round=t)
+        teach, slog = server_teach(server, cfg=cfg, round=t, progress=events.progress)
         teach_bytes = teach.to_bytes()
         rows = [{"round": t, "event": "server_teach", **slog.metrics}]
         reports, audit = [], []
@@ -574,7 +608,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
             raise RoundFailed(f"round {t}: only {len(reports)} client(s) reported, min_clients={cfg.min_clients}; "
                               f"{kept}")
         events.stage(f"round {t}/{cfg.rounds}: LLM update")
-        llog = server_learn(server, reports, cfg=cfg, round=t)
+        llog = server_learn(server, reports, cfg=cfg, round=t, progress=events.progress)
         rows.append({"round": t, "event": "server_learn", **llog.metrics})
         rd.append("selections.jsonl", llog.selections)
         events.stage(f"round {t}/{cfg.rounds}: evaluation")
@@ -597,7 +631,7 @@ def _llm_eval(server: ServerState, records: list, cfg: RunConfig, round: int) ->
     # Evaluation-only access: the experimenter scores the LLM on the union of the clients' test splits (as the
     # paper reports); no training step ever sees these records.
     return {"round": round, "event": "eval", "who": "llm",
-            **evaluate(server.side, records, max_new_tokens=cfg.lada.max_new_tokens)}
+            **evaluate(server.side, records, max_new_tokens=cfg.eval_max_new_tokens)}
 
 
 def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
@@ -617,10 +651,20 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             failed.setdefault(r["who"], []).append(r["round"])
     final_round = max((max(v) for v in acc.values()), default=0)
     slm_final = [v[final_round] for k, v in acc.items() if k.startswith("client") and final_round in v]
-    return {"method": cfg.lada.method, "seed": cfg.seed, "rounds_done": final_round,
-            "accuracy": {k: {str(t): a for t, a in sorted(v.items())} for k, v in sorted(acc.items())},
-            "final": {k: v.get(final_round) for k, v in sorted(acc.items())},
+    from fedlada.report import who_key
+
+    models = sorted(acc, key=who_key)
+    return {"method": cfg.lada.method, "host": cfg.host.name, "label": method_label(cfg.host.name, cfg.lada.method),
+            "seed": cfg.seed, "rounds_done": final_round,
+            "accuracy": {k: {str(t): a for t, a in sorted(acc[k].items())} for k in models},
+            "final": {k: acc[k].get(final_round) for k in models},
             "mean_slm_accuracy": (sum(slm_final) / len(slm_final)) if slm_final else None,
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
             "train_tokens_federated": tokens,
-            "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())}}
+            "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())},
+            "models": {"llm": _model_words(cfg.models.llm),
+                       **{f"client{k}": _model_words(cfg.models.slm_for(k)) for k in range(cfg.data.n_clients)}}}
+
+
+def _model_words(spec) -> str:
+    return describe(spec) + (f", LoRA r={spec.lora_r}" if spec.lora else ", full fine-tuning")

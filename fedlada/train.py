@@ -418,7 +418,10 @@ def train(model, tokenizer, *, sft: Sequence[SFTExample] = (), preference: Seque
                         f"train: the loss is not finite at step {step + 1}/{total_steps} ("
                         + ", ".join(f"{k} {v}" for k, v in term_sums.items())
                         + "); this step was not applied. Usually the learning rate is too high for this model "
-                        "(lower train.lr) or bf16 overflowed (train.bf16 = false)")
+                        "(lower train.client_lr or train.server_lr; models.pretrain_lr in pretraining)"
+                        + (" or bf16 overflowed (train.bf16 = false)" if bf16 else "")
+                        + ("; the weights are already not finite (a float16 model trained without LoRA?)"
+                           if not all(bool(torch.isfinite(p).all()) for p in params) else ""))
                 if max_grad_norm is not None and max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()

@@ -34,6 +34,7 @@ the fault tests; nothing else reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -93,18 +94,19 @@ def _client_files(cfg: RunConfig, k: int):
 def _prepare(cfg: RunConfig, k: int) -> _Entry:
     # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import client_digest, data_source, prepare_model, split_holdout
+    from fedlada.prepare import client_digest, data_source, eval_split, prepare_model, split_holdout
     from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
 
     files, data = _client_files(cfg, k)
     spec = cfg.models.slm_for(k)
     model, tok, info = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data)
     side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
+    test = eval_split(files.test, cfg)
     check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
                       max_length=cfg.train.max_length, who=f"client {k}'s SLM",
-                      max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"))
+                      max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"),
+                      evaluated=test, eval_max_new_tokens=cfg.eval_max_new_tokens)
     train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
-    test = files.test[: cfg.data.eval_limit] if cfg.data.eval_limit else files.test
     state = ClientState(k, side, train, hold, test)
     return _Entry(state, {r.id: r for r in data.public}, info,
                   {"train": len(train), "holdout": len(hold), "test": len(test), "data_digest": client_digest(files)},
@@ -134,8 +136,14 @@ def _filter(state: dict | None, cfg: RunConfig, k: int):
     return flt
 
 
-def _checkpoint_root(context: Context, req: records.Request) -> Path:
-    return Path(str(context.node_config.get("checkpoint-dir") or req.checkpoint_dir))
+def _checkpoint_root(context: Context, req: records.Request, cfg: RunConfig) -> Path:
+    """Where this client keeps its checkpoints: below the node config's ``checkpoint-dir``, in a folder of its own
+    per run (``run-<key>``, the key a digest of the run's config apart from ``rounds``, so extending a run keeps it
+    and two runs on the same nodes never share files); else the run's own checkpoints path (``req.checkpoint_dir``)."""
+    node_dir = str(context.node_config.get("checkpoint-dir") or "")
+    if node_dir:
+        return Path(node_dir) / f"run-{records.config_digest(dataclasses.replace(cfg, rounds=1))}"
+    return Path(req.checkpoint_dir)
 
 
 def _check_checkpoint_root(root: Path) -> None:
@@ -165,12 +173,13 @@ def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig,
             entry.state.filter = _filter(node.filter_state(), cfg, k)
             entry.holds = node.state_id
     elif req.resume_round > 0:  # a resumed run, or a node that lost its state (restarted): its newest files
-        root = _checkpoint_root(context, req)
+        root = _checkpoint_root(context, req, cfg)
         r = next((r for r in range(req.resume_round, 0, -1)
                   if (root / f"round_{r:03d}" / f"client_{k}.pt").is_file()), None)
         if r is None:
-            raise FileNotFoundError(f"client {k}: no checkpoint client_{k}.pt in {root}/round_001.."
-                                    f"round_{req.resume_round:03d} to resume from")
+            raise ConfigError(f"client {k}: no checkpoint client_{k}.pt in {root}/round_001.."
+                              f"round_{req.resume_round:03d} to resume from (node config 'checkpoint-dir', else the "
+                              "run's out_dir)")
         if entry.holds != f"resume-{r}":
             d = root / f"round_{r:03d}"
             load_trainable(model, d / f"client_{k}.pt", f"client {k}")
@@ -196,7 +205,12 @@ def _unpack(msg: Message, context: Context):
     if "partition-id" not in nc:
         raise ConfigError("node config lacks 'partition-id': start the SuperNode with "
                           "--node-config 'partition-id=N num-partitions=K'")
-    k, n = int(nc["partition-id"]), int(nc.get("num-partitions", cfg.data.n_clients))
+    try:
+        k, n = int(nc["partition-id"]), int(nc.get("num-partitions", cfg.data.n_clients))
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config partition-id={nc['partition-id']!r} num-partitions="
+                          f"{nc.get('num-partitions', '-')!r}: expected integers (partition-id 0.."
+                          f"{cfg.data.n_clients - 1})") from None
     if n != cfg.data.n_clients or not 0 <= k < n:
         raise ConfigError(f"node config partition-id={k} num-partitions={n}; the run has "
                           f"{cfg.data.n_clients} clients (partition-id 0..{cfg.data.n_clients - 1})")
@@ -214,7 +228,7 @@ def _injected_failure(round: int, k: int) -> None:
 def _evaluate(entry: _Entry, cfg: RunConfig) -> dict:
     from fedlada.rounds import evaluate
 
-    return evaluate(entry.state.side, entry.state.test, max_new_tokens=cfg.lada.max_new_tokens)
+    return evaluate(entry.state.side, entry.state.test, max_new_tokens=cfg.eval_max_new_tokens)
 
 
 @contextmanager
@@ -253,7 +267,7 @@ def setup(msg: Message, context: Context) -> Message:
                                                      str(e)), reply_to=msg)
     with _compute_lock(context):
         try:
-            _check_checkpoint_root(_checkpoint_root(context, req))
+            _check_checkpoint_root(_checkpoint_root(context, req, cfg))
             entry = _entry(cfg, req.digest, k, fcfg.model_cache)
         except FedLadaError as e:  # this client's data, model or folders: the run cannot start here, say why
             log.error("client %d cannot start: %s", k, e)
@@ -263,6 +277,12 @@ def setup(msg: Message, context: Context) -> Message:
         if req.evaluate:  # the evaluation before round 1, in the same message
             _sync(entry, context, req, cfg, k)
             records.eval_content(_evaluate(entry, cfg), content)
+        elif req.resume_round > 0 and records.load_state(context.state) is None:
+            try:  # a resumed run: this node must hold its files of the round the run resumes after
+                _sync(entry, context, req, cfg, k)
+            except FedLadaError as e:
+                log.error("client %d cannot resume: %s", k, e)
+                return Message(records.setup_refusal_content(k, cfg.data.n_clients, str(e)), reply_to=msg)
     return Message(content, reply_to=msg)
 
 
@@ -312,7 +332,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def save(msg: Message, context: Context) -> Message:
     """Write this client's state after round ``req.round`` where the runner keeps client checkpoints."""
     req, cfg, fcfg, k = _unpack(msg, context)
-    d = _checkpoint_root(context, req) / f"round_{req.round:03d}"
+    d = _checkpoint_root(context, req, cfg) / f"round_{req.round:03d}"
     d.mkdir(parents=True, exist_ok=True)
     node = records.load_state(context.state)
     written = [d / f"client_{k}.pt"]

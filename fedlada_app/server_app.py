@@ -23,8 +23,10 @@ step, seconds, clients asked, bytes of the messages' content each way, failed cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ def _last_line(reason: str, limit: int = 400) -> str:
     """The telling line of a Flower error reason (which may carry a whole remote traceback)."""
     lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
     last = (lines[-1] if lines else "").removesuffix("'>").strip()
+    last = re.sub(r"^<class '([\w.]+)'>:<'", r"\1: ", last)  # Flower's "<class 'E'>:<'message'>" wrapping
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
@@ -79,6 +82,7 @@ class FlowerClients:
         self.saved: dict[int, int] = {}  # client id -> last round it saved its state (a node without state loads it)
         self.setup: dict[int, tuple[dict, dict]] = {}  # client id -> (SLM info, split sizes)
         self._evals: dict[int, dict[int, dict]] = {}  # round -> client id -> evaluation that came with a reply
+        self._resume_round = 0  # during connect(): the round a resumed run's nodes must load at set-up
 
     @property
     def ids(self) -> list[int]:
@@ -129,8 +133,11 @@ class FlowerClients:
             else:
                 got[key] = _Reply(key, message=rep)
                 received += records.content_bytes(rep.content)
-        out = [got.get(key) or _Reply(key, error=f"no reply within flower.timeout={timeout:g}s")
-               for key in targets]
+        waited = time.perf_counter() - t0
+        missing = (f"no reply within flower.timeout={timeout:g}s" if waited >= 0.9 * timeout else
+                   f"no reply (the SuperLink returned after {waited:.1f}s without one: the node is gone or the "
+                   "message was not delivered; see the SuperLink's log)")
+        out = [got.get(key) or _Reply(key, error=missing) for key in targets]
         self.rd.append("flower.jsonl", [{
             "round": round, "event": kind, "seconds": float(f"{time.perf_counter() - t0:.2f}"),
             "clients": len(targets), "sent_bytes": size, "received_bytes": received,
@@ -148,7 +155,8 @@ class FlowerClients:
         setup = self._request(evaluate=evaluate)
         # a node's set-up (imports, data, SLM) may take longer than one step: it gets the whole connect window
         wait = max(self.fcfg.timeout, self.fcfg.connect_timeout)
-        for rep in self._exchange(records.SETUP_TYPE, new, lambda node: setup(-1), round=0, timeout=wait):
+        request = dataclasses.replace(setup(-1), resume_round=self._resume_round)
+        for rep in self._exchange(records.SETUP_TYPE, new, lambda node: request, round=0, timeout=wait):
             node = rep.client_id
             if rep.error is not None:
                 log.warning("node %s: setup failed: %s", node, rep.error)
@@ -165,26 +173,37 @@ class FlowerClients:
                 log.warning("node %s: malformed setup reply: %s", node, e)
                 self._ignored.add(node)
                 continue
-            if n != self.cfg.data.n_clients or not 0 <= k < n or k in self.nodes:
-                log.warning("node %s serves partition %d of %d; the run has %d clients%s: ignored", node, k, n,
-                            self.cfg.data.n_clients, " and that partition is taken" if k in self.nodes else "")
+            if k in self.nodes and self.nodes[k] in set(self.grid.get_node_ids()):
+                # two live SuperNodes claim one client: an operator error that would run the experiment without
+                # the client whose node has the wrong partition-id
+                raise SetupRefused(f"SuperNodes {self.nodes[k]} and {node} both serve client {k} (node config "
+                                   f"partition-id={k}); give each SuperNode its own partition-id 0.."
+                                   f"{self.cfg.data.n_clients - 1}")
+            if n != self.cfg.data.n_clients or not 0 <= k < n:
+                log.warning("node %s serves partition %d of %d; the run has %d clients: ignored", node, k, n,
+                            self.cfg.data.n_clients)
                 self._ignored.add(node)
                 continue
             self.nodes[k] = node
             self.setup[k] = (info, sizes)
             self._keep_eval(0, _Reply(k, message=rep.message))
 
-    def connect(self, *, evaluate: bool = True) -> None:
+    def connect(self, *, evaluate: bool = True, resume_round: int = 0) -> None:
         """Set up nodes as they come until one serves every partition (or ``flower.connect_timeout``); with
-        ``evaluate``, each client's SLM is also evaluated before round 1 in the same message."""
+        ``evaluate``, each client's SLM is also evaluated before round 1 in the same message; with ``resume_round``,
+        each node loads its checkpoint of that round during its set-up (one it cannot load is a refusal)."""
         n = self.cfg.data.n_clients
         deadline = time.monotonic() + self.fcfg.connect_timeout
         self.events.stage(f"waiting for the SuperNodes of {n} clients")
-        while True:
-            self._discover(evaluate=evaluate)
-            if len(self.nodes) == n or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        self._resume_round = resume_round
+        try:
+            while True:
+                self._discover(evaluate=evaluate)
+                if len(self.nodes) == n or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            self._resume_round = 0  # a node (re)joining mid-run loads its files with its first step
         if len(self.nodes) < max(self.cfg.min_clients, 1):
             failed = (f"; {len(self._ignored)} SuperNode(s) answered the set-up with an error, not in time or for "
                       f"another run (see the warnings above)" if self._ignored else "")
@@ -196,6 +215,12 @@ class FlowerClients:
 
     def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None
                     ) -> list[_Reply]:
+        live = set(self.grid.get_node_ids())
+        for k, node in list(self.nodes.items()):
+            if node not in live:  # the SuperLink dropped it (a restarted node comes back under a new id)
+                log.warning("round %d: client %d's SuperNode %s left; a SuperNode serving it may join again", round,
+                            k, node)
+                del self.nodes[k]
         if len(self.nodes) < self.cfg.data.n_clients:
             self._discover()  # a SuperNode may have (re)joined
         targets = {k: n for k, n in self.nodes.items() if only is None or k in only}
@@ -265,18 +290,13 @@ class FlowerClients:
         self.rd.truncate_after("flower.jsonl", start)
 
 
-def _eval_split(test: list, cfg: RunConfig) -> list:
-    # as fedlada.runner.build_states slices each client's test split
-    return test[: cfg.data.eval_limit] if cfg.data.eval_limit else test
-
-
 def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, events: Events | None = None,
           t_start: float | None = None) -> RunResult:
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     from fedlada.generation import llm_backend
     from fedlada.host_rounds import check_host_config
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import data_source, load_server_data, prepare_model
+    from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, check_clients_unchanged, drive
 
@@ -297,12 +317,15 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
                              {r.id: r for r in data.public})
         server.backend = llm_backend(cfg.models.llm, llm_info)
         check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
-                          who="the LLM", max_new_tokens=cfg.lada.max_new_tokens)
+                          who="the LLM", max_new_tokens=cfg.lada.max_new_tokens,
+                          evaluated=[r for files in data.clients for r in eval_split(files.test, cfg)],
+                          eval_max_new_tokens=cfg.eval_max_new_tokens)
         pool = FlowerClients(grid, cfg, fcfg, rd, events)
-        pool.connect(evaluate=not start)  # a node that refuses (its data, its model) also stops a new run cleanly
+        # a node that refuses (its data, its model, on a resume its checkpoint) also stops the run cleanly
+        pool.connect(evaluate=not start, resume_round=start)
     if start:  # the server has no client's train file: each node vouches for its own records
         check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
-    llm_test = [rec for files in data.clients for rec in _eval_split(files.test, cfg)]
+    llm_test = [rec for files in data.clients for rec in eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
              "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}

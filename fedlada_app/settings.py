@@ -148,9 +148,11 @@ def run_config_file(cfg: RunConfig) -> str:
 
     base = flat(pyproject_section())
     slms, n = cfg.models.slms, cfg.data.n_clients
-    if len(slms) < n <= _slm_count(base):  # specs shared in turn: spelled out, one per client
+    if len(slms) < max(n, _slm_count(base)) and n <= _slm_count(base):
+        # specs shared in turn: spelled out for every slot the app lists, so a client added later by raising
+        # data.num_clients in the file shares them as `fedlada run` does (not the app's default spec of its slot)
         cfg = dataclasses.replace(cfg, models=dataclasses.replace(
-            cfg.models, slms=tuple(slms[k % len(slms)] for k in range(n))))
+            cfg.models, slms=tuple(slms[k % len(slms)] for k in range(_slm_count(base)))))
     if len(cfg.models.slms) < min(n, _slm_count(base)):
         raise ConfigError(f"this config's {len(slms)} SLM spec(s) are shared by {n} clients in turn; a flwr run "
                           f"config gives each client its own spec, and the app lists {_slm_count(base)}: give one "

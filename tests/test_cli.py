@@ -47,6 +47,12 @@ def test_report_of_a_run_that_never_evaluated_is_an_error(tmp_path, capsys):
     assert "no evaluation yet" in _err(capsys) and not (tmp_path / "report.html").exists()
 
 
+def test_export_of_a_folder_that_is_not_a_run_is_an_error(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--model", "llm", "--out", str(tmp_path / "m")]) == 2
+    assert "is not a run directory (no config.toml)" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("lada.budget=2", "config key 'lada.budget'"),
     ("nonsense=1", "unknown config key 'nonsense'"),

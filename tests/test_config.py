@@ -46,6 +46,9 @@ def test_flat_run_config_equals_nested():
     ("models.llm.lora_dropout=5", "config key 'models.llm.lora_dropout': expected a probability in [0, 1)"),
     ("models.slms.1.device=gpu", "config key 'models.slms.1.device'"),
     ("models.slms.2.lora_r=0", "config key 'models.slms.2.lora_r'"),
+    ("models.llm.lora_alpha=0", "config key 'models.llm.lora_alpha': expected an integer >= 1"),
+    ("models.slms.0.dtype=float16", "config key 'models.slms.0.dtype': expected 'bfloat16' or 'float32' for a fully "
+                                    "fine-tuned model (float16 weights are trained only through LoRA adapters"),
     ('data.clients=[{"train": "a", "test": "b", "format": "xml"}]', "config key 'data.clients.0.format'"),
     ('data.clients=[{"train": "a", "test": "b"}, {"train": "a", "test": ""}]', "config key 'data.clients.1.test'"),
     ("lada.budget=2", "expected a fraction in (0, 1]"),
@@ -58,10 +61,15 @@ def test_flat_run_config_equals_nested():
     ("budget", "expected key=value"),
     ("lada.method=lada-sft,lada.mu=0.3", "lada.method = 'lada-sft' trains SFT at weight 1"),
     ("lada.method=lada-sft,lada.lambda_da=3", "so it takes neither key"),
+    ("lada.loss=listwise,lada.paths_per_question=1", "config key 'lada.paths_per_question': expected an integer >= 2 "
+                                                     "with lada.loss = 'listwise'"),
+    ("lada.loss=listwise,lada.temperature=0", "config key 'lada.temperature': expected > 0 with lada.loss = "
+                                              "'listwise' (greedy decoding"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides=override.split(",") if override.startswith("lada.method=lada-sft") else [override])
+        load_config(overrides=override.split(",") if override.startswith(("lada.method=lada-sft", "lada.loss="))
+                    else [override])
     assert fragment in str(e.value)
 
 
@@ -110,9 +118,31 @@ def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
     assert load_config(overrides=["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
 
 
+def test_a_string_key_takes_brackets_as_text():
+    assert load_config(overrides=["out_dir=[exp1]"]).out_dir == "[exp1]"
+    with pytest.raises(ConfigError, match=r"config key 'data.clients': expected JSON, found '\[\{bad'"):
+        load_config(overrides=["data.clients=[{bad"])
+
+
 def test_user_data_needs_public_pool():
     with pytest.raises(ConfigError, match="data.public"):
         load_config(overrides={"data.clients": [{"train": "a.jsonl", "test": "b.jsonl"}]})
+
+
+def test_built_in_benchmark_keys_set_with_your_own_files_are_named_as_unused():
+    own = {"data.clients": [{"train": "a.jsonl", "test": "b.jsonl"}], "data.public": "p.jsonl"}
+    assert load_config(overrides={**own, "data.num_clients": 3}).data.unused_builtin_keys() == []  # the defaults
+    cfg = load_config(overrides={**own, "data.num_clients": 5, "data.public_size": 3})
+    assert cfg.data.n_clients == 1 and cfg.data.unused_builtin_keys() == ["data.num_clients=5", "data.public_size=3"]
+    assert load_config(overrides=["data.num_clients=5"]).data.unused_builtin_keys() == []  # the benchmark uses it
+
+
+def test_the_evaluation_answer_length_defaults_to_the_sampling_length():
+    assert load_config(overrides=["lada.max_new_tokens=40"]).eval_max_new_tokens == 40
+    cfg = load_config(overrides=["lada.max_new_tokens=40", "data.eval_max_new_tokens=96"])
+    assert cfg.eval_max_new_tokens == 96 and cfg.lada.max_new_tokens == 40
+    with pytest.raises(ConfigError, match="data.eval_max_new_tokens"):
+        load_config(overrides=["data.eval_max_new_tokens=-1"])
 
 
 def test_a_stored_config_from_before_a_new_key_still_matches(tmp_path):

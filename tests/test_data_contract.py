@@ -123,9 +123,28 @@ def test_parquet_container(tmp_path):
     assert [(p.line, p.key) for p in validate_files(path)] == [(2, "question")]
 
 
+def test_integer_ids_and_answers_read_as_their_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 7, "question": "What is 40 + 2?", "answer": 42},
+            {"id": 8, "question": "What is 1 - 2?", "answer": -1}]
+    expected = [Record("7", "What is 40 + 2?", "42"), Record("8", "What is 1 - 2?", "-1")]
+    (tmp_path / "ints.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_records(tmp_path / "ints.jsonl") == expected
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ints.parquet")  # int64 columns
+    assert read_records(tmp_path / "ints.parquet") == expected
+    cot = tmp_path / "cot.jsonl"  # a foreign format: integer target and id too
+    cot.write_text(json.dumps({"id": 3, "source": "What is 2 + 2?", "target": 4, "rationale": "2 + 2 = 4"}) + "\n")
+    assert read_records(cot) == [Record("3", "What is 2 + 2?", "4", "2 + 2 = 4")]
+    (tmp_path / "other.jsonl").write_text(json.dumps({"id": "a", "question": "q", "answer": 1.5}) + "\n"
+                                          + json.dumps({"id": False, "question": "q", "answer": "1"}) + "\n")
+    assert [(p.line, p.key) for p in validate_files(tmp_path / "other.jsonl")] == [(1, "answer"), (2, "id")]
+
+
 # Every planted error of bad.jsonl with its line and key (see the fixture; line 2 and 14 are blank).
 EXPECTED_BAD = [
-    (3, "answer", "found number 2"),
+    (3, "answer", "found number 2.5 (an integer is taken as is"),
     (4, "question", "empty"),
     (5, "question", "missing"),
     (6, "id", "duplicate id 'a' (first on line 1)"),
@@ -135,7 +154,7 @@ EXPECTED_BAD = [
     (10, "rationale", "found number 5"),
     (11, "explanation", "unknown key"),
     (12, None, "over the limit of 500"),
-    (13, "id", "found number 7"),
+    (13, "id", "found boolean true"),
 ]
 
 

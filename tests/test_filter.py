@@ -134,6 +134,16 @@ def test_learned_filter_prefers_positive_items_and_mse_drops():
     assert filt.fit()["exploit_mse"] < stats["exploit_mse"]
 
 
+def test_a_diverged_fit_is_warned_about(caplog):
+    x, r = _sign_task()
+    filt = LearnabilityFilter(x.shape[1], hidden=32, lr=1e12, seed=0)
+    filt.observe(x, r * 1e3)
+    with caplog.at_level("WARNING"):
+        stats = filt.fit()
+    assert not math.isfinite(stats["exploit_mse"]) or not math.isfinite(stats["explore_mse"])
+    assert "diverged" in caplog.text and "lower lada.filter_lr" in caplog.text
+
+
 def test_reward_scale_does_not_change_decisions():
     """Rewards x100 -> targets identical after RMS scaling -> identical scores."""
     x, r = _sign_task()

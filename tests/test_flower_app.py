@@ -245,7 +245,7 @@ def test_a_client_follows_its_node_state_and_resumes_from_checkpoint_files(tiny_
     later = client_app._prepare(cfg, 1)
     client_app._sync(later, fresh, dataclasses.replace(resume, resume_round=3), cfg, 1)
     assert later.holds == "resume-1" and equal(client_app.trainable_state(later.state.side.model), saved)
-    with pytest.raises(FileNotFoundError, match="client 0"):
+    with pytest.raises(ConfigError, match=r"client 0: no checkpoint client_0.pt in .*round_001..round_001 to resume"):
         client_app._sync(client_app._prepare(cfg, 0), fresh, resume, cfg, 0)
     # a state from another config is refused
     other = dataclasses.replace(req, digest="0" * 16)
@@ -452,3 +452,93 @@ def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
     assert all(f"models.slms.{k}.hidden_size = 32" in flat for k in range(3))
     with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 4 clients in turn"):
         run_config_file(load_config(overrides=["data.num_clients=4", 'models.slms=[{"hidden_size": 32}]']))
+
+
+def test_flower_error_reasons_keep_the_exception_and_its_message():
+    from fedlada_app.server_app import _last_line
+
+    reason = "Traceback (most recent call last):\n  ...\n<class 'FileNotFoundError'>:<'client 1: no checkpoint'>"
+    assert _last_line(reason) == "FileNotFoundError: client 1: no checkpoint"
+    assert _last_line("Error: Node unavailable") == "Error: Node unavailable"
+
+
+def test_two_supernodes_claiming_one_client_stop_the_run(tmp_path, monkeypatch):
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import FlowerClients, SetupRefused
+
+    monkeypatch.setattr(server_app, "Message", lambda **kw: kw)
+
+    class TwinGrid:  # nodes 31 and 32 both started with partition-id=0
+        def get_node_ids(self):
+            return [31, 32]
+
+        def send_and_receive(self, messages, *, timeout):
+            return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=m["dst_node_id"]),
+                                          has_error=lambda: False, content=records.setup_content(0, 2, {}, {}))
+                    for m in messages]
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(TwinGrid(), cfg, FlowerConfig(timeout=5, connect_timeout=300), RunDir(tmp_path))
+    with pytest.raises(SetupRefused, match=r"SuperNodes 31 and 32 both serve client 0 \(node config partition-id=0\)"):
+        pool.connect()
+
+
+def test_a_restarted_supernode_under_a_new_id_serves_its_client_again(tmp_path, monkeypatch):
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import FlowerClients
+
+    monkeypatch.setattr(server_app, "Message", lambda **kw: kw)
+
+    class RestartGrid:  # client 1's node 12 died; it came back as node 13
+        def __init__(self):
+            self.setups: list[int] = []
+
+        def get_node_ids(self):
+            return [11, 13]
+
+        def send_and_receive(self, messages, *, timeout):
+            out = []
+            for m in messages:
+                if m["message_type"] == records.SETUP_TYPE:
+                    self.setups.append(m["dst_node_id"])
+                    out.append(types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=m["dst_node_id"]),
+                                                     has_error=lambda: False,
+                                                     content=records.setup_content(1, 2, {}, {})))
+            return out
+
+    grid = RestartGrid()
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(grid, cfg, FlowerConfig(timeout=5, connect_timeout=5), RunDir(tmp_path))
+    pool.nodes = {0: 11, 1: 12}
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), records.config_digest(cfg), round=2)
+    replies = pool._to_clients(records.EVALUATE, lambda k: req, round=2)
+    assert grid.setups == [13] and pool.nodes == {0: 11, 1: 13}
+    # the SuperLink returned at once without replies: not called a timeout
+    assert all("the SuperLink returned after" in r.error for r in replies)
+
+
+def test_node_checkpoints_are_kept_per_run_and_a_resume_needs_them_at_set_up(tmp_path, monkeypatch):
+    from flwr.app import Context, RecordDict
+
+    from fedlada_app import client_app
+
+    def ctx(node_config):
+        return Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path / 'run'}"])
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), records.config_digest(cfg), round=-1,
+                          checkpoint_dir=str(tmp_path / "run" / "checkpoints"))
+    shared = {"partition-id": 0, "num-partitions": 2, "checkpoint-dir": str(tmp_path / "node")}
+    root = client_app._checkpoint_root(ctx(shared), req, cfg)
+    assert root.parent == tmp_path / "node" and root.name.startswith("run-")
+    longer = dataclasses.replace(cfg, rounds=9)  # extending a run keeps its files; another run has its own
+    assert client_app._checkpoint_root(ctx(shared), req, longer) == root
+    assert client_app._checkpoint_root(ctx(shared), req, dataclasses.replace(cfg, seed=1)) != root
+    assert client_app._checkpoint_root(ctx({"partition-id": 0}), req, cfg) == tmp_path / "run" / "checkpoints"
+    # a partition-id that is not a number is refused at once, naming the value
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+    msg = types.SimpleNamespace(content=records.request_content(req))
+    reason = records.setup_refusal(client_app.setup(msg, ctx({"partition-id": "one", "num-partitions": 2})))
+    assert reason == "node config partition-id='one' num-partitions=2: expected integers (partition-id 0..1)"

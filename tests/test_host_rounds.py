@@ -118,6 +118,24 @@ def test_topk_targets_align_with_path_tokens_and_carry_the_path_nll(tiny_pair):
     assert_close(torch.tensor([t.ce for t in got]), torch.from_numpy(ref.nll).float(), atol=1e-4, rtol=0)
 
 
+def test_a_teacher_with_a_padded_vocabulary_names_only_real_token_ids(tiny_pair):
+    from fedlada.errors import ModelError
+    from fedlada.models import build_tiny_model
+
+    tok, student, teacher, prompts, paths = tiny_pair
+    padded = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=2)
+    padded.resize_token_embeddings(len(tok) + 60)  # as released models pad their tables to a multiple of 64
+    with torch.no_grad():
+        padded.get_output_embeddings().weight[len(tok):] = 5.0  # padding rows that would win every top-k
+    got = host_rounds.topk_targets(padded, tok, prompts, paths, k=8, max_length=64)
+    assert all(t.indices.max() < len(tok) for t in got)
+    ex = [host_rounds.KDExample(p, y, t.values, t.indices) for p, y, t in zip(prompts, paths, got)]
+    assert host_rounds.kd_train(student, tok, ex, lr=1e-12, batch_size=len(ex), max_length=64).steps == 1
+    bad = [host_rounds.KDExample(prompts[0], paths[0], got[0].values, got[0].indices + len(tok))]
+    with pytest.raises(ModelError, match=r"top-k logits name token id \d+, but the student's output layer has"):
+        host_rounds.kd_train(student, tok, bad, lr=1e-12, max_length=64)
+
+
 def test_kd_step_toward_own_targets_costs_nothing_and_toward_a_teacher_trains_adapters_only(tiny_pair):
     tok, student, teacher, prompts, paths = tiny_pair
     V = student.get_output_embeddings().weight.shape[0]
@@ -189,6 +207,25 @@ def test_server_learn_without_a_reward_slice_records_no_reward_and_learns_from_t
     assert len(pool) == log.metrics["server_selected"] and torch.isfinite(pool).all() and (pool != 0).all()  # the per-sample improvements
     with pytest.raises(ValueError, match=r"more than one report from client\(s\) \[0\]"):
         rounds.server_learn(server, [rep, rep], cfg=cfg, round=2)
+
+
+def test_round_functions_report_their_progress(tiny_overrides, gold_sampler):
+    from fedlada import rounds
+
+    cfg, data, server, clients = _states(tiny_overrides)
+    gold_sampler(data.public)
+    calls = {"teach": [], "client": [], "learn": []}
+    teach, _ = rounds.server_teach(server, cfg=cfg, round=1, progress=lambda d, n: calls["teach"].append((d, n)))
+    rep, clog = rounds.client_step(clients[0], teach, public=server.public, cfg=cfg, round=1,
+                                   progress=lambda d, n: calls["client"].append((d, n)))
+    log = rounds.server_learn(server, [rep], cfg=cfg, round=1, progress=lambda d, n: calls["learn"].append((d, n)))
+    assert calls["teach"] == [(1, 2), (2, 2)]
+    # one call per optimizer step of the training loop, counting up to its total
+    assert [d for d, _ in calls["client"]] == list(range(1, clog.metrics["train_steps"] + 1))
+    assert {n for _, n in calls["client"]} == {clog.metrics["train_steps"]}
+    assert log.metrics["server_train_steps"] >= 1
+    steps = log.metrics["server_train_steps"]
+    assert calls["learn"] == [(d, steps) for d in range(1, steps + 1)]
 
 
 def test_fedmkt_round_exchanges_counted_top_k_logits_and_distils_on_the_selection(tiny_overrides, gold_sampler):
@@ -310,6 +347,11 @@ def test_fedcollm_compares_loaded_slms_by_source_not_by_tiny_shape_fields():
     host_rounds.check_host_config(load_config(None, same))  # the default tiny shapes differ but do not apply
     with pytest.raises(ConfigError, match=r"differs from client 0's in source"):
         host_rounds.check_host_config(load_config(None, same + ["models.slms.2.source=/models/other"]))
+    # LoRA keys say nothing about fully fine-tuned SLMs; with adapters they must agree
+    host_rounds.check_host_config(load_config(None, same + ["models.slms.1.lora_r=4"]))
+    with pytest.raises(ConfigError, match=r"differs from client 0's in lora_r \(4 vs 8\)"):
+        host_rounds.check_host_config(load_config(None, same + [f"models.slms.{k}.lora=true" for k in range(3)]
+                                                  + ["models.slms.1.lora_r=4"]))
     with pytest.raises(ConfigError, match="a tiny model's tokenizer is trained here"):
         host_rounds.check_host_config(load_config(None, same[:1] + ["models.llm.source=/models/llm"]))
 

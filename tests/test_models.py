@@ -292,9 +292,37 @@ def test_a_changed_or_damaged_cache_entry_is_refused_naming_it(tmp_path):
     with pytest.raises(ModelError, match=r"has hidden_size, num_layers, num_heads = .* but its spec asks for .*delete"):
         prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
     (entry / "config.json").write_text(json.dumps(conf))
-    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    weights = entry / "model.safetensors"
+    good = weights.read_bytes()
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x01  # one bit inside the last tensor: the file still loads, with another weight
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ModelError, match=r"model.safetensors differs from the checksum recorded when it was made: "
+                                         r"the cache entry is damaged; delete"):
+        prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
+    weights.unlink()
+    with pytest.raises(ModelError, match=r"model.safetensors is missing"):
+        prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
+    weights.write_bytes(good)
+    assert prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)[2]["cached"] is True
+    # an entry made before checksums were recorded is loaded unchecked; bytes that do not load are still named
+    record = entry / "fedlada_pretrain.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "weights_sha256"}))
+    weights.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match=r"is a cache entry of the tiny model 'client0': delete it"):
         prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
+    record.write_text("{not json")
+    with pytest.raises(ModelError, match=r"fedlada_pretrain.json is unreadable .*delete"):
+        prepare.prepare_model(cfg.models.slms[0], role="client0", cfg=cfg, data=data)
+
+
+def test_lora_targets_every_projection_of_architectures_with_some_llama_names():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    phi = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=32))
+    # Phi names its attention inputs like Llama but its output and MLP projections dense, fc1, fc2
+    assert lora_target_modules(phi) == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 
 def test_lora_targets_gpt2_style_conv1d_projections():
@@ -302,7 +330,12 @@ def test_lora_targets_gpt2_style_conv1d_projections():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     assert lora_target_modules(model) == ["c_attn", "c_fc", "c_proj"]
-    peft_model = apply_lora(model, r=2, alpha=4)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = apply_lora(model, r=2, alpha=4)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]  # Conv1D's layout is said up front
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"c_attn", "c_fc", "c_proj"}
@@ -335,6 +368,41 @@ def test_a_model_too_short_for_the_run_is_refused_where_its_positions_are_learne
     with caplog.at_level("WARNING"):  # rotary positions go further, untrained: a warning
         check_prompts_fit(Side(llama, tok, fmt), recs, max_length=256, who="client 0's SLM", max_new_tokens=8)
     assert "client 0's SLM takes at most 64 positions" in caplog.text
+    # a test question is only answered, but its prompt + lada.max_new_tokens must fit the position table too
+    long_test = [Record("t1", "How many " + "very " * 30 + "long apples?", "5")]
+    check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8)
+    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .*longest test prompt \+ evaluation "
+                                         r"answer tokens = \d+\)"):
+        check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8,
+                          evaluated=long_test)
+    short_answers = [Record("t1", "What is 4 + 4?", "8")]
+    check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8,
+                      evaluated=short_answers, eval_max_new_tokens=40)
+    with pytest.raises(ModelError, match=r"evaluation answer tokens"):
+        check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8,
+                          evaluated=short_answers, eval_max_new_tokens=60)
+
+
+def test_encoder_only_and_encoder_decoder_models_are_refused_by_what_they_are(tok, tmp_path, monkeypatch):
+    from transformers import BertConfig, BertLMHeadModel, T5Config, T5ForConditionalGeneration
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # transformers loads BERT as a causal LM (BertLMHeadModel) that stays bidirectional: found by probing it
+    BertLMHeadModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelError, match=r"\(bert\) is not a causal language model: its predictions change with "
+                                         r"later tokens"):
+        load_model(tmp_path / "bert")
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                        num_heads=2)).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelError, match=r"^model .*t5 \(t5\) is an encoder-decoder model; FedLaDa needs a "
+                                         r"decoder-only causal language model \(Llama, Qwen2, Mistral, GPT-2, ...\)$"):
+        load_model(tmp_path / "t5")
+    build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    assert load_model(tmp_path / "llama")[0].config.model_type == "llama"  # a causal model passes the probe
 
 
 def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tok, tmp_path, monkeypatch):

@@ -394,3 +394,75 @@ def test_a_cache_that_is_a_file_or_cannot_be_written_is_named_with_the_way_out(t
     with pytest.raises(ConfigError, match=r"cannot write the cache .*: Permission denied: .*x; make it writable"):
         with prepare._writing_cache(tmp_path):
             raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+
+def test_metrics_files_stay_strict_json(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    rd.path.mkdir()
+    rd.append("metrics.jsonl", [{"round": 1, "filter_fit": {"explore_mse": float("nan"), "pool": [1.0, float("inf")]}}])
+    line = (rd.path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"round": 1, "filter_fit": {"explore_mse": None, "pool": [1.0, None]}}
+
+
+def test_a_resumed_lora_model_must_keep_its_base_weights(tiny_overrides, tmp_path):
+    import torch
+
+    from fedlada import prepare
+    from fedlada.models import save_model
+
+    cfg = load_config(overrides=tiny_overrides)
+    model, tok, _ = prepare.prepare_model(cfg.models.slms[0], role="slm0", cfg=cfg, data=prepare.load_data(cfg))
+    save_model(model, tok, tmp_path / "slm")
+    own = tiny_overrides + [f"models.slms.0.source={tmp_path / 'slm'}", "models.slms.0.lora=true",
+                            "models.slms.0.lora_r=2", "data.num_clients=1", "out_dir=" + str(tmp_path / "run")]
+    run(load_config(overrides=own), stop_after_round=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_model(model, tok, tmp_path / "slm")  # the same folder, other weights
+    with pytest.raises(ConfigError, match=r"the base weights of client0's SLM \(models source .*slm'\) changed since "
+                                          r"this run started .*restore that model"):
+        run(load_config(overrides=own))
+
+
+def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sampler, tmp_path):
+    import torch
+
+    from fedlada import checkpoints, prepare
+    from fedlada.export import export_model
+    from fedlada.models import load_model
+
+    cfg = load_config(overrides=tiny_overrides + ["rounds=1", "data.num_clients=2"])
+    gold_sampler(prepare.load_data(cfg).public)  # correct paths on both sides: the LLM's adapters train
+    res = run(cfg)
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("server_train_steps") for r in rows)
+    ckpt = res.run_dir / "checkpoints" / "round_001"
+    # a fully fine-tuned SLM: the folder holds exactly the checkpoint's weights
+    out = export_model(res.run_dir, "client1", tmp_path / "slm")
+    slm, _ = load_model(out)
+    saved = checkpoints.load(ckpt / "client_1.pt")
+    mine = slm.state_dict()
+    assert saved and all(torch.equal(mine[k], v) for k, v in saved.items())
+    record = json.loads((out / "fedlada_export.json").read_text())
+    assert record["round"] == 1 and record["model"] == "client1"
+    assert record["accuracy"] == res.summary["final"]["client1"]
+    # the LoRA LLM: adapters merged, same outputs as the run's model (base + checkpoint), unlike the base alone
+    llm_dir = export_model(res.run_dir, "llm", tmp_path / "llm")
+    merged, tok = load_model(llm_dir)
+    model, _, _ = prepare.prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=prepare.load_data(cfg))
+    ids = torch.tensor([tok("Question: 2 apples and 3 pears. How many fruits?")["input_ids"]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        runner.load_trainable(model, ckpt / "llm.pt", "the LLM")
+        assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+        assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-4)
+    assert not any(n for n, _ in merged.named_parameters() if "lora_" in n)
+    for who, kw, match in (("client9", {}, r"the run has 2 client\(s\)"), ("bob", {}, "expected 'llm' or 'client<K>'"),
+                           ("llm", {"round": 2}, r"holds completed rounds 1..1")):
+        with pytest.raises(ConfigError, match=match):
+            export_model(res.run_dir, who, tmp_path / "x", **kw)
+    with pytest.raises(ConfigError, match="expected a new or empty folder"):
+        export_model(res.run_dir, "llm", llm_dir)
+    assert not (tmp_path / "x").exists()

@@ -168,3 +168,19 @@ def test_local_only_exchanges_nothing_but_empty_messages(tiny_overrides):
     reports = _rows(res.run_dir, "audit.jsonl")
     assert len(reports) == clients and all(r["paths_on_public_questions"] == 0 and r["path_text_bytes"] == 0
                                            for r in reports)
+
+
+def test_evaluation_answers_take_data_eval_max_new_tokens(tiny_overrides, monkeypatch):
+    import fedlada.runner as runner
+
+    seen = []
+    real = runner.evaluate
+
+    def spy(side, records, *, max_new_tokens, **kw):
+        seen.append(max_new_tokens)
+        return real(side, records, max_new_tokens=max_new_tokens, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", spy)
+    run(load_config(overrides=tiny_overrides + ["rounds=1", "lada.method=local", "lada.max_new_tokens=12",
+                                                "data.eval_max_new_tokens=20"]))
+    assert seen and set(seen) == {20}  # every client's and the LLM's evaluation, rounds 0 and 1

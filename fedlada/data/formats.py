@@ -53,13 +53,18 @@ def describe_value(value) -> str:
     return type(value).__name__
 
 
-def _required_text(obj: dict, key: str, issues: Issues) -> str | None:
+def _required_text(obj: dict, key: str, issues: Issues, *, integers: bool = False) -> str | None:
+    """The non-empty string at ``key``; with ``integers`` an integer (not a boolean) is taken as its decimal text,
+    so an id or a final answer stored as a number (``"answer": 42``, an int Parquet column) reads as ``"42"``."""
     if key not in obj:
         issues.append((key, "missing (expected a non-empty string)"))
         return None
     value = obj[key]
+    if integers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
-        issues.append((key, f"expected a non-empty string, found {describe_value(value)}"))
+        hint = " (an integer is taken as is; write other numbers as strings)" if integers else ""
+        issues.append((key, f"expected a non-empty string, found {describe_value(value)}{hint}"))
         return None
     if not value.strip():
         issues.append((key, "empty (expected a non-empty string)"))
@@ -97,6 +102,8 @@ def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) 
 
 def _foreign_id(obj: dict, default_id: str) -> str:
     value = obj.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return value if isinstance(value, str) and value.strip() else default_id
 
 
@@ -107,12 +114,12 @@ def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
         if key not in RECORD_KEYS:
             name = "" if str(key).strip() else " '' (a column without a name, e.g. a saved pandas index; drop it)"
             issues.append((key, f"unknown key{name} (allowed: {', '.join(RECORD_KEYS)})"))
-    rid = _required_text(obj, "id", issues)
+    rid = _required_text(obj, "id", issues, integers=True)
     if rid is None and "id" not in obj and "question" in obj and "answer" in obj and "rationale" not in obj:
         issues[-1] = ("id", "missing (expected a non-empty string; a GSM8K-style file needs '#### <answer>' as the "
                             "last line of every answer)")
     question = _required_text(obj, "question", issues)
-    answer = _required_text(obj, "answer", issues)
+    answer = _required_text(obj, "answer", issues, integers=True)
     if answer is not None:
         _check_final_answer(answer, "answer", issues, several="the reasoning goes in 'rationale'")
     optional = {key: _optional_text(obj, key, issues) for key in OPTIONAL_KEYS}
@@ -188,7 +195,7 @@ def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
 def convert_cot(obj: dict, *, default_id: str) -> Converted:
     issues: Issues = []
     question = _required_text(obj, "source", issues)
-    answer = _required_text(obj, "target", issues)
+    answer = _required_text(obj, "target", issues, integers=True)
     rationale = _optional_text(obj, "rationale", issues)
     if issues:
         return None, issues

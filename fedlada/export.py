@@ -1,0 +1,97 @@
+"""Export a trained model of a run as a plain Hugging Face model folder.
+
+A run's checkpoints hold only what each model trains (LoRA adapters, or every weight of a fully fine-tuned model), so
+using a distilled SLM or the LLM outside FedLaDa needs its base model, the checkpoint and a merge. ``export_model``
+does exactly what a resumed run does to get the model back -- the run's config prepares the base model (the cached
+tiny model, or the same ``source``), its fingerprint is checked against the run's ``setup`` line, the round's
+checkpoint is loaded -- then writes the model with any adapter merged (``models.save_model``), loadable by
+``transformers.AutoModelForCausalLM.from_pretrained`` and by ``source = "<folder>"`` in a later run.
+
+Besides the model files, the folder gets ``fedlada_export.json``: the run directory, the round, which model, its
+spec, and its accuracy at that round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from fedlada.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _parse_who(who: str, n_clients: int) -> int | None:
+    """``"llm"`` -> None; ``"client<K>"`` or ``"<K>"`` -> K (checked against the run's clients)."""
+    if who == "llm":
+        return None
+    digits = who.removeprefix("client")
+    if not digits.isdigit():
+        raise ConfigError(f"--model: expected 'llm' or 'client<K>' (e.g. client0), found {who!r}")
+    k = int(digits)
+    if k >= n_clients:
+        raise ConfigError(f"--model: {who!r}, but the run has {n_clients} client(s) (client0..client{n_clients - 1})")
+    return k
+
+
+def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int | None = None) -> Path:
+    """Write ``who``'s model (``"llm"`` or ``"client<K>"``) after ``round`` (default: the last completed one) of the
+    run in ``run_dir`` to the new or empty folder ``out``; return ``out``. ConfigError for a folder that is not a run,
+    a round that is not complete, an unknown model, a non-empty ``out`` or changed base weights."""
+    import torch
+
+    from fedlada import config as config_mod
+    from fedlada.config import load_config
+    from fedlada.models import save_model
+    from fedlada.prepare import load_data, prepare_model
+    from fedlada.runner import RunDir, _setup_row, load_trainable, summarize_run
+
+    rd = RunDir(run_dir)
+    if not (rd.path / "config.toml").is_file():
+        raise ConfigError(f"{rd.path} is not a run directory (no config.toml)")
+    cfg = load_config(rd.path / "config.toml")
+    k = _parse_who(who, cfg.data.n_clients)
+    who = "llm" if k is None else f"client{k}"
+    done = rd.last_complete_round()
+    if done == 0:
+        raise ConfigError(f"{rd.path} has no completed round yet: nothing trained to export")
+    round = done if round is None else round
+    ckpt = rd.ckpt / f"round_{round:03d}"
+    if not (1 <= round <= done) or not (ckpt / "COMPLETE").is_file():
+        raise ConfigError(f"--round {round}: {rd.path} holds completed rounds 1..{done}")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: expected a new or empty folder (nothing in it was changed)")
+
+    torch.set_num_threads(config_mod.resolve_threads(cfg.threads))  # the run's count: the same cached tiny model
+    data = load_data(cfg)
+    spec = cfg.models.llm if k is None else cfg.models.slm_for(k)
+    role = "llm" if k is None else f"slm{k % len(cfg.models.slms)}"
+    model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
+    started = ((_setup_row(rd).get("models") or {}).get(who) or {}).get("weights_fingerprint")
+    if spec.lora and started and started != info["weights_fingerprint"]:
+        raise ConfigError(f"the base weights of {who}'s model (models source {spec.source!r}) differ from those the "
+                          f"run started with (fingerprint {started}, now {info['weights_fingerprint']}): its "
+                          "checkpoint holds LoRA adapters trained on the old weights; restore that model, or export on "
+                          "the machine (and CPU thread count) the run used")
+    load_trainable(model, ckpt / ("llm.pt" if k is None else f"client_{k}.pt"), "the LLM" if k is None else who)
+    created = not out.exists()
+    try:
+        save_model(model, tok, out)
+        accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
+        record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": _spec_dict(spec),
+                  "accuracy": accuracy, "merged_lora": bool(spec.lora)}
+        (out / "fedlada_export.json").write_text(json.dumps(record, indent=1))
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # no half-written model folder left behind
+        raise
+    return out
+
+
+def _spec_dict(spec) -> dict:
+    from dataclasses import asdict
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
