@@ -224,7 +224,9 @@ class ModelsConfig:
     pretrain_schedule: str = "cosine"  # constant | cosine (linear warm-up, then cosine decay to 10% of the lr)
     pretrain_warmup: float = 0.05  # fraction of pretraining steps spent warming up (cosine only)
     pretrain_bf16: bool = False  # bf16 autocast in pretraining (for GPUs; slower here at batch 8)
-    pretrain_seed: int = 0  # tiny models' init and pretraining order; fixed so run seeds share the cached start
+    # tiny models' init and pretraining order, and every LoRA adapter's initialisation: fixed, so the run seeds of a
+    # comparison share one starting point (the run seed varies sampling, selection and training order)
+    pretrain_seed: int = 0
 
     def __post_init__(self):
         _check(len(self.slms) >= 1, "models.slms", "at least one SLM spec", self.slms)

@@ -55,9 +55,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def failed_step_lines(summary: dict) -> list[str]:
     """One line per client that failed a step (``summary["failed_steps"]``), for the report and the terminal."""
-    return [f"{who} failed its step in round(s) {', '.join(map(str, rounds))} (reasons: the client_failed lines "
-            "of metrics.jsonl); its accuracy is that of the model it kept"
-            for who, rounds in (summary.get("failed_steps") or {}).items()]
+    lines = [f"{who} failed its step in round(s) {', '.join(map(str, rounds))} (reasons: the client_failed lines "
+             "of metrics.jsonl); its accuracy there is that of the model it kept ('-' where its evaluation failed "
+             "too)" for who, rounds in (summary.get("failed_steps") or {}).items()]
+    return lines + [f"{who} has no evaluation at all (it never took part, e.g. its SuperNode never connected): it is "
+                    "not in the table nor in the mean" for who in summary.get("missing_clients") or []]
 
 
 def _png(fig) -> str:

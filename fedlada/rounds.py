@@ -292,7 +292,9 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     qids = candidate_ids(state.public, n=lc.candidates_per_round, seed=cfg.seed, round=round)
     state.own_paths = {}
     if lc.method == "local":  # no exchange: an empty message (the clients only train locally)
-        return TeachMessage(round=round, question_ids=()), StepLog({"llm_paths": 0})
+        return TeachMessage(round=round, question_ids=()), StepLog(
+            {"llm_paths_sampled": 0, "llm_paths_correct": 0, "llm_questions_with_correct_path": 0,
+             "llm_pass_rate": None, "teach_seconds": 0.0})  # the other methods' keys: one schema per event
     t0 = time.perf_counter()
     side = state.side
     prompts = side.prompts([state.public[q].question for q in qids])

@@ -662,6 +662,7 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
             "train_tokens_federated": tokens,
             "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())},
+            "missing_clients": [f"client{k}" for k in range(cfg.data.n_clients) if f"client{k}" not in acc],
             "models": {"llm": _model_words(cfg.models.llm),
                        **{f"client{k}": _model_words(cfg.models.slm_for(k)) for k in range(cfg.data.n_clients)}}}
 

@@ -71,6 +71,7 @@ def test_a_failing_client_is_reported_and_the_round_continues(tiny_overrides):
     assert failed == [{"round": 2, "event": "client_failed", "who": "client1", "reason": "simulated crash"}]
     assert res.summary["rounds_done"] == 2
     assert res.summary["failed_steps"] == {"client1": [2]}  # the summary says so, not only metrics.jsonl
+    assert res.summary["missing_clients"] == []  # it failed a step but was evaluated in every round
     assert {r["who"] for r in rows if r["event"] == "client_step" and r["round"] == 2} == {"client0"}
 
 
@@ -184,3 +185,11 @@ def test_evaluation_answers_take_data_eval_max_new_tokens(tiny_overrides, monkey
     run(load_config(overrides=tiny_overrides + ["rounds=1", "lada.method=local", "lada.max_new_tokens=12",
                                                 "data.eval_max_new_tokens=20"]))
     assert seen and set(seen) == {20}  # every client's and the LLM's evaluation, rounds 0 and 1
+
+
+def test_the_summary_lines_name_failed_steps_and_clients_never_evaluated():
+    from fedlada.report import failed_step_lines
+
+    lines = failed_step_lines({"failed_steps": {"client1": [2, 3]}, "missing_clients": ["client2"]})
+    assert lines[0].startswith("client1 failed its step in round(s) 2, 3") and "'-' where its evaluation" in lines[0]
+    assert lines[1].startswith("client2 has no evaluation at all") and len(lines) == 2
