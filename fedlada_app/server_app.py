@@ -215,6 +215,15 @@ class FlowerClients:
 
     def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None
                     ) -> list[_Reply]:
+        self._refresh(round)
+        targets = {k: n for k, n in self.nodes.items() if only is None or k in only}
+        replies = {r.client_id: r for r in self._exchange(kind, targets, req, round=round,
+                                                         timeout=self.fcfg.timeout)}
+        return [replies.get(k) or _Reply(k, error="no SuperNode serves this client")
+                for k in self.ids if only is None or k in only]
+
+    def _refresh(self, round: int) -> None:
+        """Forget the nodes the SuperLink no longer lists, and set up any that (re)joined."""
         live = set(self.grid.get_node_ids())
         for k, node in list(self.nodes.items()):
             if node not in live:  # the SuperLink dropped it (a restarted node comes back under a new id)
@@ -223,15 +232,11 @@ class FlowerClients:
                 del self.nodes[k]
         if len(self.nodes) < self.cfg.data.n_clients:
             self._discover()  # a SuperNode may have (re)joined
-        targets = {k: n for k, n in self.nodes.items() if only is None or k in only}
-        replies = {r.client_id: r for r in self._exchange(kind, targets, req, round=round,
-                                                         timeout=self.fcfg.timeout)}
-        return [replies.get(k) or _Reply(k, error="no SuperNode serves this client")
-                for k in self.ids if only is None or k in only]
 
     # ------------------------------------------------------------------------------ the pool's contract
 
     def step(self, teach: bytes, round: int) -> list[ClientResult]:
+        self._refresh(round)  # first, so the line below counts a node that rejoined
         self.events.stage(f"round {round}/{self.cfg.rounds}: {len(self.nodes)} clients")
         out = []
         for rep in self._to_clients(records.TRAIN, self._request(round, teach, evaluate=True), round):
