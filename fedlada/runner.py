@@ -268,7 +268,8 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
                               f"in: {', '.join(keys)}); use another out_dir, or the same config to resume it")
         if done > cfg.rounds:
             raise ConfigError(f"run directory {rd.path} holds {done} completed rounds, more than rounds={cfg.rounds}")
-        log.info("%s: extending the run to %d rounds (%d done)", rd.path, cfg.rounds, done)
+        if done < cfg.rounds:  # (equal: an extension that never started a round; the run is finished as it is)
+            log.info("%s: extending the run to %d rounds (%d done)", rd.path, cfg.rounds, done)
     return rd, done
 
 
