@@ -246,6 +246,11 @@ class ModelsConfig:
         """Client k uses ``slms[k]``; with fewer specs than clients, specs are reused cyclically."""
         return self.slms[client % len(self.slms)]
 
+    def slm_role(self, client: int) -> str:
+        """The cache and LoRA-seed role of client k's SLM: ``slm<i>`` for the spec it uses (clients sharing a spec
+        share the prepared model)."""
+        return f"slm{client % len(self.slms)}"
+
 
 @dataclass(frozen=True)
 class LadaConfig:

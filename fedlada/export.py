@@ -46,7 +46,7 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     from fedlada.config import load_config
     from fedlada.models import save_model
     from fedlada.prepare import load_data, prepare_model
-    from fedlada.runner import RunDir, _setup_row, load_trainable, summarize_run
+    from fedlada.runner import RunDir, check_models_unchanged, load_trainable, summarize_run
 
     rd = RunDir(run_dir)
     if not (rd.path / "config.toml").is_file():
@@ -68,20 +68,16 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))  # the run's count: the same cached tiny model
     data = load_data(cfg)
     spec = cfg.models.llm if k is None else cfg.models.slm_for(k)
-    role = "llm" if k is None else f"slm{k % len(cfg.models.slms)}"
+    role = "llm" if k is None else cfg.models.slm_role(k)
     model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
-    started = ((_setup_row(rd).get("models") or {}).get(who) or {}).get("weights_fingerprint")
-    if spec.lora and started and started != info["weights_fingerprint"]:
-        raise ConfigError(f"the base weights of {who}'s model (models source {spec.source!r}) differ from those the "
-                          f"run started with (fingerprint {started}, now {info['weights_fingerprint']}): its "
-                          "checkpoint holds LoRA adapters trained on the old weights; restore that model, or export on "
-                          "the machine (and CPU thread count) the run used")
+    check_models_unchanged(rd, cfg, {who: info},  # as a resume checks it
+                           remedy="restore that model, or export on the machine (and CPU thread count) the run used")
     load_trainable(model, ckpt / ("llm.pt" if k is None else f"client_{k}.pt"), "the LLM" if k is None else who)
     created = not out.exists()
     try:
         save_model(model, tok, out)
         accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
-        record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": _spec_dict(spec),
+        record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": config_mod.to_dict(spec),
                   "accuracy": accuracy, "merged_lora": bool(spec.lora)}
         (out / "fedlada_export.json").write_text(json.dumps(record, indent=1))
     except BaseException:
@@ -89,9 +85,3 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
             shutil.rmtree(out, ignore_errors=True)  # no half-written model folder left behind
         raise
     return out
-
-
-def _spec_dict(spec) -> dict:
-    from dataclasses import asdict
-
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}

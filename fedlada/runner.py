@@ -343,7 +343,8 @@ def check_data_unchanged(rd: RunDir, digest: str, data: FederatedData | None = N
                       f"{digest}); restore the files, or start a new run in another out_dir")
 
 
-def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict) -> None:
+def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict,
+                           remedy: str = "restore that model, or start a new run in another out_dir") -> None:
     """A resumed run's LoRA models must start from the base weights the run began with: their checkpoints hold the
     adapters only, trained on those weights (the first ``setup`` line holds each model's fingerprint; a fully
     fine-tuned model's checkpoint holds all of its weights, so it is not checked)."""
@@ -356,8 +357,7 @@ def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict) -> None:
             name = "the LLM" if who == "llm" else f"{who}'s SLM"
             raise ConfigError(f"run directory {rd.path}: the base weights of {name} (models source "
                               f"{spec.source!r}) changed since this run started (fingerprint {old}, now {new}); its "
-                              "checkpoints hold LoRA adapters trained on the old weights: restore that model, or "
-                              "start a new run in another out_dir")
+                              f"checkpoints hold LoRA adapters trained on the old weights: {remedy}")
 
 
 @dataclass
@@ -448,7 +448,7 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
         events.stage(f"preparing SLM of client {k}")
-        m, tok, infos[f"client{k}"] = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data,
+        m, tok, infos[f"client{k}"] = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data,
                                                     progress=events.progress)
         side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
         check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},

@@ -99,7 +99,7 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
 
     files, data = _client_files(cfg, k)
     spec = cfg.models.slm_for(k)
-    model, tok, info = prepare_model(spec, role=f"slm{k % len(cfg.models.slms)}", cfg=cfg, data=data)
+    model, tok, info = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data)
     side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
     test = eval_split(files.test, cfg)
     check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},

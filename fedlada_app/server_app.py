@@ -213,9 +213,10 @@ class FlowerClients:
             log.warning("clients %s did not connect; continuing with %s",
                         sorted(set(self.ids) - set(self.nodes)), sorted(self.nodes))
 
-    def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None
-                    ) -> list[_Reply]:
-        self._refresh(round)
+    def _to_clients(self, kind: str, req: records.Request, round: int, only: set[int] | None = None, *,
+                    refresh: bool = True) -> list[_Reply]:
+        if refresh:
+            self._refresh(round)
         targets = {k: n for k, n in self.nodes.items() if only is None or k in only}
         replies = {r.client_id: r for r in self._exchange(kind, targets, req, round=round,
                                                          timeout=self.fcfg.timeout)}
@@ -239,7 +240,7 @@ class FlowerClients:
         self._refresh(round)  # first, so the line below counts a node that rejoined
         self.events.stage(f"round {round}/{self.cfg.rounds}: {len(self.nodes)} clients")
         out = []
-        for rep in self._to_clients(records.TRAIN, self._request(round, teach, evaluate=True), round):
+        for rep in self._to_clients(records.TRAIN, self._request(round, teach, evaluate=True), round, refresh=False):
             self._keep_eval(round, rep)
             if rep.error is not None:
                 out.append(ClientResult(rep.client_id, error=rep.error))
