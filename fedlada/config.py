@@ -137,6 +137,10 @@ class DataConfig:
         return len(self.clients) if self.clients else self.num_clients
 
 
+# ModelSpec keys that only shape (and pretrain) a tiny model: a loaded model's architecture and tokenizer are its own
+TINY_ONLY_KEYS = ("hidden_size", "num_layers", "num_heads", "tokenizer", "tokenizer_vocab", "pretrain_tokens")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model. ``source="tiny"`` builds a Llama-style model of the given shape and pretrains it on the
@@ -763,11 +767,16 @@ def dump_toml(cfg: RunConfig) -> str:
             return "[" + ", ".join(val(x) for x in v) + "]"
         return repr(v)
 
+    def unused(d: dict) -> None:  # a loaded model's spec still lists the tiny-model shape keys: say they are unused
+        if d.get("source", "tiny") != "tiny" and "hidden_size" in d:
+            lines.append(f"# {', '.join(TINY_ONLY_KEYS)}: used by source = \"tiny\" only, not by this model")
+
     def table(d: dict, name: str):
         scalars = {k: v for k, v in d.items() if not isinstance(v, dict)
                    and not (isinstance(v, list) and v and isinstance(v[0], dict))}
         if name:
             lines.append(f"\n[{name}]")
+        unused(d)
         for k, v in scalars.items():
             lines.append(f"{k} = {val(v)}")
         for k, v in d.items():
@@ -777,6 +786,7 @@ def dump_toml(cfg: RunConfig) -> str:
             elif isinstance(v, list) and v and isinstance(v[0], dict):
                 for item in v:
                     lines.append(f"\n[[{full}]]")
+                    unused(item)
                     for ik, iv in item.items():
                         lines.append(f"{ik} = {val(iv)}")
 

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlada import checkpoints, rounds
-from fedlada.config import ModelSpec, RunConfig
+from fedlada.config import TINY_ONLY_KEYS, ModelSpec, RunConfig
 from fedlada.data import Record
 from fedlada.errors import ConfigError, ModelError
 from fedlada.hosts import (TopK, choose_targets, decode_state, decode_topk, encode_state, encode_topk, fedavg,
@@ -85,7 +85,7 @@ log = logging.getLogger(__name__)
 HOST_BASELINES = {"host": "all", "host-random": "random"}  # host-only method -> LaDa's selection rule
 _ARCH_IGNORED = ("device", "dtype", "gradient_checkpointing")  # ModelSpec fields FedAvg does not care about
 # fields that only shape a tiny model: a loaded model's architecture is its source's
-_TINY_ONLY = ("hidden_size", "num_layers", "num_heads", "tokenizer", "tokenizer_vocab", "pretrain_tokens")
+_TINY_ONLY = TINY_ONLY_KEYS
 # fields that only shape LoRA adapters: two fully fine-tuned SLMs average alike whatever they say
 _LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 

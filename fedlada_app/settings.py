@@ -8,8 +8,10 @@ stripped before the rest goes to :func:`fedlada.config.load_config` (which rejec
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedlada.config import RunConfig, load_config
@@ -134,10 +136,41 @@ def pyproject_section(cfg: RunConfig | None = None, fcfg: FlowerConfig | None = 
     return "\n".join(lines).lstrip() + "\n"
 
 
+def absolute_paths(cfg: RunConfig, base: str | os.PathLike) -> tuple[RunConfig, list[str]]:
+    """``cfg`` with its relative file paths (``out_dir``, the data files, model folders that exist under ``base``)
+    made absolute against ``base``, and the keys changed. The ServerApp and the ClientApps run in the SuperLink's and
+    SuperNodes' working directories, where a path relative to the experimenter's directory means something else."""
+    base = Path(base).resolve()
+    changed: list[str] = []
+
+    def fix(key: str, value: str, *, only_existing: bool = False) -> str:
+        if not value or os.path.isabs(value) or (only_existing and not (base / value).exists()):
+            return value
+        changed.append(key)
+        return str(base / value)
+
+    data = cfg.data
+    clients = tuple(dataclasses.replace(c, train=fix(f"data.clients.{i}.train", c.train),
+                                        test=fix(f"data.clients.{i}.test", c.test))
+                    for i, c in enumerate(data.clients))
+    data = dataclasses.replace(data, clients=clients, public=fix("data.public", data.public),
+                               general=fix("data.general", data.general))
+
+    def spec(key: str, s):  # a hub id ("Qwen/Qwen2.5-0.5B") stays as it is; a folder or file here becomes absolute
+        return s if s.source == "tiny" else dataclasses.replace(s, source=fix(f"{key}.source", s.source,
+                                                                              only_existing=True))
+
+    models = dataclasses.replace(cfg.models, llm=spec("models.llm", cfg.models.llm),
+                                 slms=tuple(spec(f"models.slms.{i}", s) for i, s in enumerate(cfg.models.slms)))
+    out_dir = fix("out_dir", cfg.out_dir)
+    return dataclasses.replace(cfg, data=data, models=models, out_dir=out_dir), changed
+
+
 def run_config_file(cfg: RunConfig) -> str:
     """A ``flwr run --run-config FILE`` file for ``cfg`` (e.g. one of ``configs/``, loaded with ``load_config``):
     the keys whose value differs from the app's defaults, as dotted keys in the run config's spelling. Flower
-    accepts only keys the app lists, so a key it does not list (a fourth SLM spec) is a ConfigError."""
+    accepts only keys the app lists, so a key it does not list (a fourth SLM spec) is a ConfigError. Paths are
+    written as ``cfg`` holds them: see :func:`absolute_paths`."""
     import json
     import tomllib
 
@@ -183,7 +216,14 @@ if __name__ == "__main__":
     if args.run_config is None:
         print(pyproject_section(), end="")
     else:
+        import sys
+
         try:
-            print(run_config_file(load_config(args.run_config)), end="")
+            cfg, changed = absolute_paths(load_config(args.run_config), Path.cwd())
+            text = run_config_file(cfg)
         except FedLadaError as e:
             raise SystemExit(f"error: {e}") from None
+        if changed:
+            print(f"note: relative paths made absolute against {Path.cwd()} ({', '.join(changed)}): the ServerApp "
+                  f"and ClientApps run in the SuperLink's and SuperNodes' working directories", file=sys.stderr)
+        print(text, end="")

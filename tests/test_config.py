@@ -17,6 +17,17 @@ def test_defaults_round_trip_through_toml(tmp_path):
     assert load_config(p) == cfg
 
 
+def test_config_toml_says_which_keys_a_loaded_model_does_not_use(tmp_path):
+    cfg = load_config(overrides=["models.llm.source=Qwen/Qwen2.5-0.5B", 'models.slms=[{"source": "/m/slm"}, {}]'])
+    text = dump_toml(cfg)
+    note = '# hidden_size, num_layers, num_heads, tokenizer, tokenizer_vocab, pretrain_tokens: used by source = "tiny"'
+    assert text.count(note) == 2  # the LLM and the first SLM; the second SLM is tiny
+    assert text.index(note) < text.index('source = "Qwen/Qwen2.5-0.5B"')
+    assert note not in dump_toml(RunConfig())
+    (tmp_path / "c.toml").write_text(text)
+    assert load_config(tmp_path / "c.toml") == cfg
+
+
 def test_overrides_and_list_items():
     cfg = load_config(overrides=["lada.budget=0.3", "models.slms.1.hidden_size=96", "rounds=2",
                                  "models.llm.lora_target_modules=q_proj,v_proj", "train.bf16=true"])

@@ -454,6 +454,24 @@ def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
         run_config_file(load_config(overrides=["data.num_clients=4", 'models.slms=[{"hidden_size": 32}]']))
 
 
+def test_the_flwr_run_config_file_gets_absolute_paths(tmp_path):
+    """The ServerApp runs in the SuperLink's working directory: relative paths of the config (out_dir, data files,
+    a local model folder) are made absolute against the directory the file is written from; hub ids stay."""
+    from fedlada_app.settings import absolute_paths
+
+    (tmp_path / "models" / "slm").mkdir(parents=True)
+    cfg = load_config(overrides=["out_dir=runs/x", "data.public=d/public.jsonl", "data.general=/abs/general.jsonl",
+                                 'data.clients=[{"train": "d/c0/train.jsonl", "test": "d/c0/test.jsonl"}]',
+                                 "models.llm.source=Qwen/Qwen2.5-0.5B", 'models.slms=[{"source": "models/slm"}]'])
+    fixed, changed = absolute_paths(cfg, tmp_path)
+    assert fixed.out_dir == str(tmp_path / "runs/x")
+    assert (fixed.data.public, fixed.data.general) == (str(tmp_path / "d/public.jsonl"), "/abs/general.jsonl")
+    assert fixed.data.clients[0].train == str(tmp_path / "d/c0/train.jsonl")
+    assert (fixed.models.llm.source, fixed.models.slms[0].source) == ("Qwen/Qwen2.5-0.5B", str(tmp_path / "models/slm"))
+    assert changed == ["data.clients.0.train", "data.clients.0.test", "data.public", "models.slms.0.source", "out_dir"]
+    assert absolute_paths(fixed, tmp_path / "elsewhere") == (fixed, [])
+
+
 def test_flower_error_reasons_keep_the_exception_and_its_message():
     from fedlada_app.server_app import _last_line
 
