@@ -31,6 +31,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/learnability.json")
     args = ap.parse_args()
+    for key in ("tokens", "hidden", "layers", "heads", "eval", "threads"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key}: expected an integer >= 1, found {getattr(args, key)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,7 +45,8 @@ def main() -> int:
     from fedlada.train import train
 
     cfg = load_config()
-    work = Path(tempfile.mkdtemp(prefix="fedlada-learnability-"))
+    scratch = tempfile.TemporaryDirectory(prefix="fedlada-learnability-")  # removed when the script ends
+    work = Path(scratch.name)
     layout = make_benchmark(work / "bench")
     general = read_records(layout.general)
     general, general_test = general[: -2 * args.eval], general[-2 * args.eval:]  # held out: no domain rule needed

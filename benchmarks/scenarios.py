@@ -56,7 +56,7 @@ def _ms(xs):
     if not xs:
         return None, None
     m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
 
 
 def paired(out: Path, treatment: str, control: str, seeds) -> dict | None:

@@ -162,6 +162,9 @@ def cmd_data_make(args) -> int:
     return 0
 
 
+SAME_PROBLEM_SHOWN = 3  # `data validate` prints a problem repeated on many lines this many times, then a count
+
+
 def cmd_data_validate(args) -> int:
     from fedlada.data import validate_files
     from fedlada.data.validate import expand_data_paths
@@ -173,8 +176,18 @@ def cmd_data_validate(args) -> int:
     n_files = len(expand_data_paths(args.files))
     console = _stdout_console()
     if problems:
+        shown: dict[tuple, list] = {}  # the same problem on many lines (an extra CSV column): three, then a count
         for p in problems:
-            console.print(str(p), markup=False, highlight=False, soft_wrap=True)  # one problem, one line
+            lines = shown.setdefault((p.file, p.key, p.message), [])
+            lines.append(p.line)
+            if len(lines) <= SAME_PROBLEM_SHOWN:
+                console.print(str(p), markup=False, highlight=False, soft_wrap=True)  # one problem, one line
+        for (file, key, message), lines in shown.items():
+            if len(lines) > SAME_PROBLEM_SHOWN:
+                more = lines[SAME_PROBLEM_SHOWN:]
+                listed = ", ".join(str(n) for n in more[:10]) + (", ..." if len(more) > 10 else "")
+                console.print(f"{file}: {key + ': ' if key else ''}the same on {len(more)} more line(s): {listed}",
+                              markup=False, highlight=False, soft_wrap=True)
         n_bad = len({p.file for p in problems})
         console.print(f"[red]{len(problems)} problem(s) in {n_bad} of {n_files} file(s)[/red]")
         return 1
@@ -194,7 +207,7 @@ def cmd_compare(args) -> int:
         raise ConfigError("fedlada compare runs every (method, seed) in process; drop engine=flower and flower.* "
                           "keys (run single methods on Flower with fedlada run --engine flower)")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
-    seeds = tuple(range(args.seeds))
+    seeds = tuple(range(cfg.seed, cfg.seed + args.seeds))  # counted from the config's seed (0 unless set)
     console = _console()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _RichEvents(console) as ev:
@@ -268,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--methods", help="comma-separated; each METHOD or HOST:METHOD, e.g. "
                    "local,lada,fedmkt:host,fedmkt:host-random,fedmkt:lada (default: local,all,random,lada-sft,lada)")
-    c.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds (the config's seed, default 0, and the N-1 after it; default 3)")
     c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
     c.add_argument("--title", default="")
     c.add_argument("--finished-only", action="store_true",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,6 +214,10 @@ class _ExploitNet(nn.Module):
         return self.out(h).squeeze(-1), h
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -232,12 +237,12 @@ class LearnabilityFilter:
             "feature_dim": (feature_dim, _is_int(feature_dim) and feature_dim >= 1, "an integer >= 1"),
             "hidden": (hidden, _is_int(hidden) and hidden >= 1, "an integer >= 1"),
             "seed": (seed, _is_int(seed) and seed >= 0, "an integer >= 0"),
-            "alpha": (alpha, math.isfinite(alpha), "a finite number"),
-            "threshold": (threshold, 0.0 < threshold < 1.0, "in (0, 1)"),
-            "budget": (budget, 0.0 < budget <= 1.0, "a fraction in (0, 1]"),
+            "alpha": (alpha, _is_real(alpha) and math.isfinite(alpha), "a finite number"),
+            "threshold": (threshold, _is_real(threshold) and 0.0 < threshold < 1.0, "in (0, 1)"),
+            "budget": (budget, _is_real(budget) and 0.0 < budget <= 1.0, "a fraction in (0, 1]"),
             "min_count": (min_count, _is_int(min_count) and min_count >= 0, "an integer >= 0"),
             "epochs": (epochs, _is_int(epochs) and epochs >= 1, "an integer >= 1"),
-            "lr": (lr, lr > 0, "> 0"),
+            "lr": (lr, _is_real(lr) and lr > 0, "> 0"),
             "batch_size": (batch_size, _is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
             "nan_policy": (nan_policy, nan_policy in ("zero", "drop"), "'zero' or 'drop'"),
             "cold_start_clusters": (cold_start_clusters,

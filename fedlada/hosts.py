@@ -231,6 +231,8 @@ def decode_topk(data: bytes, *, where: str = "message") -> tuple[list[TopK], dic
 
 def encode_state(state: dict[str, torch.Tensor], *, dtype: str = "float32", meta: dict | None = None) -> bytes:
     """Pack a state dict of floating tensors (e.g. LoRA adapters) as ``dtype`` (float32 | float16)."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"encode_state: dtype must be 'float32' or 'float16', got {dtype!r}")
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     tensors = {k: v.detach().cpu().float().numpy().astype(np_dtype) for k, v in state.items()}
     return _pack(tensors, "state", {**(meta or {}), "dtype": dtype})

@@ -98,7 +98,7 @@ def contrastive_path_loss(pol_chosen: torch.Tensor, pol_rejected: torch.Tensor, 
     constants (detached). When policy == reference every pair costs log 2.
     """
     _check_reduction(reduction)
-    if beta <= 0:
+    if not beta > 0:  # NaN too
         raise ValueError(f"beta must be > 0, got {beta}")
     _check_shapes("contrastive_path_loss", 1, pol_chosen=pol_chosen, pol_rejected=pol_rejected,
                   ref_chosen=ref_chosen, ref_rejected=ref_rejected)
@@ -123,7 +123,7 @@ def listwise_path_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, l
     "sum" sums over rows, "none" returns (B,).
     """
     _check_reduction(reduction)
-    if tau <= 0:
+    if not tau > 0:  # NaN too
         raise ValueError(f"tau must be > 0, got {tau}")
     _check_shapes("listwise_path_loss", 2, student_logp=student_logp, teacher_logp=teacher_logp, lengths=lengths,
                   valid=valid)

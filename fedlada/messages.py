@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 MESSAGE_VERSION = 1
@@ -77,8 +78,16 @@ class TeachMessage:
     kind: str = field(default="teach", init=False)
 
     def __post_init__(self):  # lists given by a caller become tuples, so a message equals its round trip
+        if isinstance(self.question_ids, (str, bytes)):
+            raise MessageError("teach message: 'question_ids' must be a sequence of ids, not one string")
+        object.__setattr__(self, "round", _plain_int(self.round))
         object.__setattr__(self, "question_ids", tuple(self.question_ids))
         object.__setattr__(self, "paths", tuple(self.paths))
+        seen: set[str] = set()
+        for q in self.question_ids:
+            if q in seen:
+                raise MessageError(f"teach message: question id {q!r} is listed twice in 'question_ids'")
+            seen.add(q)
 
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round,
@@ -109,7 +118,12 @@ class ReportMessage:
     kind: str = field(default="report", init=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "round", _plain_int(self.round))
+        object.__setattr__(self, "client", _plain_int(self.client))
         object.__setattr__(self, "paths", tuple(self.paths))
+        # numpy scalars (np.float32(1.5)) as the plain numbers JSON writes
+        object.__setattr__(self, "metrics", {k: (v.item() if hasattr(v, "item") and not isinstance(v, (int, float))
+                                                 else v) for k, v in self.metrics.items()})
 
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round, "client": self.client,
@@ -124,6 +138,8 @@ class ReportMessage:
         if not isinstance(metrics, dict) or not all(
                 isinstance(v, (int, float, type(None))) and not isinstance(v, bool) for v in metrics.values()):
             raise MessageError("report message: 'metrics' must map names to numbers")
+        if not all(v is None or math.isfinite(v) for v in metrics.values()):  # 1e400 parses as inf
+            raise MessageError("report message: 'metrics' must hold finite numbers")
         return cls(round=_int(d, "round", "report message"), client=_int(d, "client", "report message"),
                    paths=tuple(_items_from(d.get("paths", []), "report message")), metrics=metrics,
                    host=_get_host(d, "report message"))
@@ -164,6 +180,14 @@ def _load(data: bytes, kind: str) -> dict:
     if d.get("version") != MESSAGE_VERSION:
         raise MessageError(f"{kind} message: version {d.get('version')!r}, expected {MESSAGE_VERSION}")
     return d
+
+
+def _plain_int(v):
+    """An integral number (a numpy integer too) as a Python int; anything else unchanged (``to_bytes`` writes it and
+    the receiver refuses it)."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    return v
 
 
 def _int(d: dict, key: str, where: str) -> int:

@@ -409,6 +409,8 @@ def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temper
 
     if num_paths < 1:
         raise ValueError(f"sample_paths: num_paths must be >= 1, found {num_paths}")
+    if isinstance(prompts, str):
+        raise TypeError("sample_paths: prompts must be a list of strings, not one string (wrap it: [prompt])")
     if not prompts:
         return []
     greedy = temperature == 0

@@ -107,6 +107,12 @@ def client_digest(files: "ClientFiles") -> str:
     return _digest([_records_digest(files.train), _records_digest(files.test)])
 
 
+def public_digest(public: list[Record]) -> str:
+    """A fingerprint of the public pool's records: on Flower every node reads its own copy, and the server's
+    question ids mean something on a client only if both read the same records."""
+    return _records_digest(public)
+
+
 def data_digest(data: "FederatedData") -> str:
     """A fingerprint of every record a run uses (clients' splits, public pool, general corpus), in order."""
     parts = [_records_digest(data.public), _records_digest(data.general)]
@@ -217,12 +223,11 @@ def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[
     pool = {key(r) for r in public}
     out = []
     for k, c in enumerate(clients):
-        test = {key(r) for r in c.test}
         for name, other in (("its train split", {key(r) for r in c.train}), ("the public pool", pool)):
-            n = len(test & other)
+            n = sum(key(r) in other for r in c.test)
             if n:
-                out.append(f"data.clients.{k}.test: {n} of its {len(test)} questions are also in {name}; "
-                           "their accuracy is not held out")
+                out.append(f"data.clients.{k}.test: {n} of its {len(c.test)} records ask a question that is also in "
+                           f"{name}; their accuracy is not held out")
     for line in out:
         log.warning(line)
     return out

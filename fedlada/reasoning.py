@@ -8,14 +8,24 @@ The paper measures answer accuracy but does not publish its extraction rules; ou
 lm-evaluation-harness' GSM8K filters:
 
 - ``extract_answer(mode="strict")``: the first ``Answer: X`` line (the format our paths are trained on).
-- ``extract_answer(mode="flexible")``: strict; else ``#### X`` (GSM8K); else the last ``\\boxed{X}``; else the last
+- ``extract_answer(mode="flexible")``: strict; else the last answer line in another spelling (``answer: X``,
+  ``**Answer:** X``, ``Final Answer: X``); else ``#### X`` (GSM8K); else the last ``\\boxed{X}``; else the last
   "the answer is X"; else the last number in the text. The contract names only strict and the last number; the
-  middle three make instruct models that answer in their own style gradable and never change a strict hit.
-- ``normalize_answer``: numbers compare by value (``1,000`` = ``1000`` = ``1000.0``, ``3/4`` = ``0.75``, ``$5`` =
-  ``5``, ``\\frac{3}{4}`` = ``3/4``), exact rational arithmetic, no float tolerance; other text is lower-cased,
-  stripped of punctuation and of the articles a/an/the (unless nothing else is left), whitespace collapsed.
+  others make instruct models that answer in their own style gradable and never change a strict hit.
+- ``normalize_answer`` (after Unicode NFKC, so a full-width ``Ｂ`` is ``B``): numbers compare by value (``1,000`` =
+  ``1000`` = ``1000.0``, ``3/4`` = ``0.75``, ``$5`` = ``5``, ``\\frac{3}{4}`` = ``3/4``), exact rational arithmetic,
+  no float tolerance; a number followed by a unit keeps its value and sign (``-5 °C``, ``12kg`` = ``12 kg``,
+  ``1,200 kg`` = ``1200 kg``, ``1/2 kg`` = ``0.5 kg``); other text is lower-cased, its punctuation dropped except
+  between digits (``3.4``) and a ``+``/``#`` after a letter (``C++``, ``C#``), the articles an/the dropped, and
+  a leading "a" dropped only before a longer word (``a cat`` = ``cat``, but ``Vitamin A``, ``A B`` and ``U.S.A.``
+  keep theirs), whitespace collapsed.
 - ``is_correct(mode="flexible")`` also accepts a number followed by words or punctuation (``18 eggs.``) when the gold
-  answer is a number. ``mode`` is a keyword the contract did not name; the default keeps the contract's behaviour.
+  answer is a number, and the gold's number alone when the gold is a number with a unit (``12`` for ``12 kg``, but
+  not ``12 lb``); a multiple-choice letter by itself or with its option (gold ``C`` or ``(C) Paris``: ``C``,
+  ``(C)``, ``C) Paris``, ``option C``); and the "the answer is X" inside an answer line. ``mode`` is a keyword the
+  contract did not name; the default keeps the contract's behaviour.
+- "the answer is X" ends at the end of its sentence, not at an abbreviation's or an initial's full stop (``Dr.
+  Smith``, ``St. Louis``, ``U.S. Grant``).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
-ANSWER_EXTRACTION_VERSION = "1"
+ANSWER_EXTRACTION_VERSION = "2"
 
 Mode = Literal["strict", "flexible"]
 
@@ -36,6 +46,10 @@ ANSWER_PREFIX = "Answer:"
 
 # "Answer: X" at the start of a line (leading blanks allowed); X is the rest of the line.
 ANSWER_LINE_RE = re.compile(r"^[ \t]*Answer:[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
+# An answer line in another spelling (flexible mode only): any case, markdown bold or a list dash around it, "Final".
+LOOSE_ANSWER_LINE_RE = re.compile(
+    r"^[ \t>*_#-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*(\S[^\n]*?)[ \t]*$",
+    re.MULTILINE | re.IGNORECASE)
 # GSM8K's final-answer marker.
 HASHES_RE = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 # Where a \boxed{...} begins; the braces are matched by hand (they nest: \boxed{\frac{1}{2}}).
@@ -43,8 +57,12 @@ BOXED_START_RE = re.compile(r"\\boxed\s*\{")
 # "The answer is X" / "the final answer is: X"; X runs to the end of the line (a lookahead, so every occurrence on
 # a line is found and the last one can win).
 ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?[ \t]*(?=(\S[^\n]*))", re.IGNORECASE)
-# The end of a sentence inside a line: a full stop, question or exclamation mark, then a blank.
+# The end of a sentence inside a line: a full stop, question or exclamation mark, then a blank (a full stop after
+# an abbreviation or an initial is not one: see ``sentence_end``).
 SENTENCE_END_RE = re.compile(r"[.!?]\s")
+ABBREVIATIONS = frozenset("dr mr mrs ms prof st mt ft jr sr vs etc approx no vol fig ca cf inc ltd co corp gen col "
+                          "capt lt sgt rev hon est dept univ ave blvd rd".split())
+_WORD_BEFORE_RE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
 # A number inside running text: 1,000  -3  2.5  3/4 ; a minus counts only when not glued to a word ("18-5").
 NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+(?!\.\d))?")
 # A whole string that is one number, with an optional sign and currency symbol.
@@ -60,7 +78,11 @@ LEADING_NUMBER_RE = re.compile(
 )
 # LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
 LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
-ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
+ARTICLES_RE = re.compile(r"\b(?:an|the)\b")
+LEADING_A_RE = re.compile(r"^a (?=\w\w)")
+# A multiple-choice answer: "C", "(C)", "(C) Paris", "C) Paris", "C. Paris", "C: Paris", "option C", "choice (C)".
+CHOICE_RE = re.compile(r"^(?:(?:option|choice)[ \t]+)?(?:\((?P<p>[A-Za-z])\)(?:\W.*)?|(?P<u>[A-Z])[).:](?:\s.*)?|"
+                       r"(?P<s>[A-Za-z]))$", re.IGNORECASE | re.DOTALL)
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("**", "**"))
 _PUNCT = set(string.punctuation)
 
@@ -111,11 +133,24 @@ def clean_answer_span(span: str) -> str:
     return span
 
 
+def sentence_end(text: str) -> int | None:
+    """Where the first sentence of ``text`` ends (the index of its full stop, question or exclamation mark), or None.
+    A full stop right after an abbreviation (``Dr.``, ``approx.``), an initial (``J.``) or a dotted word (``U.S.``,
+    ``e.g.``) does not end a sentence."""
+    for match in SENTENCE_END_RE.finditer(text):
+        if text[match.start()] == ".":
+            word = _WORD_BEFORE_RE.search(text[: match.start()])
+            if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1 or "." in word.group(1)):
+                continue
+        return match.start()
+    return None
+
+
 def answer_is_span(match: re.Match) -> str:
-    """The cleaned answer of an ``ANSWER_IS_RE`` match, cut at the end of its sentence."""
+    """The cleaned answer of an ``ANSWER_IS_RE`` match, cut at the end of its sentence (``sentence_end``)."""
     span = match.group(1)
-    end = SENTENCE_END_RE.search(span)
-    return clean_answer_span(span[: end.start()] if end else span)
+    end = sentence_end(span)
+    return clean_answer_span(span[:end] if end is not None else span)
 
 
 def last_number(text: str) -> str | None:
@@ -128,8 +163,9 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
     """The final answer in a generated path, or None when there is none.
 
     strict: the first ``Answer: X`` line, X returned as written (stripped).
-    flexible: strict; else ``#### X``; else the last ``\\boxed{X}``; else the last "the answer is X"; else the last
-    number. A span found by the last three is cleaned with ``clean_answer_span``.
+    flexible: strict; else the last answer line in another spelling (``LOOSE_ANSWER_LINE_RE``); else ``#### X``;
+    else the last ``\\boxed{X}``; else the last "the answer is X"; else the last number. A span found by the
+    others than strict is cleaned with ``clean_answer_span``.
     """
     if mode not in ("strict", "flexible"):
         raise ValueError(f"mode must be 'strict' or 'flexible', got {mode!r}")
@@ -138,6 +174,10 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
         return match.group(1)
     if mode == "strict":
         return None
+    loose = [clean_answer_span(m.group(1)) for m in LOOSE_ANSWER_LINE_RE.finditer(text)]
+    loose = [a for a in loose if a]
+    if loose:
+        return loose[-1]
     match = HASHES_RE.search(text)
     if match:
         return clean_answer_span(match.group(1)) or None
@@ -185,21 +225,60 @@ def format_number(value: Fraction) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _is_punct(ch: str) -> bool:
+    return ch in _PUNCT or unicodedata.category(ch).startswith("P")
+
+
 def _normalize_text(text: str) -> str:
-    chars = [" " if ch in _PUNCT or unicodedata.category(ch).startswith("P") else ch for ch in text.lower()]
+    text = text.lower()
+    chars = []
+    for i, ch in enumerate(text):
+        keep = not _is_punct(ch) or (
+            0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()  # 3.4, 1,200, 3/4, 10:30
+        ) or (ch in "+#" and i > 0 and (text[i - 1].isalnum() or (chars and chars[-1] in "+#")))  # c++, c#
+        chars.append(ch if keep else " ")
     words = " ".join("".join(chars).split())
-    without_articles = " ".join(ARTICLES_RE.sub(" ", words).split())
+    without_articles = LEADING_A_RE.sub("", " ".join(ARTICLES_RE.sub(" ", words).split()))
     return without_articles or words
 
 
+def _prepared(ans: str) -> str:
+    """An answer as the comparisons read it: NFKC (full-width letters and digits), U+2212 as ``-``, cleaned."""
+    return clean_answer_span(unicodedata.normalize("NFKC", ans).replace("\u2212", "-"))
+
+
+def _number_and_unit(span: str) -> tuple[Fraction, str] | None:
+    """``(value, normalised unit)`` of a number followed by words (``-5 °C``, ``12kg``, ``$3.50 each``), else None."""
+    match = LEADING_NUMBER_RE.match(span)
+    if not match:
+        return None
+    value, unit = parse_number(match.group("number")), _normalize_text(match.group("rest"))
+    return (value, unit) if value is not None and unit else None
+
+
 def normalize_answer(ans: str) -> str:
-    """Canonical form of an answer: numbers by value (``format_number``), other text lower-cased without
-    punctuation, articles or repeated whitespace. ``"1,000" == "1000" == "1000.0"``, ``"3/4" == "0.75"``."""
-    span = clean_answer_span(ans)
+    """Canonical form of an answer (module docstring): numbers by value (``format_number``), a number with a unit as
+    its value and the unit's text, other text lower-cased without punctuation, articles or repeated whitespace.
+    ``"1,000" == "1000" == "1000.0"``, ``"3/4" == "0.75"``, ``"-5 °C" != "5 °C"``."""
+    span = _prepared(ans)
     value = parse_number(span)
     if value is not None:
         return format_number(value)
+    with_unit = _number_and_unit(span)
+    if with_unit is not None:
+        return f"{format_number(with_unit[0])} {with_unit[1]}"
     return _normalize_text(span)
+
+
+def choice_letter(ans: str) -> str | None:
+    """The letter of a multiple-choice answer (``C``, ``(C) Paris``, ``C) Paris``, ``option C``), upper-case, or
+    None. A letter followed by a full stop, colon or parenthesis must be a capital (``a. m.`` is no choice)."""
+    match = CHOICE_RE.match(_prepared(ans))
+    if not match:
+        return None
+    if match.group("u") is not None and not match.group("u").isupper():
+        return None
+    return next(g for g in match.group("p", "u", "s") if g is not None).upper()
 
 
 def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
@@ -216,10 +295,18 @@ def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
         return True
     if mode == "strict":
         return False
-    gold_value = parse_number(clean_answer_span(gold))
-    if gold_value is None:
-        return False
-    match = LEADING_NUMBER_RE.match(clean_answer_span(pred))
+    inner = [answer_is_span(m) for m in ANSWER_IS_RE.finditer(pred)]  # "Answer: the answer is C"
+    if inner and inner[-1] and is_correct(inner[-1], gold, mode="flexible"):
+        return True
+    gold_letter = choice_letter(gold)
+    if gold_letter is not None:
+        return choice_letter(pred) == gold_letter
+    pred_span, gold_span = _prepared(pred), _prepared(gold)
+    gold_value = parse_number(gold_span)
+    if gold_value is None:  # gold "12 kg": its number alone ("12") is accepted, another unit ("12 lb") is not
+        gold_unit = _number_and_unit(gold_span)
+        return gold_unit is not None and parse_number(pred_span) == gold_unit[0]
+    match = LEADING_NUMBER_RE.match(pred_span)
     if not match:
         return False
     value = parse_number(match.group("number"))

@@ -39,8 +39,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import numbers
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,8 +76,10 @@ Progress = Callable[[int, int], None]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
-    """A 31-bit seed from the run seed and any labels (round, client, purpose); stable across processes."""
-    h = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    """A 31-bit seed from the run seed and any labels (round, client, purpose); stable across processes. Integral
+    numbers count by value, so ``np.int64(1)`` gives the seed of ``1``."""
+    plain = tuple(int(p) if isinstance(p, numbers.Integral) and not isinstance(p, bool) else p for p in (seed, *parts))
+    h = hashlib.sha256(repr(plain).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
@@ -289,6 +293,7 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
                  ) -> tuple[TeachMessage, StepLog]:
     """Step 2: LLM paths on this round's candidates, answer-correct ones kept (rejection sampling)."""
     lc = cfg.lada
+    _check_method(cfg)
     qids = candidate_ids(state.public, n=lc.candidates_per_round, seed=cfg.seed, round=round)
     state.own_paths = {}
     if lc.method == "local":  # no exchange: an empty message (the clients only train locally)
@@ -336,10 +341,30 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
 # ---------------------------------------------------------------------------------------------- client step
 
 
+ROUND_METHODS = ("local", "all", "random", "lada", "lada-sft")  # the rest (host, host-random) are host_rounds'
+
+
+def _check_method(cfg: RunConfig) -> None:
+    if cfg.lada.method not in ROUND_METHODS:
+        raise ValueError(f"fedlada.rounds runs lada.method in {ROUND_METHODS}; {cfg.lada.method!r} is a host "
+                         f"framework's method: use fedlada.host_rounds (the runner picks it from host.name)")
+
+
+def check_known_questions(qids: list[str], public: dict[str, Record], *, who: str, round: int) -> None:
+    """A teach message's candidates must be questions of the receiver's public pool (on Flower each node reads its
+    own copy of the file): a DataError naming the ids otherwise, not a KeyError deep in a round."""
+    unknown = [q for q in qids if q not in public]
+    if unknown:
+        raise DataError(f"{who}: round {round}: the server's candidates include {len(unknown)} question id(s) that "
+                        f"are not in this public pool of {len(public)} records (e.g. {unknown[0]!r}): the server and "
+                        f"every client must read the same data.public file")
+
+
 def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Record], cfg: RunConfig,
                 round: int, progress: Progress | None = None) -> tuple[ReportMessage, StepLog]:
     """Steps 1, 3, 4, 5 and 7 on client k. Only ``ReportMessage`` leaves this function's side."""
     lc, k = cfg.lada, state.client_id
+    _check_method(cfg)
     side = state.side
     t0 = time.perf_counter()
     logd = StepLog()
@@ -355,6 +380,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         return ReportMessage(round=round, client=k, metrics={"selected": 0}), logd
 
     qids = list(teach.question_ids)
+    check_known_questions(qids, public, who=f"client {k}", round=round)
     questions = [public[q].question for q in qids]
     prompts = dict(zip(qids, side.prompts(questions)))
 
@@ -468,6 +494,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                  progress: Progress | None = None) -> StepLog:
     """Steps 3-5 and 7 on the server: novelty gap, filter per client, LLM update on the union of selections."""
     lc = cfg.lada
+    _check_method(cfg)
     logd = StepLog()
     clients = [r.client for r in reports]
     if len(set(clients)) < len(clients):
@@ -479,6 +506,11 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
     side = state.side
     da_loss = _da_loss(cfg)
     rng = random.Random(derive_seed(cfg.seed, "server-holdout", round))
+    # the server's reward slice: a seeded 20% of the questions received this round, drawn over every client's
+    # questions at once, so that a question held out is trained on through no client's path this round
+    received = sorted({p.question_id for rep in reports for p in rep.paths if p.question_id in state.public})
+    n_hold = max(1, len(received) // 5) if len(received) >= 5 else 0
+    hold = set(rng.sample(received, n_hold)) if n_hold else set()
     pref, listwise, dist, holdout = [], [], [], []
     per_client_feats: list[tuple[int, np.ndarray, int]] = []
     for rep in sorted(reports, key=lambda r: r.client):
@@ -492,9 +524,6 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
             if p.question_id not in best or p.nll < best[p.question_id].nll:
                 best[p.question_id] = p
         qids = sorted(best)
-        # the server's reward slice: a seeded 20% of the received questions, never trained on this round
-        n_hold = max(1, len(qids) // 5) if len(qids) >= 5 else 0
-        hold = set(rng.sample(qids, n_hold)) if n_hold else set()
         holdout += [best[q] for q in qids if q in hold]
         qids = [q for q in qids if q not in hold]
         if not qids:
@@ -581,16 +610,16 @@ def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_si
     ok = [reasoning.is_correct(reasoning.extract_answer(o[0], mode="flexible"), r.answer)
           for o, r in zip(outs, records)]
     by_domain: dict[str, list[bool]] = {}
-    by_steps: dict[str, list[bool]] = {}
+    by_steps: dict[str, list[bool]] | None = {}
     for r, c in zip(records, ok):
         by_domain.setdefault(r.domain or "-", []).append(c)
-        try:  # user data may carry no step count (no "-s<N>-" id, no equation lines): then no per-step row
-            s = steps_of(r)
-        except ValueError:
-            s = None
-        if s is not None:
-            by_steps.setdefault(str(s), []).append(c)
+        if by_steps is not None:
+            try:  # user data may carry no step count (no "-s<N>-" id, no equation lines): then no per-step rows at
+                by_steps.setdefault(str(steps_of(r)), []).append(c)
+            except ValueError:  # all, as rows over the records that happen to have one would misdescribe the split
+                by_steps = None
     return {"accuracy": float(np.mean(ok)), "n": len(ok),
             "by_domain": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
-            "by_steps": {s: float(np.mean(v)) for s, v in sorted(by_steps.items(), key=lambda kv: int(kv[0]))},
+            "by_steps": {s: float(np.mean(v))
+                         for s, v in sorted((by_steps or {}).items(), key=lambda kv: int(kv[0]))},
             "answer_extraction_version": reasoning.ANSWER_EXTRACTION_VERSION}

@@ -430,6 +430,9 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
     from fedlada.models import PromptFormatter
 
+    # the run's thread count (begin_run sets it too): a caller of the library gets the models and numbers of
+    # `fedlada run` with the same config (a tiny model's cache key includes the thread count)
+    torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     infos: dict[str, Any] = {}
     if len(cfg.models.slms) > len(data.clients):
         log.warning("models.slms lists %d SLMs but the run has %d client(s): models.slms.%d.. are not used",

@@ -94,7 +94,7 @@ def _client_files(cfg: RunConfig, k: int):
 def _prepare(cfg: RunConfig, k: int) -> _Entry:
     # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import client_digest, data_source, eval_split, prepare_model, split_holdout
+    from fedlada.prepare import client_digest, data_source, eval_split, prepare_model, public_digest, split_holdout
     from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
 
     files, data = _client_files(cfg, k)
@@ -109,7 +109,8 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
     state = ClientState(k, side, train, hold, test)
     return _Entry(state, {r.id: r for r in data.public}, info,
-                  {"train": len(train), "holdout": len(hold), "test": len(test), "data_digest": client_digest(files)},
+                  {"train": len(train), "holdout": len(hold), "test": len(test), "data_digest": client_digest(files),
+                   "public_digest": public_digest(data.public), "public": len(data.public)},
                   trainable_state(model))
 
 

@@ -73,8 +73,10 @@ def _last_line(reason: str, limit: int = 400) -> str:
 class FlowerClients:
     """The clients of a run, reached through a Flower Grid (same methods as ``fedlada.runner.InProcessClients``)."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, rd: RunDir, events: Events | None = None):
+    def __init__(self, grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, rd: RunDir, events: Events | None = None,
+                 *, public: tuple[str, int] | None = None):
         self.grid, self.cfg, self.fcfg, self.rd = grid, cfg, fcfg, rd
+        self.public = public  # (digest, records) of the server's public pool: every node must read the same one
         self.events = events or Events()
         self.config, self.digest = records.wire_config(cfg, fcfg), records.config_digest(cfg)
         self.nodes: dict[int, int] = {}  # client id -> node id
@@ -179,6 +181,13 @@ class FlowerClients:
                 raise SetupRefused(f"SuperNodes {self.nodes[k]} and {node} both serve client {k} (node config "
                                    f"partition-id={k}); give each SuperNode its own partition-id 0.."
                                    f"{self.cfg.data.n_clients - 1}")
+            theirs, count = sizes.pop("public_digest", None), sizes.pop("public", None)
+            if self.public is not None and theirs is not None and theirs != self.public[0]:
+                raise SetupRefused(
+                    f"client {k} (SuperNode {node}) reads another public pool than the server ({count} records, "
+                    f"digest {theirs}; the server's: {self.public[1]} records, digest {self.public[0]}): the "
+                    f"server's question ids name records of its own file, so every machine needs the same "
+                    f"data.public file")
             if n != self.cfg.data.n_clients or not 0 <= k < n:
                 log.warning("node %s serves partition %d of %d; the run has %d clients: ignored", node, k, n,
                             self.cfg.data.n_clients)
@@ -302,7 +311,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     from fedlada.generation import llm_backend
     from fedlada.host_rounds import check_host_config
     from fedlada.models import PromptFormatter
-    from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model
+    from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model, public_digest
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, check_clients_unchanged, drive
 
@@ -326,7 +335,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
                           who="the LLM", max_new_tokens=cfg.lada.max_new_tokens,
                           evaluated=[r for files in data.clients for r in eval_split(files.test, cfg)],
                           eval_max_new_tokens=cfg.eval_max_new_tokens)
-        pool = FlowerClients(grid, cfg, fcfg, rd, events)
+        pool = FlowerClients(grid, cfg, fcfg, rd, events, public=(public_digest(data.public), len(data.public)))
         # a node that refuses (its data, its model, on a resume its checkpoint) also stops the run cleanly
         pool.connect(evaluate=not start, resume_round=start)
     if start:  # the server has no client's train file: each node vouches for its own records

@@ -30,6 +30,16 @@ def test_validate_prints_one_line_per_problem(tmp_path, capsys):
     assert out[0].startswith(f"{bad}:1: answer: spans several lines") and out[0].endswith("'rationale')")
 
 
+def test_validate_counts_a_problem_repeated_on_many_lines(tmp_path, capsys):
+    extra = tmp_path / "extra.csv"  # an extra column: the same problem on every row
+    extra.write_text("id,question,answer,difficulty\n" + "".join(f"r{i},q{i},{i},easy\n" for i in range(40)))
+    assert main(["data", "validate", str(extra)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 5 and all(": difficulty: unknown key" in line for line in out[:3])
+    assert out[3] == f"{extra}: difficulty: the same on 37 more line(s): 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, ..."
+    assert out[4].startswith("40 problem(s) in 1 of 1 file(s)")
+
+
 def test_compare_needs_a_seed_and_finished_runs(tmp_path, capsys):
     assert main(["compare", "--seeds", "0", "--out", str(tmp_path / "t")]) == 2
     assert "--seeds: expected an integer >= 1" in _err(capsys)

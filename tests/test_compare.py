@@ -104,3 +104,23 @@ def test_finished_only_tabulates_what_is_there_and_runs_nothing(tmp_path, monkey
     assert set(rows) == {"local", "lada"} and rows["local"]["seeds"] == 2 and rows["lada"]["seeds"] == 1
     assert rows["local"]["mean_slm"][0] == pytest.approx(0.3)
     assert "| lada | 1 | 30.0 |" in write_table(res, tmp_path / "t")["markdown"].read_text()
+
+
+def test_compare_counts_its_seeds_from_the_configured_seed(tmp_path, monkeypatch):
+    import json
+
+    from fedlada import runner
+    from fedlada.cli import main
+    from fedlada.config import dump_toml, load_config, with_overrides
+
+    monkeypatch.setattr(runner, "run", lambda cfg, **kw: (_ for _ in ()).throw(AssertionError(cfg.out_dir)))
+    base = load_config(None, ["rounds=1", "seed=7"])
+    for seed in (7, 8):
+        d = tmp_path / "local" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "config.toml").write_text(dump_toml(with_overrides(base, {"lada.method": "local", "seed": seed,
+                                                                        "out_dir": str(d)})))
+        (d / "summary.json").write_text(json.dumps(_summary(0.2, 0.2, 0.1)))
+    assert main(["compare", "--finished-only", "--seeds", "2", "--methods", "local", "--set", "rounds=1",
+                 "--set", "seed=7", "--out", str(tmp_path)]) == 0
+    assert "| local | 2 |" in (tmp_path / "table.md").read_text()

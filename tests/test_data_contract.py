@@ -323,6 +323,8 @@ def test_write_records_round_trips_atomically(tmp_path):
     assert read_records(path) == records
     assert "✓" in path.read_text(encoding="utf-8")  # UTF-8, not \u escapes
     assert sorted(os.listdir(path.parent)) == ["out.jsonl"]  # no temporary file left behind
+    for suffix in (".csv", ".parquet", ".json"):  # the container the suffix names, read back the same
+        assert read_records(write_records(records, tmp_path / f"out{suffix}")) == records
 
 
 def test_write_records_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -395,3 +397,51 @@ def test_data_paths_expand_the_home_folder():
     from fedlada.data.validate import expand_data_paths
 
     assert expand_data_paths(["~/no-such-file.jsonl"]) == [Path.home() / "no-such-file.jsonl"]
+
+
+def test_non_arithmetic_data_keeps_its_domain_rationale_and_header(tmp_path):
+    """Domains survive every format; a rationale's redundant last answer line is dropped and any other answer line
+    is a problem; CSV header names are read without the blanks after the commas; JSON line ends become \\n;
+    a yes/no answer written as a JSON boolean gets a hint about text."""
+    rows = {
+        "gsm8k.jsonl": {"question": "q?", "answer": "Two steps.\n#### 12 kg", "domain": "units"},
+        "mi.jsonl": {"instruction": "Who?", "output": "He wrote it. The answer is Dr. Smith. He did.",
+                     "domain": "history"},
+        "cot.jsonl": {"source": "Capital?", "target": "B", "rationale": "Paris is the capital.", "domain": "geo"},
+        "fed.jsonl": {"id": "a", "question": "Q\r\nline 2", "answer": "(B) Paris",
+                      "rationale": "Paris is the capital.\r\nAnswer: (B) Paris", "domain": "geo"},
+    }
+    for name, row in rows.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+    assert [r.domain for name in rows for r in read_records(tmp_path / name)] == ["units", "history", "geo", "geo"]
+    assert read_records(tmp_path / "mi.jsonl")[0].answer == "Dr. Smith"
+    assert read_records(tmp_path / "fed.jsonl") == [Record("a", "Q\nline 2", "(B) Paris", "Paris is the capital.",
+                                                           "geo")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "question": "q", "answer": "B", "rationale": "x\nAnswer: C"}) + "\n"
+                   + json.dumps({"id": "b", "question": "q", "answer": "B", "rationale": "Answer: B\nso B"}) + "\n"
+                   + json.dumps({"id": "c", "question": "Is it?", "answer": True}) + "\n")
+    problems = validate_files(bad)
+    assert [(p.line, p.key) for p in problems] == [(1, "rationale"), (2, "rationale"), (3, "answer")]
+    assert "line 2 of the rationale is an answer line ('Answer: C')" in problems[0].message
+    assert "line 1 of the rationale" in problems[1].message
+    assert '"yes" or "no"' in problems[2].message
+    csv_file = tmp_path / "spaces.csv"
+    csv_file.write_text("id, question, answer\nx, Is it?, yes\n")
+    assert read_records(csv_file) == [Record("x", "Is it?", "yes")]
+
+
+def test_a_compressed_or_foreign_file_is_one_problem_not_one_per_line(tmp_path):
+    import gzip
+
+    from fedlada.data.stream import scan_problems
+
+    rows = "".join(json.dumps({"id": f"r{i}", "question": "q", "answer": "1"}) + "\n" for i in range(50))
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
+    (tmp_path / "d.tsv").write_text("id\tquestion\tanswer\n" + "".join(f"r{i}\tq\t1\n" for i in range(50)))
+    (tmp_path / "d.txt").write_text(rows)  # JSON Lines under another suffix: read as such
+    for name, fragment in (("d.jsonl.gz", "this is gzip-compressed, not text"),
+                           ("d.tsv", "the first line is not JSON: a .tsv file is read as JSON Lines")):
+        for problems in (validate_files(tmp_path / name), scan_problems(tmp_path / name)):
+            assert len(problems) == 1 and fragment in problems[0].message and problems[0].line == 1
+    assert len(read_records(tmp_path / "d.txt")) == 50

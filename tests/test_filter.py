@@ -364,3 +364,21 @@ def test_selection_cap_and_random_baseline_move_as_much_as_the_filter():
     cold = _select("lada", flt, ids, feats, round=1, budget=0.1, seed=1)
     rand = _select("random", flt, ids, feats, round=1, budget=0.1, seed=1)
     assert cold.selected.sum() == rand.selected.sum() == 6
+
+
+def test_filter_settings_of_the_wrong_type_are_config_errors():
+    from fedlada.errors import ConfigError
+
+    for key in ("alpha", "threshold", "budget", "lr"):
+        with pytest.raises(ConfigError, match=f"filter: {key} must be"):
+            LearnabilityFilter(4, **{key: "0.5"})
+
+
+def test_library_misuse_gets_a_clear_error():
+    from fedlada.hosts import encode_state
+    from fedlada.paths import sample_paths
+
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float16', got 'int8'"):
+        encode_state({"w": torch.zeros(2)}, dtype="int8")
+    with pytest.raises(TypeError, match="not one string"):
+        sample_paths(None, None, "one prompt", num_paths=1)

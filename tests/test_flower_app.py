@@ -502,6 +502,49 @@ def test_two_supernodes_claiming_one_client_stop_the_run(tmp_path, monkeypatch):
         pool.connect()
 
 
+def test_a_supernode_with_another_public_pool_stops_the_run(tmp_path, monkeypatch):
+    """Each node reads its own copy of data.public; the server's question ids name records of its own copy."""
+    from fedlada.runner import RunDir
+    from fedlada_app import server_app
+    from fedlada_app.server_app import FlowerClients, SetupRefused
+
+    monkeypatch.setattr(server_app, "Message", lambda **kw: kw)
+
+    class Grid:  # node 41 serves client 0 with the server's pool, node 42 client 1 with an older copy
+        def get_node_ids(self):
+            return [41, 42]
+
+        def send_and_receive(self, messages, *, timeout):
+            return [types.SimpleNamespace(
+                metadata=types.SimpleNamespace(src_node_id=m["dst_node_id"]), has_error=lambda: False,
+                content=records.setup_content(m["dst_node_id"] - 41, 2, {}, {
+                    "public_digest": "aaaa" if m["dst_node_id"] == 41 else "bbbb", "public": 40}))
+                for m in messages]
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(Grid(), cfg, FlowerConfig(timeout=5, connect_timeout=300), RunDir(tmp_path),
+                         public=("aaaa", 40))
+    with pytest.raises(SetupRefused, match=r"client 1 \(SuperNode 42\) reads another public pool than the server "
+                                           r"\(40 records, digest bbbb; the server's: 40 records, digest aaaa\)"):
+        pool.connect()
+    assert pool.setup[0] == ({}, {})  # the digest is checked, then left out of the setup row (as in-process)
+
+
+def test_a_teach_message_naming_unknown_questions_is_a_data_error(tiny_overrides):
+    from fedlada import rounds
+    from fedlada.errors import DataError
+    from fedlada.messages import TeachMessage
+    from fedlada.prepare import load_data
+    from fedlada.runner import Events, build_states
+
+    cfg = load_config(overrides=tiny_overrides)
+    server, clients, _ = build_states(cfg, load_data(cfg), Events())
+    teach = TeachMessage(round=1, question_ids=(next(iter(server.public)), "not-in-the-pool"))
+    with pytest.raises(DataError, match="1 question id\\(s\\) that are not in this public pool of .* "
+                                        "\\(e.g. 'not-in-the-pool'\\)"):
+        rounds.client_step(clients[0], teach, public=server.public, cfg=cfg, round=1)
+
+
 def test_a_restarted_supernode_under_a_new_id_serves_its_client_again(tmp_path, monkeypatch):
     from fedlada.runner import RunDir
     from fedlada_app import server_app

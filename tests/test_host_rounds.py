@@ -209,6 +209,47 @@ def test_server_learn_without_a_reward_slice_records_no_reward_and_learns_from_t
         rounds.server_learn(server, [rep, rep], cfg=cfg, round=2)
 
 
+def test_the_server_reward_slice_is_trained_on_through_no_client(tiny_overrides, monkeypatch):
+    """Two clients send paths for the same questions: a question held out for the reward is in neither client's
+    training data this round."""
+    from fedlada import rounds
+    from fedlada.messages import PathItem
+
+    cfg, data, server, clients = _states(tiny_overrides)
+    recs = list(server.public.values())[:10]
+    reps = [ReportMessage(round=1, client=k, paths=tuple(
+        PathItem(r.id, reasoning.format_path(r.rationale, r.answer), -4.0 - k, 8) for r in recs)) for k in (0, 1)]
+    trained, scored = [], []
+    real_train, real_score = rounds.train, rounds.score_paths
+    monkeypatch.setattr(rounds, "train", lambda *a, **kw: trained.extend(e.prompt for e in kw["distill_sft"])
+                        or real_train(*a, **kw))
+    monkeypatch.setattr(rounds, "score_paths", lambda m, t, prompts, paths, **kw: scored.append(list(prompts))
+                        or real_score(m, t, prompts, paths, **kw))
+    log = rounds.server_learn(server, reps, cfg=cfg, round=1)
+    held = scored[2]  # per client: the received paths (2 calls); then the reward slice before training
+    assert len(held) == 2 * 2 and log.metrics["server_reward"] is not None  # 20% of 10 questions, from each client
+    assert trained and not set(held) & set(trained)
+
+
+def test_the_lada_round_functions_refuse_a_host_method_up_front_and_seed_by_value(tiny_overrides):
+    import numpy as np
+
+    from fedlada import rounds
+    from fedlada.messages import TeachMessage
+
+    cfg, data, server, clients = _states(tiny_overrides)
+    host_cfg = load_config(overrides=tiny_overrides + ["lada.method=host", "host.name=fedmkt"])
+    for call in (lambda: rounds.server_teach(server, cfg=host_cfg, round=1),
+                 lambda: rounds.client_step(clients[0], TeachMessage(1, ()), public=server.public, cfg=host_cfg,
+                                            round=1),
+                 lambda: rounds.server_learn(server, [], cfg=host_cfg, round=1)):
+        with pytest.raises(ValueError, match="'host' is a host framework's method: use fedlada.host_rounds"):
+            call()
+    assert rounds.derive_seed(0, "x", np.int64(1), 2) == rounds.derive_seed(0, "x", 1, 2)
+    assert rounds.candidate_ids(server.public, n=5, seed=0, round=np.int64(1)) == \
+        rounds.candidate_ids(server.public, n=5, seed=0, round=1)
+
+
 def test_round_functions_report_their_progress(tiny_overrides, gold_sampler):
     from fedlada import rounds
 

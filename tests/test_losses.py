@@ -273,3 +273,9 @@ def test_path_losses_refuse_inputs_of_different_shapes():
     m = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"listwise_path_loss: expected tensors of one shape \(B,M\)"):
         listwise_path_loss(m, torch.zeros(2, 1), m, m.bool())
+
+
+def test_a_nan_temperature_or_beta_is_refused_not_propagated():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be > 0, got nan"):
+        contrastive_path_loss(x, x, x, x, beta=float("nan"))

@@ -52,3 +52,20 @@ def test_a_message_is_written_as_strict_json_and_equals_its_round_trip():
     assert TeachMessage.from_bytes(memoryview(t.to_bytes())) == t
     r = ReportMessage(1, 0, paths=[PathItem("q", "t", -1.0, 1)])
     assert ReportMessage.from_bytes(bytearray(r.to_bytes())) == r
+
+
+def test_numpy_numbers_and_misused_fields_are_caught_where_the_message_is_made():
+    import numpy as np
+
+    t = TeachMessage(round=np.int64(1), question_ids=("a", "b"))  # a loop over np.arange(1, 3)
+    assert type(t.round) is int and TeachMessage.from_bytes(t.to_bytes()) == t
+    r = ReportMessage(round=np.int32(2), client=np.int64(0), metrics={"a": np.float32(1.5), "n": np.int64(3)})
+    assert ReportMessage.from_bytes(r.to_bytes()) == r and r.metrics == {"a": 1.5, "n": 3}
+    with pytest.raises(MessageError, match="question id 'a' is listed twice"):
+        TeachMessage(round=1, question_ids=("a", "b", "a"))
+    with pytest.raises(MessageError, match="question id 'a' is listed twice"):
+        TeachMessage.from_bytes(b'{"kind":"teach","version":1,"round":1,"question_ids":["a","a"],"paths":[]}')
+    with pytest.raises(MessageError, match="not one string"):
+        TeachMessage(round=1, question_ids="abc")
+    with pytest.raises(MessageError, match="'metrics' must hold finite numbers"):
+        ReportMessage.from_bytes(b'{"kind":"report","version":1,"round":1,"client":0,"metrics":{"a":1e400}}')

@@ -106,7 +106,7 @@ def test_extract_answer_rejects_unknown_mode():
         ("(A)", "a"),  # an article alone is kept: it is the whole answer
         ("Yes.", "yes"),
         ("18 eggs.", "18 eggs"),
-        ("1,00", "1 00"),  # not a number: a misplaced comma is text
+        ("1,00", "1,00"),  # not a number: text (punctuation between digits is kept)
     ],
 )
 def test_normalize_answer(answer, normal):
@@ -159,3 +159,70 @@ def test_flexible_extraction_then_correctness_grades_free_text():
     outputs = {"Answer: 18 eggs.": True, "so she has 18 eggs left": True, "The answer is 17.": False, "": False}
     for text, expected in outputs.items():
         assert is_correct(extract_answer(text), "18") is expected, text
+
+
+@pytest.mark.parametrize(
+    "pred, gold, flexible",
+    [  # answers that are not bare numbers or bare words: each verdict is the right one
+        ("5 °C", "-5 °C", False),  # the sign and the decimal point of a number with a unit are kept
+        ("-5 °C", "-5 °C", True),
+        ("−5 °C", "-5 °C", True),  # U+2212
+        ("-12 kg", "12 kg", False),
+        ("3.4 kg", "3/4 kg", False),
+        ("0.5 kg", "1/2 kg", True),
+        ("1.200 kg", "1,200 kg", False),
+        ("1200 kg", "1,200 kg", True),
+        ("12.5 kg", "12.50 kg", True),
+        ("12kg", "12 kg", True),
+        ("12", "12 kg", True),  # the gold's number alone
+        ("12 lb", "12 kg", False),  # another unit
+        ("10", "10 years old", True),
+        ("3.50", "3.50 €", True),
+        ("Vitamin", "Vitamin A", False),  # "A" is a letter here, not an article
+        ("Hepatitis A", "hepatitis a", True),
+        ("A B", "B", False),  # a hedge between two choices
+        ("A B", "A", False),
+        ("C#", "C++", False),
+        ("C", "C++", False),
+        ("c++", "C++", True),
+        ("U.S.A.", "USA", False),
+        ("U.S.A.", "u.s.a", True),
+        ("a cat", "cat", True),
+        ("(C) Paris", "C", True),  # a choice letter with its option
+        ("C) Paris", "C", True),
+        ("B) 12", "B", True),
+        ("option B", "B", True),
+        ("(c)", "C", True),
+        ("C", "(C) Paris", True),
+        ("(B) Paris", "(C) Paris", False),
+        ("D", "C", False),
+        ("The answer is C", "C", True),  # "the answer is" inside an answer line
+        ("the answer is 12.", "12", True),
+        ("Ｂ", "B", True),  # full-width
+        ("north-east", "North East", True),
+        ("yes.", "Yes", True),
+    ],
+)
+def test_is_correct_beyond_arithmetic(pred, gold, flexible):
+    assert is_correct(pred, gold) is flexible
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("**Answer:** B", "B"),
+        ("Final Answer: B", "B"),
+        ("answer: B", "B"),
+        ("ANSWER: yes", "yes"),
+        ("- Answer: B", "B"),
+        ("**Final Answer**: (C) Paris", "(C) Paris"),
+        ("The answer is Dr. Smith. He wrote it.", "Dr. Smith"),  # abbreviations do not end the sentence
+        ("I think the answer is St. Louis. Next question.", "St. Louis"),
+        ("The answer is approx. 5 kg. Done", "approx. 5 kg"),
+        ("The answer is U.S. Grant. Yes.", "U.S. Grant"),
+        ("The answer is 12. So we are done.", "12"),
+    ],
+)
+def test_flexible_extraction_of_other_answer_spellings(text, answer):
+    assert extract_answer(text, mode="flexible") == answer
+    assert extract_answer("Answer: 7\n" + text, mode="flexible") == "7"  # a strict line still wins

@@ -259,10 +259,10 @@ def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
                ClientFiles(recs[:2], recs[3:5])]
     with caplog.at_level("WARNING"):
         lines = warn_test_overlap(clients, public=recs[5:])
-    assert lines == ["data.clients.0.test: 2 of its 3 questions are also in its train split; their accuracy is not "
-                     "held out",
-                     "data.clients.0.test: 1 of its 3 questions are also in the public pool; their accuracy is not "
-                     "held out"]
+    assert lines == ["data.clients.0.test: 2 of its 3 records ask a question that is also in its train split; their "
+                     "accuracy is not held out",
+                     "data.clients.0.test: 1 of its 3 records ask a question that is also in the public pool; their "
+                     "accuracy is not held out"]
     assert lines == [r.getMessage() for r in caplog.records]
 
 

@@ -159,6 +159,10 @@ def test_evaluate_handles_records_without_step_counts(monkeypatch):
     recs = [Record("a", "say seven", "7", "Just say it."), Record("b", "say two", "2", None, "d")]
     out = rounds.evaluate(side, recs, max_new_tokens=4)
     assert out["accuracy"] == 0.5 and out["by_steps"] == {} and out["by_domain"] == {"-": 1.0, "d": 0.0}
+    mixed = [Record("c-s2-1", "say seven", "7", "3 + 4 = 7")] + recs  # one record with a count: still no rows
+    assert rounds.evaluate(side, mixed, max_new_tokens=4)["by_steps"] == {}
+    counted = [Record("c-s2-1", "say seven", "7", "3 + 4 = 7"), Record("d", "say two", "2", "1 + 1 = 2")]
+    assert rounds.evaluate(side, counted, max_new_tokens=4)["by_steps"] == {"1": 0.0, "2": 1.0}
 
 
 def test_local_only_exchanges_nothing_but_empty_messages(tiny_overrides):

@@ -12,8 +12,11 @@ Formats (one JSON object each):
   records (``source`` naming PoT) hold code, not a rationale, and are reported as problems.
 - ``cot`` (CoT-Collection): ``source`` is the question, ``rationale`` the rationale, ``target`` the answer.
 
-Every format's final answer must be one line with a letter or digit in it. Formats without ids take the caller's
-default id (``{file-stem}-{line}``) unless the object carries a string ``id``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
+Every format's final answer must be one line with a letter or digit in it. A rationale holds the reasoning only:
+the path's ``Answer:`` line is made from the answer, so a rationale line that is an answer line is a problem, except
+a last line that states the record's own answer, which is dropped as redundant. Formats without ids take the
+caller's default id (``{file-stem}-{line}``) unless the object carries a string ``id``, and keep a string
+``domain``; other keys are ignored. ``detect_format`` decides from one object's keys; the reader applies it to the
 first object of a file. Converters never raise: they return the record (or None) and a list of (key, message).
 """
 
@@ -24,7 +27,8 @@ from typing import Callable
 
 from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
 from fedlada.errors import ConfigError
-from fedlada.reasoning import ANSWER_IS_RE, answer_is_span, boxed_contents, clean_answer_span, last_number
+from fedlada.reasoning import (ANSWER_IS_RE, ANSWER_LINE_RE, answer_is_span, boxed_contents, clean_answer_span,
+                               is_correct, last_number)
 
 FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
 
@@ -63,7 +67,8 @@ def _required_text(obj: dict, key: str, issues: Issues, *, integers: bool = Fals
     if integers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        hint = " (an integer is taken as is; write other numbers as strings)" if integers else ""
+        hint = ((" (write the answer as text, e.g. \"yes\" or \"no\")" if isinstance(value, bool) else
+                 " (an integer is taken as is; write other numbers as strings)") if integers else "")
         issues.append((key, f"expected a non-empty string, found {describe_value(value)}{hint}"))
         return None
     if not value.strip():
@@ -100,6 +105,32 @@ def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) 
         issues.append((key, f"{answer.strip()!r} has no letter or digit; expected a final answer"))
 
 
+def _checked_rationale(rationale: str | None, answer: str, key: str, issues: Issues) -> str | None:
+    """``rationale`` without a redundant last ``Answer:`` line; an issue for any other answer line in it (the path
+    would carry two, and extraction and sampling stop at the first)."""
+    if rationale is None:
+        return None
+    lines = rationale.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=None)
+    match = ANSWER_LINE_RE.match(lines[last]) if last is not None else None
+    if match and is_correct(match.group(1), answer, mode="strict"):
+        lines = lines[:last]
+    elif not ANSWER_LINE_RE.search(rationale):
+        return rationale
+    for i, line in enumerate(lines):
+        if ANSWER_LINE_RE.match(line):
+            issues.append((key, f"line {i + 1} of the rationale is an answer line ({line.strip()!r}); the path's "
+                                f"'Answer:' line is made from the answer ({answer!r}): leave it out of the rationale"))
+            return None
+    rest = "\n".join(lines).strip("\n")
+    return rest if rest.strip() else None
+
+
+def _domain(obj: dict) -> str | None:
+    value = obj.get("domain")
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
 def _foreign_id(obj: dict, default_id: str) -> str:
     value = obj.get("id")
     if isinstance(value, int) and not isinstance(value, bool):
@@ -116,8 +147,8 @@ def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
             issues.append((key, f"unknown key{name} (allowed: {', '.join(RECORD_KEYS)})"))
     rid = _required_text(obj, "id", issues, integers=True)
     if rid is None and "id" not in obj and "question" in obj and "answer" in obj and "rationale" not in obj:
-        issues[-1] = ("id", "missing (expected a non-empty string; a GSM8K-style file needs '#### <answer>' as the "
-                            "last line of every answer)")
+        issues[-1] = ("id", "missing (every record needs a unique 'id'; only a GSM8K-style record, whose 'answer' "
+                            "ends with a '#### <answer>' line, may leave it out)")
     question = _required_text(obj, "question", issues)
     answer = _required_text(obj, "answer", issues, integers=True)
     if answer is not None:
@@ -125,7 +156,16 @@ def convert_fedlada(obj: dict, *, default_id: str) -> Converted:
     optional = {key: _optional_text(obj, key, issues) for key in OPTIONAL_KEYS}
     if issues:
         return None, issues
-    return Record(rid, question, answer, optional["rationale"], optional["domain"]), issues
+    question = _unix_lines(question)
+    rationale = _checked_rationale(_unix_lines(optional["rationale"]), answer, "rationale", issues)
+    if issues:
+        return None, issues
+    return Record(rid, question, answer, rationale, optional["domain"]), issues
+
+
+def _unix_lines(text: str | None) -> str | None:
+    """``\r\n`` and lone ``\r`` line ends as ``\n`` (a CSV reader already does this; JSON strings keep them)."""
+    return None if text is None else text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def split_gsm8k_answer(text: str) -> tuple[str | None, str | None]:
@@ -148,9 +188,11 @@ def convert_gsm8k(obj: dict, *, default_id: str) -> Converted:
             issues.append(("answer", "expected the rationale, then '#### <answer>' with a non-empty answer"))
         else:
             _check_final_answer(answer, "answer", issues, several="nothing may follow the '#### <answer>' line")
+    if not issues:
+        rationale = _checked_rationale(rationale, answer, "answer", issues)
     if issues:
         return None, issues
-    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale, _domain(obj)), issues
 
 
 def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
@@ -187,9 +229,11 @@ def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
             issues.append(("output", "no final answer found (expected 'The answer is X', \\boxed{X} or a number)"))
         else:
             _check_final_answer(answer, "output", issues, several="its final answer")
+    if not issues:
+        rationale = _checked_rationale(rationale, answer, "output", issues)
     if issues:
         return None, issues
-    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale), issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale, _domain(obj)), issues
 
 
 def convert_cot(obj: dict, *, default_id: str) -> Converted:
@@ -201,9 +245,11 @@ def convert_cot(obj: dict, *, default_id: str) -> Converted:
         return None, issues
     answer = " ".join(answer.split())  # a target broken over lines is still one final answer
     _check_final_answer(answer, "target", issues, several="")
+    if not issues:
+        rationale = _checked_rationale(_clean_lines(rationale), answer, "rationale", issues)
     if issues:
         return None, issues
-    return Record(_foreign_id(obj, default_id), question.strip(), answer, _clean_lines(rationale)), issues
+    return Record(_foreign_id(obj, default_id), question.strip(), answer, rationale, _domain(obj)), issues
 
 
 CONVERTERS: dict[str, Callable[..., Converted]] = {

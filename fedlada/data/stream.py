@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format
 from fedlada.data.records import Problem, Record
-from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long,
+from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long, container_problem,
                                    parquet_unreadable)
 from fedlada.errors import DataError
 
@@ -99,6 +99,9 @@ def _stream_items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterab
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_batches(path, max_bytes)
+    wrong = container_problem(path)
+    if wrong is not None:
+        return iter([(1, 1, None, wrong, "")])
     if suffix == ".csv" or (suffix == ".json" and _starts_with_bracket(path)):
         return _items(path, max_bytes, problems)  # parsed whole, like read_records
     return _jsonl_lines(path, max_bytes)

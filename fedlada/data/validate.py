@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fedlada.data.formats import CONVERTERS, FORMATS, describe_value, check_format, detect_format
-from fedlada.data.records import Problem, Record
+from fedlada.data.records import RECORD_KEYS, Problem, Record
 from fedlada.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
 
 
 def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)  # "a, b": the blank is no part
+    if reader.fieldnames:  # of a value or a name; nor is one before a comma ("id ,question")
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
     start = 2  # the header is line 1
     for row in reader:
         line = start
@@ -180,10 +182,36 @@ def _one_json_object(data: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "a zip archive"), (b"BZh", "bzip2-compressed"),
+          (b"\xfd7zXZ\x00", "xz-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"PAR1", "a Parquet file"))
+
+
+def container_problem(path: Path) -> str | None:
+    """Why a non-Parquet file cannot be a data file at all (compressed, a Parquet file under another suffix, a text
+    file of another kind read as JSON Lines), in one problem instead of one per line; None when it may be one."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            fix = "name it .parquet" if what == "a Parquet file" else "decompress it first"
+            return f"this is {what}, not text: data files are read as they are (.jsonl, .json, .csv, .parquet); {fix}"
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        lines = head.lstrip(_UTF8_BOM).split(b"\n")
+        first = next((line for line in lines[:-1] if line.strip()), None)  # a whole line
+        if first is not None and not _parses(first.decode("utf-8", errors="replace")):
+            return (f"the first line is not JSON: a {suffix or 'suffix-less'} file is read as JSON Lines (supported: "
+                    f"{', '.join(DATA_SUFFIXES)}; a tab-separated file: convert it to .csv)")
+    return None
+
+
 def _items(path: Path, max_bytes: int, problems: list[Problem]) -> Iterable[Item]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_items(path, max_bytes)
+    wrong = container_problem(path)
+    if wrong is not None:
+        return iter([(1, 1, None, wrong, "")])
     data = path.read_bytes()
     if suffix in (".csv", ".json"):
         if suffix == ".json" and not data.lstrip(_UTF8_BOM + b" \t\r\n").startswith(b"["):
@@ -311,16 +339,36 @@ def validate_files(paths, *, format: str = "auto",
 
 
 def write_records(records: Iterable[Record], path: str | os.PathLike) -> Path:
-    """Write records as JSONL (UTF-8, one object per line, optional fields left out when None).
+    """Write records in the container their suffix names, as ``read_records`` reads them back: ``.csv`` (a header
+    row), ``.parquet`` (string columns), ``.json`` (one list), anything else JSON Lines (UTF-8, one object per line,
+    optional fields left out when None).
 
     Atomic: the file is written next to its target and renamed over it, so a reader never sees half a file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    suffix = path.suffix.lower()
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+        rows = [r.to_json() for r in records]
+        columns = [k for k in RECORD_KEYS if any(k in row for row in rows)] or ["id", "question", "answer"]
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pydict({k: [row.get(k) for row in rows] for k in columns},
+                                                schema=pa.schema([(k, pa.string()) for k in columns])), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="" if suffix == ".csv" else "\n") as handle:
+                if suffix == ".csv":
+                    writer = csv.DictWriter(handle, fieldnames=columns)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                elif suffix == ".json":
+                    json.dump(rows, handle, ensure_ascii=False, indent=0)
+                    handle.write("\n")
+                else:
+                    handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
