@@ -24,11 +24,22 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a job scheduler, ``timeout``): stopped the way Ctrl-C stops, with exit status 143."""
 
 
+_signalled: list[int] = []  # the exit status of a Ctrl-C (130) or SIGTERM (143) this process received
+
+
+def _on_sigint(signum, frame):
+    _signalled.append(130)
+    raise KeyboardInterrupt()
+
+
 def _on_sigterm(signum, frame):
+    _signalled.append(143)
     raise Terminated()
 
 
-def _interrupted_status(e: KeyboardInterrupt) -> int:
+def _interrupted_status(e: KeyboardInterrupt | None) -> int:
+    if e is None:
+        return _signalled[0]
     return 143 if isinstance(e, Terminated) else 130
 
 
@@ -86,7 +97,11 @@ def _load_cfg(args, sets=None):
     from fedlada.config import load_config
 
     overrides = list((args.set or []) if sets is None else sets)
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) is not None:
+        if not args.out.strip():
+            from fedlada.errors import ConfigError
+
+            raise ConfigError("--out: expected a folder, found an empty string")
         overrides.append(f"out_dir={args.out}")
     if getattr(args, "engine", None):
         overrides.append(f"engine={args.engine}")
@@ -243,6 +258,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from fedlada.export import export_model
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
     out = export_model(args.run_dir, args.model, args.out, round=args.round)
     _console().print(f"{args.model} written to {out} (a plain Hugging Face model folder; see fedlada_export.json)")
     return 0
@@ -259,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (same as --set out_dir=...)")
     r.add_argument("--engine", choices=["inprocess", "flower"], help="in-process runner or Flower simulation")
     r.add_argument("--fresh", action="store_true", help="refuse to resume an existing run directory")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, interrupted=INTERRUPTED)
 
     d = sub.add_parser("data", help="built-in benchmark and data validation")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -267,38 +284,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="data/benchmark", help="output directory (default: data/benchmark)")
     m.add_argument("--config", help="a TOML config file (its [data] table sets the sizes)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. data.num_clients=4")
-    m.set_defaults(func=cmd_data_make)
+    m.set_defaults(func=cmd_data_make, interrupted="interrupted; the same command makes the benchmark again")
     v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
     v.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
                    help=f"a longer record is a problem (default {DEFAULT_MAX_RECORD_BYTES}; the run's key is "
                         f"data.max_record_bytes)")
-    v.set_defaults(func=cmd_data_validate)
+    v.set_defaults(func=cmd_data_validate, interrupted="interrupted; no file was changed")
 
     c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")
     c.add_argument("--config", help="a TOML config file shared by every run of the table")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--methods", help="comma-separated; each METHOD or HOST:METHOD, e.g. "
                    "local,lada,fedmkt:host,fedmkt:host-random,fedmkt:lada (default: local,all,random,lada-sft,lada)")
-    c.add_argument("--seeds", type=int, default=3, help="number of seeds (the config's seed, default 0, and the N-1 after it; default 3)")
+    c.add_argument("--seeds", type=int, default=3,
+                   help="number of seeds (the config's seed, default 0, and the N-1 after it; default 3)")
     c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
     c.add_argument("--title", default="")
     c.add_argument("--finished-only", action="store_true",
                    help="run nothing: tabulate the runs already finished under --out (each row says over how many "
                         "seeds)")
-    c.set_defaults(func=cmd_compare)
+    c.set_defaults(func=cmd_compare, interrupted="interrupted; every finished run of the table is kept and the "
+                                                  "same command goes on from there")
 
     rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")
     rep.add_argument("run_dir")
-    rep.set_defaults(func=cmd_report)
+    rep.set_defaults(func=cmd_report, interrupted="interrupted; the same command writes the report again")
 
     ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)")
     ex.add_argument("run_dir")
     ex.add_argument("--model", required=True, help="llm or client<K> (e.g. client0)")
     ex.add_argument("--out", required=True, help="a new or empty folder")
     ex.add_argument("--round", type=int, help="after which round (default: the last completed one)")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=cmd_export, interrupted="interrupted; nothing was exported (the same command starts over)")
     return p
 
 
@@ -310,20 +329,29 @@ def main(argv: list[str] | None = None) -> int:
 
     if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C does
         signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGINT, _on_sigint)
+    interrupted = getattr(args, "interrupted", "interrupted")
     try:
-        return args.func(args)
-    except FedLadaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path the user gave is a file where a folder is needed, unwritable, ...
-        if args.verbose:
-            raise
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+        status = args.func(args)
     except KeyboardInterrupt as e:
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return _interrupted_status(e)
+    except Exception as e:
+        if _signalled:  # the interrupt surfaced as another exception (raised inside an import, say)
+            print(interrupted, file=sys.stderr)
+            return _interrupted_status(None)
+        if isinstance(e, FedLadaError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and not args.verbose:  # a path the user gave is a file, unwritable, ...
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+            return 2
+        raise
+    if _signalled:  # swallowed on its way out (Python ignores an exception raised inside a finaliser)
+        print(interrupted, file=sys.stderr)
+        return _interrupted_status(None)
+    return status
 
 
 if __name__ == "__main__":

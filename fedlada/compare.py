@@ -90,6 +90,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
                 runner.check_data_unchanged(runner.RunDir(cfg.out_dir), digest)
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
+                if not (Path(cfg.out_dir) / "report.html").is_file() and not finished_only:
+                    write_report(cfg.out_dir)  # an earlier table stopped between the run's end and its report
             elif finished_only:
                 log.warning("no finished run in %s: left out of the table", cfg.out_dir)
                 continue

@@ -29,3 +29,12 @@ class DataError(FedLadaError):
             more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
             message = f"{message}\n{shown}{more}"
         super().__init__(message)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """An I/O failure while writing files, also as a library's own exception (safetensors reports a full disk as a
+    ``SafetensorError`` "I/O error: No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return isinstance(e, Exception) and ("I/O error" in text or "No space left" in text or "(os error" in text)

@@ -18,7 +18,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from fedlada.errors import ConfigError
+from fedlada.errors import ConfigError, FedLadaError, is_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,34 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
     check_models_unchanged(rd, cfg, {who: info},  # as a resume checks it
                            remedy="restore that model, or export on the machine (and CPU thread count) the run used")
-    load_trainable(model, ckpt / ("llm.pt" if k is None else f"client_{k}.pt"), "the LLM" if k is None else who)
+    path = ckpt / ("llm.pt" if k is None else f"client_{k}.pt")
+    try:
+        load_trainable(model, path, "the LLM" if k is None else who)
+    except ConfigError as e:
+        other = f"; export an earlier round with --round {round - 1}" if round > 1 else ""
+        if "is missing" in str(e) or "unreadable" in str(e):
+            raise ConfigError(f"checkpoint file {path} is damaged ({str(e).split(' is ', 1)[1].split(':')[0]})"
+                              f"{other}") from None
+        raise ConfigError(f"{e} (was the run's config.toml edited?){other}") from None
+    try:
+        accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
+    except FedLadaError as e:  # a damaged metrics.jsonl: the accuracy note is all it gives here
+        log.warning("no accuracy in fedlada_export.json: %s", e)
+        accuracy = None
     created = not out.exists()
     try:
         save_model(model, tok, out)
-        accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
         record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": config_mod.to_dict(spec),
                   "accuracy": accuracy, "merged_lora": bool(spec.lora)}
         (out / "fedlada_export.json").write_text(json.dumps(record, indent=1))
-    except BaseException:
+    except BaseException as e:
         if created:
             shutil.rmtree(out, ignore_errors=True)  # no half-written model folder left behind
+        elif out.is_dir():  # it was an empty folder: empty it again, so the same command can be run again
+            for p in out.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if is_write_failure(e):
+            raise ConfigError(f"--out {out}: cannot write the model ({getattr(e, 'strerror', None) or e}); nothing "
+                              f"was left there: free space or pick another folder") from None
         raise
     return out

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from typing import Callable
 from fedlada import reasoning
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record, make_benchmark, read_records, validate_files
-from fedlada.errors import ConfigError, DataError
+from fedlada.errors import ConfigError, DataError, ModelError, is_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,47 @@ def cache_root(cfg: RunConfig) -> Path:
 
 
 @contextmanager
-def _writing_cache(root: Path):
-    """An OSError while filling the cache names the cache and how to choose another one."""
+def _writing_cache(root: Path, tmp: Path | None = None):
+    """An OSError while filling the cache (or a writer's own error for one, e.g. safetensors' "No space left on
+    device") names the cache and how to choose another one; the entry's temporary folder ``tmp`` goes, whatever
+    stopped the writing (an interrupt too). Temporary folders that processes no longer running left behind (a kill)
+    are removed first."""
+    _sweep_stale(root)
     try:
         yield
-    except OSError as e:
-        raise ConfigError(f"cannot write the cache {root}: {e.strerror or e}"
-                          f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}; make it writable, or "
-                          "point $FEDLADA_CACHE or models.cache_dir at a writable folder") from None
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(e):
+            raise ConfigError(f"cannot write the cache {root}: {getattr(e, 'strerror', None) or e}"
+                              f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}; make it writable "
+                              "(or free space), or point $FEDLADA_CACHE or models.cache_dir at a writable folder"
+                              ) from None
+        raise
+
+
+_TMP_RE = re.compile(r"\.tmp(\d+)$")
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove ``<entry>.tmp<pid>`` folders under the cache whose process is gone (killed while writing)."""
+    for sub in (root / "models", root / "tokenizers", root / "data"):
+        if not sub.is_dir():
+            continue
+        for p in sub.iterdir():
+            m = _TMP_RE.search(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _digest(obj) -> str:
@@ -161,10 +195,10 @@ def load_data(cfg: RunConfig) -> FederatedData:
             shutil.rmtree(out, ignore_errors=True)
         if not (out / "manifest.json").is_file():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            with _writing_cache(cache_root(cfg)):
+            with _writing_cache(cache_root(cfg), tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
                 make_benchmark(tmp, **kw)
-                tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
+                _publish(tmp, out)
         clients = [ClientFiles(read_records(out / f"client_{k}" / "train.jsonl"),
                                read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
         general = read_records(out / "general.jsonl") if d.general_size else []
@@ -275,24 +309,34 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
                    "vocab": vocab_size, "salt": salt})
     path = cache_root(cfg) / "tokenizers" / key
     if (path / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(path), key
+        try:
+            return AutoTokenizer.from_pretrained(path), key
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry, named with the way out
+            raise ModelError(f"the cached tokenizer {path} cannot be read ({type(e).__name__}: {e}); delete that "
+                             f"folder and it is trained again") from None
     if salt != "shared":  # a different tokenizer: trained on a different sample of the same text
         rng = random.Random(salt)
         texts = rng.sample(texts, len(texts) // 2)
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with _writing_cache(cache_root(cfg)):
+    with _writing_cache(cache_root(cfg), tmp):
         tok.save_pretrained(tmp)
         _publish(tmp, path)
     return AutoTokenizer.from_pretrained(path), key
 
 
 def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished cache entry into place; another process that published the same entry first wins (both
+    made the same thing), and this one's copy is dropped."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(final)
+    if not final.exists():
+        try:
+            tmp.replace(final)
+            return
+        except OSError:
+            if not final.exists():  # a real failure, not the other process's entry appearing in between
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _compute_key(spec: ModelSpec) -> list:
@@ -444,7 +488,7 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
                             pretrain_loss=stats.loss)
                 (path.parent).mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            with _writing_cache(cache_root(cfg)):
+            with _writing_cache(cache_root(cfg), tmp):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_model(model, tok, tmp)
                 (tmp / "fedlada_pretrain.json").write_text(json.dumps({**info, "weights_sha256": _weight_hashes(tmp)},

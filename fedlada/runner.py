@@ -252,6 +252,12 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
     if not rd.path.is_dir() or not any(p.name != LOCK_NAME for p in rd.path.iterdir()):
         return rd, 0
     existing = rd.path / "config.toml"
+    if existing.is_file() and (rd.path / "metrics.jsonl").is_file():  # a run's folder whose config.toml is damaged
+        try:
+            tomllib.loads(existing.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{existing} is not valid TOML ({e}): this run's config was damaged or edited; restore "
+                              f"it (nothing in {rd.path} was changed)") from None
     if not _is_run_config(existing):
         raise ConfigError(f"out_dir {rd.path}: not empty and not a FedLaDa run directory (no run config.toml); "
                           f"pick a new or empty directory (nothing in it was changed)")
@@ -305,6 +311,20 @@ def _finished_summary(rd: RunDir, cfg: RunConfig, start: int) -> dict | None:
 def _setup_row(rd: RunDir) -> dict:
     """The run's ``setup`` line of metrics.jsonl (what it started with), or {}."""
     return next((r for r in rd.read("metrics.jsonl") if r.get("event") == "setup"), {})
+
+
+def check_metrics_complete(rd: RunDir, start: int) -> None:
+    """A run resumed after round ``start`` must have the metrics of rounds 0..start (every round appends its rows,
+    ending with the LLM's evaluation and the round's time, before its checkpoint): a metrics.jsonl cut short or
+    edited would otherwise lose those rounds from the summary and the report of the finished run, silently."""
+    rows = rd.read("metrics.jsonl")
+    evaluated = {r.get("round") for r in rows if r.get("event") == "eval" and r.get("who") == "llm"}
+    timed = {r.get("round") for r in rows if r.get("event") == "round_time"}
+    missing = [t for t in range(start + 1) if t not in evaluated or (timed and t and t not in timed)]
+    if missing:
+        raise ConfigError(f"run directory {rd.path}: metrics.jsonl lacks the rows of round(s) "
+                          f"{', '.join(map(str, missing))}, although the checkpoints hold rounds 1..{start} (the file "
+                          f"was cut short or edited); restore it from a copy, or start a new run in another out_dir")
 
 
 def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
@@ -417,9 +437,20 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
     if summary is not None:
         events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
         return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
+    if start:
+        check_metrics_complete(rd, start)
     created = next((p for p in reversed((rd.path.absolute(), *rd.path.absolute().parents)) if not p.exists()), None)
-    rd.lock()  # before anything in the folder changes: a second process is refused here
     try:
+        rd.lock()  # before anything in the folder changes: a second process is refused here
+    except OSError as e:  # a read-only or missing parent, a full disk
+        raise ConfigError(f"out_dir {rd.path}: cannot write there ({e.strerror or e}"
+                          f"{': ' + str(e.filename) if getattr(e, 'filename', None) else ''}); pick a writable folder "
+                          f"(--out)") from None
+    try:
+        # the folder was checked before the data loaded: another process may have run in it since (and finished)
+        if check_run_dir(cfg, resume=resume)[1] != start or _finished_summary(rd, cfg, start) is not None:
+            raise ConfigError(f"run directory {rd.path} changed while this run loaded its data (another process ran "
+                              f"in it); nothing was changed: run the command again")
         init_run_dir(rd, cfg, start)
     except BaseException:
         rd.unlock(remove=start == 0)

@@ -215,3 +215,23 @@ def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="afile"):
         make_benchmark(afile, **SMALL)
     assert afile.read_text() == "x"
+
+
+def test_an_interrupted_make_leaves_the_folder_as_it_was_and_can_be_run_again(tmp_path, monkeypatch):
+    from fedlada.data import benchmark
+
+    out = tmp_path / "bench"
+    real, calls = benchmark.write_records, []
+
+    def interrupted(records, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(records, path)
+
+    monkeypatch.setattr(benchmark, "write_records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_benchmark(out, **SMALL)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no temporary folder
+    monkeypatch.setattr(benchmark, "write_records", real)
+    assert validate_files(make_benchmark(out, **SMALL).out_dir) == []

@@ -131,6 +131,34 @@ def test_data_make_lists_what_it_wrote(tmp_path, capsys):
     assert not any("general corpus" in line or "PosixPath" in line for line in lines)
 
 
+def test_an_interrupt_that_surfaces_late_or_as_another_error_still_exits_as_an_interrupt(monkeypatch, capsys):
+    """Python ignores an exception raised inside a finaliser (the KeyboardInterrupt is printed as "Exception ignored"
+    and the command goes on), and a KeyboardInterrupt inside an import can come out as another exception: the
+    signal handlers remember the signal, so the command still ends as interrupted, with that command's message."""
+    from fedlada import cli
+
+    def swallowed(args):
+        cli._signalled.append(143)  # what _on_sigterm records before raising
+        return 0
+
+    def wrapped(args):
+        cli._signalled.append(130)
+        raise RuntimeError("Error calling __set_name__ on '_axis_method_wrapper'")
+
+    monkeypatch.setattr(cli, "_signalled", [])
+    monkeypatch.setattr(cli, "cmd_report", swallowed)
+    assert main(["report", "somewhere"]) == 143
+    assert _err(capsys).strip() == "interrupted; the same command writes the report again"
+    monkeypatch.setattr(cli, "_signalled", [])
+    monkeypatch.setattr(cli, "cmd_export", wrapped)
+    assert main(["export", "r", "--model", "llm", "--out", "x"]) == 130
+    assert _err(capsys).strip() == "interrupted; nothing was exported (the same command starts over)"
+    monkeypatch.setattr(cli, "_signalled", [])
+    monkeypatch.setattr(cli, "cmd_export", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # without a signal, a bug is a bug
+        main(["export", "r", "--model", "llm", "--out", "x"])
+
+
 @pytest.mark.slow
 def test_sigterm_while_preparing_models_stops_like_ctrl_c_and_leaves_no_folder(tmp_path):
     import os

@@ -426,10 +426,11 @@ def test_a_resumed_lora_model_must_keep_its_base_weights(tiny_overrides, tmp_pat
         run(load_config(overrides=own))
 
 
-def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sampler, tmp_path):
+def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sampler, tmp_path, monkeypatch):
     import torch
 
     from fedlada import checkpoints, prepare
+    from fedlada import models as models_mod
     from fedlada.export import export_model
     from fedlada.models import load_model
 
@@ -466,3 +467,113 @@ def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sa
     with pytest.raises(ConfigError, match="expected a new or empty folder"):
         export_model(res.run_dir, "llm", llm_dir)
     assert not (tmp_path / "x").exists()
+    # a full disk while writing (safetensors' own error) into a folder that was empty: one line, the folder emptied
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    full = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    real_save = models_mod.save_model
+
+    def disk_full(model, tok, folder):  # a first file written, then the disk is full
+        (Path(folder) / "config.json").write_text("{}")
+        raise full
+
+    monkeypatch.setattr(models_mod, "save_model", disk_full)
+    with pytest.raises(ConfigError, match=r"--out .*empty: cannot write the model .*No space left on device"):
+        export_model(res.run_dir, "client1", empty)
+    assert empty.is_dir() and not any(empty.iterdir())
+    monkeypatch.setattr(models_mod, "save_model", real_save)
+    assert (export_model(res.run_dir, "client1", empty) / "fedlada_export.json").is_file()  # the same command again
+    # a damaged checkpoint: export names it (resuming advice does not apply here)
+    (ckpt / "client_0.pt").write_bytes(b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is damaged \(unreadable"):
+        export_model(res.run_dir, "client0", tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+
+
+def test_a_run_that_another_process_finished_while_this_one_loaded_its_data_is_left_alone(tiny_overrides,
+                                                                                           monkeypatch):
+    """The folder is checked before the data loads (a start that fails on its data changes nothing) and again once
+    locked: a run another process finished in it meanwhile is not cleared as "a new run's folder"."""
+    cfg = load_config(overrides=tiny_overrides + ["rounds=1"])
+    real_load = runner.load_data
+
+    def slow_load(c):  # meanwhile another process ran 2 rounds into the folder and finished
+        _fake_run(Path(cfg.out_dir), load_config(overrides=tiny_overrides + ["rounds=2"]), rounds_done=2)
+        (Path(cfg.out_dir) / "summary.json").write_text("{}")
+        return real_load(c)
+
+    monkeypatch.setattr(runner, "build_states", lambda *a, **k: pytest.fail("models prepared"))
+    with pytest.raises(ConfigError, match="holds 2 completed rounds, more than rounds=1|changed while this run"):
+        runner.begin_run(cfg, resume=True, events=runner.Events(), t_start=0.0, load=slow_load)
+    out = Path(cfg.out_dir)
+    assert (out / "summary.json").is_file() and (out / "checkpoints" / "round_002" / "COMPLETE").is_file()
+
+
+def test_resuming_needs_the_metrics_of_every_checkpointed_round(tiny_overrides):
+    """A metrics.jsonl cut short would lose rounds from the extended run's summary: refused, naming the rounds."""
+    cfg = load_config(overrides=tiny_overrides + ["rounds=3"])
+    out = Path(cfg.out_dir)
+    _fake_run(out, cfg, rounds_done=2)
+    digest = runner.data_digest(runner.load_data(cfg))
+    rows = [{"round": 0, "event": "setup", "data_digest": digest},
+            {"round": 0, "event": "eval", "who": "llm", "accuracy": 0.1}] + [
+        row for t in (1, 2) for row in ({"round": t, "event": "eval", "who": "llm", "accuracy": 0.1},
+                                        {"round": t, "event": "round_time", "seconds": 1.0})]
+    RunDir(out).append("metrics.jsonl", rows[:-2])  # round 2's rows lost
+    with pytest.raises(ConfigError, match=r"metrics.jsonl lacks the rows of round\(s\) 2, although the checkpoints "
+                                          r"hold rounds 1..2"):
+        run(cfg)
+    assert (out / "checkpoints" / "round_002" / "COMPLETE").is_file()  # nothing changed
+    RunDir(out).append("metrics.jsonl", rows[-2:])
+    runner.check_metrics_complete(RunDir(out), 2)  # complete now
+
+
+def test_the_cache_survives_full_disks_kills_races_and_damage(tiny_overrides, monkeypatch):
+    from fedlada import prepare
+    from fedlada.errors import ModelError
+
+    cfg = load_config(overrides=tiny_overrides)
+    root = prepare.cache_root(cfg)
+    # a full disk while saving a model (safetensors' own error): one line, no temporary folder left
+    tmp = root / "models" / f"entry.tmp{os.getpid()}"
+    with pytest.raises(ConfigError, match=r"cannot write the cache .*No space left on device"):
+        with prepare._writing_cache(root, tmp):
+            tmp.mkdir(parents=True)
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert not tmp.exists()
+    # a process killed while writing left its temporary folder: the next writer removes it (a live one's stays)
+    dead, live = root / "tokenizers" / "a.tmp999999999", root / "tokenizers" / f"b.tmp{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+    with prepare._writing_cache(root):
+        pass
+    assert not dead.exists() and live.exists()
+    # two processes publishing one entry: the second's rename fails because the first's is there; not an error
+    final, mine = root / "data" / "x", root / "data" / "x.tmp1"
+    mine.mkdir(parents=True)
+    real_replace = Path.replace
+
+    def raced(self, target):
+        Path(target).mkdir()
+        (Path(target) / "f").write_text("theirs")
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(Path, "replace", raced)
+    prepare._publish(mine, final)
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert (final / "f").read_text() == "theirs" and not mine.exists()
+    # a damaged cached tokenizer is named with the way out
+    data = prepare.load_data(cfg)
+    _, key = prepare.prepare_tokenizer(cfg, data, vocab_size=128)
+    (root / "tokenizers" / key / "tokenizer.json").write_text('{"trunc')
+    with pytest.raises(ModelError, match=r"the cached tokenizer .* cannot be read .*delete that folder"):
+        prepare.prepare_tokenizer(cfg, data, vocab_size=128)
+
+
+def test_an_out_dir_that_cannot_be_made_names_out_dir(tiny_overrides, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = load_config(overrides=tiny_overrides + [f"out_dir={afile / 'sub'}"])
+    with pytest.raises(ConfigError, match=r"out_dir .*afile/sub: cannot write there \(Not a directory.*--out"):
+        runner.begin_run(cfg, resume=True, events=runner.Events(), t_start=0.0)
+    assert afile.read_text() == "x"

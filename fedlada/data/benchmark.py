@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,11 +288,22 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
         files["general.jsonl"] = _records(rows, GENERAL.name, "general", width=6)
 
     stale = _previous_files(out_dir) - set(files)
+    # the files are written next to out_dir first and moved in at the end, so an interrupted run leaves out_dir as
+    # it was (empty, or the earlier benchmark) and the same command can run again
+    work = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
     entries = {}
-    for rel, records in files.items():
-        path = write_records(records, out_dir / rel)
-        data = path.read_bytes()
-        entries[rel] = {"records": len(records), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        for rel, records in files.items():
+            path = write_records(records, work / rel)
+            data = path.read_bytes()
+            entries[rel] = {"records": len(records), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for rel in files:
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work / rel, out_dir / rel)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     manifest = {
         "generator": "fedlada.data.benchmark", "generator_version": GENERATOR_VERSION, "seed": seed,
         "num_clients": num_clients, "sizes": sizes, "min_steps": min_steps, "max_steps": max_steps,
