@@ -239,7 +239,7 @@ def cmd_report(args) -> int:
     from fedlada.config import load_config
     from fedlada.errors import FedLadaError
     from fedlada.report import print_summary, write_report
-    from fedlada.runner import RunDir, summarize_run
+    from fedlada.runner import RunDir, check_metrics_complete, summarize_run
 
     rd = RunDir(args.run_dir)
     if not rd.path.exists():
@@ -247,6 +247,10 @@ def cmd_report(args) -> int:
     if not (rd.path / "config.toml").is_file():
         raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")
+    try:  # a metrics.jsonl cut short: the report is still written, from what is there, but not silently
+        check_metrics_complete(rd, rd.last_complete_round())
+    except FedLadaError as e:
+        print(f"warning: {e}; the report shows the rounds that are there", file=sys.stderr)
     if not any(r.get("event") == "eval" for r in rd.read("metrics.jsonl")):
         raise FedLadaError(f"{rd.path}: the run has no evaluation yet (metrics.jsonl holds none); nothing to report")
     out = write_report(rd.path)

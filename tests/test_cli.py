@@ -57,6 +57,22 @@ def test_report_of_a_run_that_never_evaluated_is_an_error(tmp_path, capsys):
     assert "no evaluation yet" in _err(capsys) and not (tmp_path / "report.html").exists()
 
 
+def test_report_of_a_run_whose_metrics_were_cut_short_says_so(tmp_path, capsys):
+    from fedlada.config import dump_toml, load_config
+    from fedlada.runner import RunDir
+
+    (tmp_path / "config.toml").write_text(dump_toml(load_config(None, ["rounds=2"])))
+    for t in (1, 2):  # two checkpointed rounds, but the metrics of round 0 and 1 only
+        (tmp_path / "checkpoints" / f"round_00{t}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"round_00{t}" / "COMPLETE").write_text(str(t))
+    RunDir(tmp_path).append("metrics.jsonl", [{"round": t, "event": "eval", "who": w, "accuracy": 0.1, "n": 1}
+                                              for t in (0, 1) for w in ("client0", "llm")])
+    assert main(["report", str(tmp_path)]) == 0
+    err = _err(capsys)
+    assert "warning: " in err and "metrics.jsonl lacks the rows of round(s) 2" in err
+    assert (tmp_path / "report.html").is_file()
+
+
 def test_export_of_a_folder_that_is_not_a_run_is_an_error(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--model", "llm", "--out", str(tmp_path / "m")]) == 2
     assert "is not a run directory (no config.toml)" in capsys.readouterr().err
