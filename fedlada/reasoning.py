@@ -60,29 +60,36 @@ ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?[ \t]*(?=(\S[^\n]*))", re.IGNORECA
 # The end of a sentence inside a line: a full stop, question or exclamation mark, then a blank (a full stop after
 # an abbreviation or an initial is not one: see ``sentence_end``).
 SENTENCE_END_RE = re.compile(r"[.!?]\s")
-ABBREVIATIONS = frozenset("dr mr mrs ms prof st mt ft jr sr vs etc approx no vol fig ca cf inc ltd co corp gen col "
-                          "capt lt sgt rev hon est dept univ ave blvd rd".split())
+# Abbreviations that stand before a name or a number and so never end a sentence ("Dr. Smith", "St. Louis",
+# "approx. 5 kg"); a single letter ("vitamin C. It ...") or "no." ("no. Fire is hot.") may, so they are not listed.
+ABBREVIATIONS = frozenset("dr mr mrs ms prof st mt jr sr vs approx e.g i.e".split())
 _WORD_BEFORE_RE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
 # A number inside running text: 1,000  -3  2.5  3/4 ; a minus counts only when not glued to a word ("18-5").
 NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+(?!\.\d))?")
 # A whole string that is one number, with an optional sign and currency symbol.
 _NUM_CORE = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 NUMBER_FULL_RE = re.compile(
-    rf"^(?P<sign1>[-+]?)[ \t]*[$€£]?[ \t]*(?P<sign2>[-+]?)(?P<num>{_NUM_CORE})$"
+    rf"^(?P<sign1>[-+]?)[ \t]*[$€£]?[ \t]*(?P<sign2>[-+]?)(?P<num>{_NUM_CORE})(?:[ \t]*[€£$])?$"
 )
 FRACTION_FULL_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)$")
 # Flexible correctness: a number, then words/punctuation only (units, a full stop), no further arithmetic.
 LEADING_NUMBER_RE = re.compile(
     rf"^(?P<number>[-+]?[ \t]*[$€£]?[ \t]*[-+]?(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?)"
-    r"(?P<rest>[^\d=+*/×÷^<>]*)$"
+    r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d))*)$"  # a "/" in a unit (km/h), not a fraction's
 )
 # LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
 LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
 ARTICLES_RE = re.compile(r"\b(?:an|the)\b")
-LEADING_A_RE = re.compile(r"^a (?=\w\w)")
-# A multiple-choice answer: "C", "(C)", "(C) Paris", "C) Paris", "C. Paris", "C: Paris", "option C", "choice (C)".
-CHOICE_RE = re.compile(r"^(?:(?:option|choice)[ \t]+)?(?:\((?P<p>[A-Za-z])\)(?:\W.*)?|(?P<u>[A-Z])[).:](?:\s.*)?|"
-                       r"(?P<s>[A-Za-z]))$", re.IGNORECASE | re.DOTALL)
+LEADING_A_RE = re.compile(r"^a (?!and\b|or\b)(?=\w\w)")
+# A multiple-choice answer: "C", "(C)", "(C) Paris", "C) Paris", "option C", "choice (C)"; in a prediction also
+# "C. Paris" and "C: Paris" (a capital: in a gold answer "C. elegans" is a name, not a choice).
+CHOICE_RE = re.compile(r"^(?:(?:option|choice)[ \t]+)?(?:\((?P<p>[A-Za-z])\)(?:\W.*)?|(?P<b>[A-Za-z])\)(?:\s.*)?|"
+                       r"(?P<u>[A-Za-z])[.:](?:\s.*)?|(?P<s>[A-Za-z]))$", re.IGNORECASE | re.DOTALL)
+# Choice markers anywhere in a prediction: "(A) or (B)" and "A) Rome B) Paris" name several
+CHOICE_MARK_RE = re.compile(r"\(([A-Za-z])\)|(?:^|\s)([A-Za-z])\)")
+_PARENS_RE = re.compile(r"^\((.*)\)$", re.DOTALL)
+_CURRENCY = set("$€£¥")
+_PERCENT_RE = re.compile(r"\bper ?cent\b")
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("**", "**"))
 _PUNCT = set(string.punctuation)
 
@@ -135,15 +142,27 @@ def clean_answer_span(span: str) -> str:
 
 def sentence_end(text: str) -> int | None:
     """Where the first sentence of ``text`` ends (the index of its full stop, question or exclamation mark), or None.
-    A full stop right after an abbreviation (``Dr.``, ``approx.``), an initial (``J.``) or a dotted word (``U.S.``,
-    ``e.g.``) does not end a sentence."""
+    A full stop right after an abbreviation of ``ABBREVIATIONS`` (``Dr.``, ``St.``, ``approx.``) does not end one."""
     for match in SENTENCE_END_RE.finditer(text):
         if text[match.start()] == ".":
             word = _WORD_BEFORE_RE.search(text[: match.start()])
-            if word and (word.group(1).lower() in ABBREVIATIONS or len(word.group(1)) == 1 or "." in word.group(1)):
+            if word and word.group(1).lower() in ABBREVIATIONS:
                 continue
         return match.start()
     return None
+
+
+def sentence_prefixes(text: str) -> list[str]:
+    """``text`` cut at each of its sentence ends in turn, then whole, each cleaned (``clean_answer_span``): the
+    readings of a "the answer is X. More text" span, where a full stop may end X or belong to it (``U.S. Grant``,
+    ``vitamin C. It ...``)."""
+    cuts = [m.start() for m in SENTENCE_END_RE.finditer(text)] + [len(text)]
+    out: list[str] = []
+    for cut in cuts:
+        span = clean_answer_span(text[:cut])
+        if span and span not in out:
+            out.append(span)
+    return out
 
 
 def answer_is_span(match: re.Match) -> str:
@@ -154,8 +173,8 @@ def answer_is_span(match: re.Match) -> str:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in running text (``NUMBER_RE``), or None."""
-    numbers = NUMBER_RE.findall(text)
+    """The last number in running text (``NUMBER_RE``; a U+2212 minus reads as ``-``), or None."""
+    numbers = NUMBER_RE.findall(text.replace("\u2212", "-"))
     return numbers[-1] if numbers else None
 
 
@@ -167,28 +186,43 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
     else the last ``\\boxed{X}``; else the last "the answer is X"; else the last number. A span found by the
     others than strict is cleaned with ``clean_answer_span``.
     """
+    return _extract(text, mode)[0]
+
+
+def _extract(text: str, mode: Mode) -> tuple[str | None, re.Match | None]:
+    """``extract_answer``'s answer, and the "the answer is" match it came from (None when it came from elsewhere)."""
     if mode not in ("strict", "flexible"):
         raise ValueError(f"mode must be 'strict' or 'flexible', got {mode!r}")
     match = ANSWER_LINE_RE.search(text)
     if match:
-        return match.group(1)
+        return match.group(1), None
     if mode == "strict":
-        return None
+        return None, None
     loose = [clean_answer_span(m.group(1)) for m in LOOSE_ANSWER_LINE_RE.finditer(text)]
-    loose = [a for a in loose if a]
+    loose = [a for a in loose if any(ch.isalnum() for ch in a)]  # "**Answer:**" alone: the answer is elsewhere
     if loose:
-        return loose[-1]
+        return loose[-1], None
     match = HASHES_RE.search(text)
     if match:
-        return clean_answer_span(match.group(1)) or None
+        return clean_answer_span(match.group(1)) or None, None
     boxed = [b for b in boxed_contents(text) if b]
     if boxed:
-        return clean_answer_span(boxed[-1]) or None
-    spans = [answer_is_span(m) for m in ANSWER_IS_RE.finditer(text)]
-    spans = [s for s in spans if s]
+        return clean_answer_span(boxed[-1]) or None, None
+    spans = [(answer_is_span(m), m) for m in ANSWER_IS_RE.finditer(text)]
+    spans = [(s, m) for s, m in spans if s]
     if spans:
         return spans[-1]
-    return last_number(text)
+    return last_number(text), None
+
+
+def grade(text: str, gold: str) -> bool:
+    """Whether a generated path's answer is the gold one: ``is_correct(extract_answer(text), gold)``, where an answer
+    taken from "the answer is X. More text" is also tried at its other sentence ends (``sentence_prefixes``), as a
+    full stop may end X or belong to it (``U.S. Grant``; ``vitamin C. It ...``). What the evaluation counts."""
+    answer, match = _extract(text, "flexible")
+    if answer is not None and is_correct(answer, gold):
+        return True
+    return match is not None and any(is_correct(x, gold) for x in sentence_prefixes(match.group(1)))
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -225,18 +259,23 @@ def format_number(value: Fraction) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def _is_punct(ch: str) -> bool:
-    return ch in _PUNCT or unicodedata.category(ch).startswith("P")
-
-
 def _normalize_text(text: str) -> str:
     text = text.lower()
     chars = []
     for i, ch in enumerate(text):
-        keep = not _is_punct(ch) or (
-            0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()  # 3.4, 1,200, 3/4, 10:30
-        ) or (ch in "+#" and i > 0 and (text[i - 1].isalnum() or (chars and chars[-1] in "+#")))  # c++, c#
-        chars.append(ch if keep else " ")
+        prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
+        if prev.isdigit() and nxt.isdigit() and (ch in _PUNCT or unicodedata.category(ch).startswith("P")):
+            chars.append(ch)  # inside a number or a date: 3.4, 1,200, 3/4, 10:30, 2020-03-05
+        elif ch in _CURRENCY or ch.isspace():
+            chars.append(" ")
+        elif ch in "%+#<>=^|~" or unicodedata.category(ch)[0] == "S":
+            chars.append(f" {ch} ")  # a sign that means something: 50 %, c++, c#, x > 5, 10^3, °c
+        elif ch == "-" and ((not prev.isalnum() and nxt.isdigit()) or (prev.isalnum() and not nxt.isalnum())):
+            chars.append(f" {ch} ")  # a minus sign (x = -5) or a grade's minus (A-); "north-east" is two words
+        elif ch in _PUNCT or unicodedata.category(ch).startswith("P"):
+            chars.append(" ")
+        else:
+            chars.append(ch)
     words = " ".join("".join(chars).split())
     without_articles = LEADING_A_RE.sub("", " ".join(ARTICLES_RE.sub(" ", words).split()))
     return without_articles or words
@@ -252,7 +291,7 @@ def _number_and_unit(span: str) -> tuple[Fraction, str] | None:
     match = LEADING_NUMBER_RE.match(span)
     if not match:
         return None
-    value, unit = parse_number(match.group("number")), _normalize_text(match.group("rest"))
+    value, unit = parse_number(match.group("number")), _PERCENT_RE.sub("%", _normalize_text(match.group("rest")))
     return (value, unit) if value is not None and unit else None
 
 
@@ -261,7 +300,8 @@ def normalize_answer(ans: str) -> str:
     its value and the unit's text, other text lower-cased without punctuation, articles or repeated whitespace.
     ``"1,000" == "1000" == "1000.0"``, ``"3/4" == "0.75"``, ``"-5 °C" != "5 °C"``."""
     span = _prepared(ans)
-    value = parse_number(span)
+    inner = _PARENS_RE.match(span)
+    value = parse_number(span) if inner is None else (parse_number(inner.group(1)) or parse_number(span))
     if value is not None:
         return format_number(value)
     with_unit = _number_and_unit(span)
@@ -270,15 +310,19 @@ def normalize_answer(ans: str) -> str:
     return _normalize_text(span)
 
 
-def choice_letter(ans: str) -> str | None:
-    """The letter of a multiple-choice answer (``C``, ``(C) Paris``, ``C) Paris``, ``option C``), upper-case, or
-    None. A letter followed by a full stop, colon or parenthesis must be a capital (``a. m.`` is no choice)."""
-    match = CHOICE_RE.match(_prepared(ans))
+def choice_letter(ans: str, *, gold: bool = False) -> str | None:
+    """The letter of a multiple-choice answer (``C``, ``(C) Paris``, ``C) Paris``, ``option C``; for a prediction
+    also ``C. Paris``/``C: Paris`` with a capital), upper-case, or None. A prediction that names several choices
+    (``(A) or (B)``) has none; a gold ``C. elegans`` is a name."""
+    span = _prepared(ans)
+    match = CHOICE_RE.match(span)
     if not match:
         return None
-    if match.group("u") is not None and not match.group("u").isupper():
+    if match.group("u") is not None and (gold or not match.group("u").isupper()):
         return None
-    return next(g for g in match.group("p", "u", "s") if g is not None).upper()
+    if len({(a or b).upper() for a, b in CHOICE_MARK_RE.findall(span)}) > 1:
+        return None
+    return next(g for g in match.group("p", "b", "u", "s") if g is not None).upper()
 
 
 def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
@@ -295,10 +339,10 @@ def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
         return True
     if mode == "strict":
         return False
-    inner = [answer_is_span(m) for m in ANSWER_IS_RE.finditer(pred)]  # "Answer: the answer is C"
-    if inner and inner[-1] and is_correct(inner[-1], gold, mode="flexible"):
+    inner = list(ANSWER_IS_RE.finditer(pred))  # "Answer: the answer is C"
+    if inner and any(is_correct(x, gold, mode="flexible") for x in sentence_prefixes(inner[-1].group(1))):
         return True
-    gold_letter = choice_letter(gold)
+    gold_letter = choice_letter(gold, gold=True)
     if gold_letter is not None:
         return choice_letter(pred) == gold_letter
     pred_span, gold_span = _prepared(pred), _prepared(gold)

@@ -607,8 +607,7 @@ def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_si
     prompts = side.prompts([r.question for r in records])
     outs = sample_paths(side.model, side.tokenizer, prompts, num_paths=1, temperature=0.0,
                         max_new_tokens=max_new_tokens, seed=0, batch_size=batch_size)
-    ok = [reasoning.is_correct(reasoning.extract_answer(o[0], mode="flexible"), r.answer)
-          for o, r in zip(outs, records)]
+    ok = [reasoning.grade(o[0], r.answer) for o, r in zip(outs, records)]
     by_domain: dict[str, list[bool]] = {}
     by_steps: dict[str, list[bool]] | None = {}
     for r, c in zip(records, ok):

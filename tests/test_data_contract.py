@@ -426,6 +426,9 @@ def test_non_arithmetic_data_keeps_its_domain_rationale_and_header(tmp_path):
     assert "line 2 of the rationale is an answer line ('Answer: C')" in problems[0].message
     assert "line 1 of the rationale" in problems[1].message
     assert '"yes" or "no"' in problems[2].message
+    same = tmp_path / "same.jsonl"  # the last line states the answer in another spelling: still redundant
+    same.write_text(json.dumps({"id": "s", "question": "q", "answer": "B", "rationale": "x\nAnswer: (B) Paris"}) + "\n")
+    assert read_records(same)[0].rationale == "x"
     csv_file = tmp_path / "spaces.csv"
     csv_file.write_text("id, question, answer\nx, Is it?, yes\n")
     assert read_records(csv_file) == [Record("x", "Is it?", "yes")]

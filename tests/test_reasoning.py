@@ -10,6 +10,7 @@ from fedlada.reasoning import (
     extract_answer,
     format_path,
     format_prompt,
+    grade,
     is_correct,
     normalize_answer,
     parse_number,
@@ -219,10 +220,68 @@ def test_is_correct_beyond_arithmetic(pred, gold, flexible):
         ("The answer is Dr. Smith. He wrote it.", "Dr. Smith"),  # abbreviations do not end the sentence
         ("I think the answer is St. Louis. Next question.", "St. Louis"),
         ("The answer is approx. 5 kg. Done", "approx. 5 kg"),
-        ("The answer is U.S. Grant. Yes.", "U.S. Grant"),
+        ("The answer is U.S. Grant. Yes.", "U.S"),  # extraction cuts there; grade() tries "U.S. Grant" too
         ("The answer is 12. So we are done.", "12"),
     ],
 )
 def test_flexible_extraction_of_other_answer_spellings(text, answer):
     assert extract_answer(text, mode="flexible") == answer
     assert extract_answer("Answer: 7\n" + text, mode="flexible") == "7"  # a strict line still wins
+
+
+@pytest.mark.parametrize(
+    "text, gold, correct",
+    [  # grade(): what an evaluation counts, on whole generated paths
+        ("40 + 2 = 42.\n**Final Answer:**\n$\\boxed{42}$", "42", True),  # an empty markdown answer line
+        ("**Answer:**\nThe answer is 42.", "42", True),
+        ("**Answer:** \n42", "42", True),
+        ("The answer is no. Fire is hot.", "no", True),  # a full stop that ends the answer
+        ("The answer is vitamin C. It helps.", "vitamin C", True),
+        ("The answer is -5 °C. That is cold.", "-5 °C", True),
+        ("The answer is U.S. Grant. Yes.", "U.S. Grant", True),  # ... or belongs to it
+        ("The answer is J. K. Rowling.", "J. K. Rowling", True),
+        ("The answer is 10 a.m. The meeting starts then.", "10 a.m.", True),
+        ("The answer is no. Fire is hot.", "yes", False),
+        ("The answer is C. Paris is the capital.", "C", True),
+        ("The answer is C. Paris is the capital.", "Paris", False),
+        ("It dropped to −5 degrees", "-5", True),  # U+2212 in the last-number fallback
+    ],
+)
+def test_grade_reads_whole_paths(text, gold, correct):
+    assert grade(text, gold) is correct
+
+
+@pytest.mark.parametrize(
+    "pred, gold, flexible",
+    [  # signs, operators and choices the first version of rules 2 got wrong
+        ("C. albicans", "C. elegans", False),  # a gold name with an initial is no choice letter
+        ("E. faecalis", "E. coli", False),
+        ("J. R. R. Tolkien", "J. K. Rowling", False),
+        ("C", "C. elegans", False),
+        ("(A) or (B)", "A", False),  # a prediction naming several choices
+        ("(A), (B), (C) and (D)", "A", False),
+        ("A) Rome B) Paris C) Lima", "A", False),
+        ("c) Paris", "c", True),
+        ("(c) Paris", "c", True),
+        ("-5%", "5%", False),
+        ("-50%", "50", False),
+        ("50%", "50", True),
+        (".5%", "5%", False),
+        ("50 percent", "50%", True),
+        ("(-5)", "5", False),
+        ("(-5)", "-5", True),
+        ("x = -5", "x = 5", False),
+        ("x=5", "x = 5", True),
+        ("(3, -4)", "(3, 4)", False),
+        ("x > 5", "x < 5", False),
+        ("A-", "A", False),
+        ("A+", "A", False),
+        ("100 km/h", "100", True),
+        ("3", "3 m/s", True),
+        ("A and B", "and B", False),
+        ("north-east", "north east", True),
+        ("2020-03-05", "2020-03-06", False),
+    ],
+)
+def test_is_correct_keeps_signs_operators_and_single_choices(pred, gold, flexible):
+    assert is_correct(pred, gold) is flexible

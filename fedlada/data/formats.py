@@ -113,7 +113,7 @@ def _checked_rationale(rationale: str | None, answer: str, key: str, issues: Iss
     lines = rationale.split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=None)
     match = ANSWER_LINE_RE.match(lines[last]) if last is not None else None
-    if match and is_correct(match.group(1), answer, mode="strict"):
+    if match and is_correct(match.group(1), answer):  # the same answer, as a grader reads it
         lines = lines[:last]
     elif not ANSWER_LINE_RE.search(rationale):
         return rationale
