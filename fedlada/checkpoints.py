@@ -34,10 +34,16 @@ def save(obj, path: str | os.PathLike) -> None:
 def mark_complete(folder: str | os.PathLike, round: int) -> None:
     """The round's ``COMPLETE`` marker, stored durably: written last, it says every file of the round is there."""
     path = Path(folder) / "COMPLETE"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(str(round))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(str(round))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        path.unlink(missing_ok=True)  # an empty marker would claim the round complete
+        raise FedLadaError(f"cannot write checkpoint file {path}: {e.strerror or e} (a full disk or a file-size "
+                           "limit?); the rounds checkpointed before are kept, and the same command resumes after the "
+                           "last of them") from e
 
 
 def load(path: str | os.PathLike, *, weights_only: bool = True):

@@ -29,12 +29,14 @@ _signalled: list[int] = []  # the exit status of a Ctrl-C (130) or SIGTERM (143)
 
 def _on_sigint(signum, frame):
     _signalled.append(130)
-    raise KeyboardInterrupt()
+    if len(_signalled) == 1:  # a second Ctrl-C while the first one cleans up is only counted
+        raise KeyboardInterrupt()
 
 
 def _on_sigterm(signum, frame):
     _signalled.append(143)
-    raise Terminated()
+    if len(_signalled) == 1:
+        raise Terminated()
 
 
 def _interrupted_status(e: KeyboardInterrupt | None) -> int:
@@ -269,6 +271,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _folder(text: str) -> str:
+    """An --out value: a folder path, not an empty string (which would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, found an empty string")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlada", description="Federated reasoning distillation with LaDa.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -285,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="built-in benchmark and data validation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     m = dsub.add_parser("make", help="generate the built-in benchmark")
-    m.add_argument("--out", default="data/benchmark", help="output directory (default: data/benchmark)")
+    m.add_argument("--out", type=_folder, default="data/benchmark", help="output directory (default: data/benchmark)")
     m.add_argument("--config", help="a TOML config file (its [data] table sets the sizes)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. data.num_clients=4")
     m.set_defaults(func=cmd_data_make, interrupted="interrupted; the same command makes the benchmark again")
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "local,lada,fedmkt:host,fedmkt:host-random,fedmkt:lada (default: local,all,random,lada-sft,lada)")
     c.add_argument("--seeds", type=int, default=3,
                    help="number of seeds (the config's seed, default 0, and the N-1 after it; default 3)")
-    c.add_argument("--out", default="runs/compare", help="table directory; each run lives below it")
+    c.add_argument("--out", type=_folder, default="runs/compare", help="table directory; each run lives below it")
     c.add_argument("--title", default="")
     c.add_argument("--finished-only", action="store_true",
                    help="run nothing: tabulate the runs already finished under --out (each row says over how many "
@@ -319,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)")
     ex.add_argument("run_dir")
     ex.add_argument("--model", required=True, help="llm or client<K> (e.g. client0)")
-    ex.add_argument("--out", required=True, help="a new or empty folder")
+    ex.add_argument("--out", type=_folder, required=True, help="a new or empty folder")
     ex.add_argument("--round", type=int, help="after which round (default: the last completed one)")
     ex.set_defaults(func=cmd_export, interrupted="interrupted; nothing was exported (the same command starts over)")
     return p
@@ -329,11 +338,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _signalled.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, _on_sigterm), signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _main(args)
+    finally:
+        # called with arguments from Python (a notebook, a test): the caller gets its handlers back; as the command
+        # (no arguments) ours stay, so a second Ctrl-C while the interpreter shuts down is only counted
+        if previous is not None and argv is not None:
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
+
+
+def _main(args) -> int:
     from fedlada.errors import FedLadaError
 
-    if threading.current_thread() is threading.main_thread():  # SIGTERM cleans up as Ctrl-C does
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        signal.signal(signal.SIGINT, _on_sigint)
     interrupted = getattr(args, "interrupted", "interrupted")
     try:
         status = args.func(args)

@@ -78,7 +78,11 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             cfg = with_overrides(with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
                                                        "out_dir": str(out / name / f"seed{seed}")}), extra)
             summ = Path(cfg.out_dir) / "summary.json"
-            if summ.is_file():
+            try:  # a damaged summary.json: the run is resumed, which writes it again from the metrics
+                finished = summ.is_file() and isinstance(json.loads(summ.read_text()), dict)
+            except ValueError:
+                finished = False
+            if finished:
                 if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
                     keys = config_diff(Path(cfg.out_dir) / "config.toml", cfg)
                     raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config (differs in: "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     if not (1 <= round <= done) or not (ckpt / "COMPLETE").is_file():
         raise ConfigError(f"--round {round}: {rd.path} holds completed rounds 1..{done}")
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(not re.fullmatch(r"\.export-\d+", p.name) for p in out.iterdir())):
         raise ConfigError(f"--out {out}: expected a new or empty folder (nothing in it was changed)")
 
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))  # the run's count: the same cached tiny model
@@ -77,29 +79,35 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
         load_trainable(model, path, "the LLM" if k is None else who)
     except ConfigError as e:
         other = f"; export an earlier round with --round {round - 1}" if round > 1 else ""
-        if "is missing" in str(e) or "unreadable" in str(e):
-            raise ConfigError(f"checkpoint file {path} is damaged ({str(e).split(' is ', 1)[1].split(':')[0]})"
-                              f"{other}") from None
+        damaged = str(e).split(": the checkpoint of that round is damaged")
+        if len(damaged) == 2:  # checkpoints.load's message, whose advice is for resuming
+            raise ConfigError(f"{damaged[0]}{other}") from None
         raise ConfigError(f"{e} (was the run's config.toml edited?){other}") from None
     try:
         accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
     except FedLadaError as e:  # a damaged metrics.jsonl: the accuracy note is all it gives here
         log.warning("no accuracy in fedlada_export.json: %s", e)
         accuracy = None
+    # written into a work folder inside --out (the same file system) and moved up at the end: an export that fails
+    # or is interrupted leaves --out as it was, and two exports into one folder cannot mix their files
     created = not out.exists()
+    work = out / f".export-{os.getpid()}"
     try:
-        save_model(model, tok, out)
+        save_model(model, tok, work)
         record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": config_mod.to_dict(spec),
                   "accuracy": accuracy, "merged_lora": bool(spec.lora)}
-        (out / "fedlada_export.json").write_text(json.dumps(record, indent=1))
+        (work / "fedlada_export.json").write_text(json.dumps(record, indent=1))
+        if any(not p.name.startswith(".export-") for p in out.iterdir()):
+            raise ConfigError(f"--out {out}: another export wrote a model there meanwhile; this one was not written")
+        for p in sorted(work.iterdir(), key=lambda p: p.name == "fedlada_export.json"):  # the record last
+            os.replace(p, out / p.name)
     except BaseException as e:
-        if created:
+        if created and out.is_dir() and all(p == work for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)  # no half-written model folder left behind
-        elif out.is_dir():  # it was an empty folder: empty it again, so the same command can be run again
-            for p in out.iterdir():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         if is_write_failure(e):
             raise ConfigError(f"--out {out}: cannot write the model ({getattr(e, 'strerror', None) or e}); nothing "
                               f"was left there: free space or pick another folder") from None
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out

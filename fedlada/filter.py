@@ -242,7 +242,7 @@ class LearnabilityFilter:
             "budget": (budget, _is_real(budget) and 0.0 < budget <= 1.0, "a fraction in (0, 1]"),
             "min_count": (min_count, _is_int(min_count) and min_count >= 0, "an integer >= 0"),
             "epochs": (epochs, _is_int(epochs) and epochs >= 1, "an integer >= 1"),
-            "lr": (lr, _is_real(lr) and lr > 0, "> 0"),
+            "lr": (lr, _is_real(lr) and math.isfinite(lr) and lr > 0, "a finite number > 0"),
             "batch_size": (batch_size, _is_int(batch_size) and batch_size >= 1, "an integer >= 1"),
             "nan_policy": (nan_policy, nan_policy in ("zero", "drop"), "'zero' or 'drop'"),
             "cold_start_clusters": (cold_start_clusters,
@@ -472,12 +472,22 @@ def perplexity_reward(nll_before, nll_after) -> float:
     return float(np.exp(b).mean() - np.exp(a).mean())
 
 
+def perplexity_drops(nll_before, nll_after) -> np.ndarray:
+    """exp(l_before[i]) - exp(l_after[i]) per sample: the per-sample counterpart of ``perplexity_reward``, in its
+    units (a perplexity), so the two can be mixed in one label. (N,), (N,) per-token NLLs -> (N,); NaN stays NaN."""
+    b, a = _vector("nll_before", nll_before), _vector("nll_after", nll_after)
+    if len(b) != len(a):
+        raise ValueError(f"perplexity_drops: {len(b)} values before but {len(a)} after")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(b) - np.exp(a)
+
+
 def sample_rewards(R: float, improvement, *, mix: float = 0.5) -> np.ndarray:
     """Per-sample reward labels r_i = mix * R + (1 - mix) * improvement_i. (N,) -> (N,) float64.
 
-    improvement_i is the receiver's per-token NLL drop (before - after) on sample i's chosen path. R is in
-    perplexity units and improvement in nats, so mix also sets their relative weight; the filter rescales targets
-    by the pool RMS, which keeps either term from swamping training. Where improvement_i is NaN (no path scored)
+    improvement_i is the receiver's perplexity drop on sample i's chosen path (``perplexity_drops``), in R's units, so
+    ``mix`` alone sets the two terms' weights (the filter then rescales all targets by one pool RMS). Where
+    improvement_i is NaN (no path scored)
     the label falls back to R. Where R is NaN (unknown: the receiver had no held-out slice this round) the label is
     improvement_i alone, not a made-up R = 0; where both are NaN the label is NaN (``observe`` skips it)."""
     if not 0.0 <= mix <= 1.0:

@@ -102,7 +102,10 @@ def _f(x: float) -> float | None:
 
 
 def lada_config(cfg: RunConfig) -> RunConfig:
-    """The config LaDa's own steps run with: a host-only method becomes its selection rule without LaDa's losses."""
+    """The config LaDa's own steps run with: a host-only method becomes its selection rule without LaDa's losses.
+    A host-only method without a host is a ValueError (``check_host_config`` says it to a user up front)."""
+    if cfg.lada.method in HOST_BASELINES and cfg.host.name == "none":
+        raise ValueError(f"lada.method {cfg.lada.method!r} runs a host framework alone; host.name is 'none'")
     if cfg.lada.method in HOST_BASELINES:
         return replace(cfg, lada=replace(cfg.lada, method=HOST_BASELINES[cfg.lada.method], lambda_da=0.0, mu=0.0))
     return cfg
@@ -402,9 +405,12 @@ def _topk_by_question(payload: bytes, paths: Sequence[PathItem], tokenizer, *, w
     entries, meta = decode_topk(payload, where=where)
     _check_fingerprint(meta, tokenizer, sender=meta.get("model", sender), receiver=receiver)
     out: dict[str, TopK] = {}
+    vocab = len(tokenizer)
     for e in entries:
         if e.path_index >= len(paths):
             raise MessageError(f"{where}: top-k entry names path {e.path_index} of {len(paths)}")
+        if e.indices.size and (int(e.indices.min()) < 0 or int(e.indices.max()) >= vocab):
+            raise MessageError(f"{where}: top-k token ids outside {receiver}'s vocabulary of {vocab}")
         out.setdefault(paths[e.path_index].question_id, e)
     return out
 
@@ -533,6 +539,16 @@ def _client_weights(rep: ReportMessage, where: str) -> tuple[dict[str, torch.Ten
     return w, float(n), sel
 
 
+def _check_fits(weights: dict[str, torch.Tensor], mine: dict[str, torch.Tensor], where: str) -> None:
+    """A client's weights must be the server's SLM copy's trainable weights (names and shapes) to be averaged."""
+    missing, unknown = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+    wrong = [k for k in mine if k in weights and tuple(weights[k].shape) != tuple(mine[k].shape)]
+    if missing or unknown or wrong:
+        detail = (f"missing {missing[0]!r}" if missing else f"unknown {unknown[0]!r}" if unknown else
+                  f"{wrong[0]!r} of shape {tuple(weights[wrong[0]].shape)}, expected {tuple(mine[wrong[0]].shape)}")
+        raise MessageError(f"{where}: its SLM weights do not fit the server's copy ({detail})")
+
+
 def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunConfig, round: int,
                  progress: Progress | None = None) -> StepLog:
     """``rounds.server_learn``, then the host's server step (fedmkt: LLM KD; fedcollm: FedAvg + mutual KD)."""
@@ -553,6 +569,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                                         sender=f"client {rep.client}", receiver=f"the LLM ({describe(cfg.models.llm)})")
             else:
                 got = _client_weights(rep, where)
+                _check_fits(got[0], trainable_state(_ensure_slm(state, cfg).model), where)
         except MessageError as e:
             log.warning("%s; its host contribution is skipped", e)
             m[f"host_rejected_client{rep.client}"] = str(e)

@@ -40,6 +40,16 @@ class PathItem:
     logprob: float  # log pi_sender(path | question), summed over path tokens
     num_tokens: int
 
+    def __post_init__(self):  # numpy numbers from score_paths as plain ones; a wrong type is refused when made
+        if isinstance(self.logprob, numbers.Real) and not isinstance(self.logprob, bool):
+            object.__setattr__(self, "logprob", float(self.logprob))
+        object.__setattr__(self, "num_tokens", _plain_int(self.num_tokens))
+        if not isinstance(self.question_id, str) or not isinstance(self.text, str):
+            raise MessageError(f"path item: question_id and text must be strings, found {self.question_id!r}")
+        if not isinstance(self.logprob, float) or not isinstance(self.num_tokens, int):
+            raise MessageError(f"path item {self.question_id!r}: logprob must be a number and num_tokens an integer, "
+                               f"found {self.logprob!r} and {self.num_tokens!r}")
+
     @property
     def nll(self) -> float:
         """Per-token negative log-likelihood under the sender's model."""
@@ -85,6 +95,8 @@ class TeachMessage:
         object.__setattr__(self, "paths", tuple(self.paths))
         seen: set[str] = set()
         for q in self.question_ids:
+            if not isinstance(q, str):
+                raise MessageError(f"teach message: question ids must be strings, found {q!r}")
             if q in seen:
                 raise MessageError(f"teach message: question id {q!r} is listed twice in 'question_ids'")
             seen.add(q)

@@ -67,6 +67,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
                           f"{torch.__version__} (use 'cpu' or 'auto')")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"model device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"model device {str(device)!r}: this machine has no Apple MPS device usable by torch "
+                          f"{torch.__version__} (use 'cpu' or 'auto')")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"model device {str(device)!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return dev
 
 
@@ -209,8 +214,10 @@ def _split_source(source: str | os.PathLike, gguf_file: str | None) -> tuple[str
 
 
 def _looks_local(src: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else with a path separator, or starting like a path, is local.
-    return src.startswith(("/", "./", "../", "~", ".")) or src.count("/") > 1 or os.sep != "/" and os.sep in src
+    # A hub id is "name" or "org/name"; anything else with a path separator, or starting like a path, is local; so is
+    # "dir/name" where ./dir is a folder here (a mistyped model folder, not a hub organisation to retry for a minute)
+    return (src.startswith(("/", "./", "../", "~", ".")) or src.count("/") > 1 or os.sep != "/" and os.sep in src
+            or (src.count("/") == 1 and Path(src.split("/")[0]).is_dir()))
 
 
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -230,8 +237,11 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
     src, gguf = _split_source(source, gguf_file)
     where = f"{src}" + (f" (gguf_file={gguf})" if gguf else "")
     if _looks_local(src) and not Path(src).expanduser().exists():
+        org = src.split("/")[0] if src.count("/") == 1 and Path(src.split("/")[0]).is_dir() else None
+        hint = (f"; it is read as a path because there is a folder {org!r} in {Path.cwd()}: to load the hub model of "
+                f"that name, run from another directory" if org else "")
         raise ModelError(f"model not found: {src} does not exist (expected a model directory, a .gguf file or a "
-                         "Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct')")
+                         f"Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'){hint}")
     if Path(src).expanduser().exists():
         src = str(Path(src).expanduser())
         if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,15 +105,33 @@ def _writing_cache(root: Path, tmp: Path | None = None):
 _TMP_RE = re.compile(r"\.tmp(\d+)$")
 
 
+STALE_AFTER_S = 6 * 3600  # a temporary cache folder untouched this long, by a process not running here, is stale
+
+
 def _sweep_stale(root: Path) -> None:
-    """Remove ``<entry>.tmp<pid>`` folders under the cache whose process is gone (killed while writing)."""
+    """Remove ``<entry>.tmp<pid>`` folders under the cache left by a process killed while writing: its pid is not
+    running here and the folder was last changed hours ago (a process in another container or on another host
+    sharing the cache has a pid this one cannot see, and writes its entry within minutes)."""
+    now = time.time()
     for sub in (root / "models", root / "tokenizers", root / "data"):
         if not sub.is_dir():
             continue
         for p in sub.iterdir():
             m = _TMP_RE.search(p.name)
-            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                old = now - p.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+            if m and old and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _drop_incomplete(path: Path, what: str) -> None:
+    """A cache entry that lacks what marks it complete (a file deleted by hand, a partial copy) is removed before
+    it is built again; otherwise the new copy would lose to it when published."""
+    if path.exists():
+        log.warning("the cache entry %s (%s) is incomplete; it is built again", path, what)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -194,6 +213,7 @@ def load_data(cfg: RunConfig) -> FederatedData:
                         out, damaged)
             shutil.rmtree(out, ignore_errors=True)
         if not (out / "manifest.json").is_file():
+            _drop_incomplete(out, "the built-in benchmark")
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             with _writing_cache(cache_root(cfg), tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -317,12 +337,17 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
     if salt != "shared":  # a different tokenizer: trained on a different sample of the same text
         rng = random.Random(salt)
         texts = rng.sample(texts, len(texts) // 2)
+    _drop_incomplete(path, "a tokenizer")
     tok = train_tokenizer(texts, vocab_size=vocab_size)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with _writing_cache(cache_root(cfg), tmp):
         tok.save_pretrained(tmp)
         _publish(tmp, path)
-    return AutoTokenizer.from_pretrained(path), key
+    try:
+        return AutoTokenizer.from_pretrained(path), key
+    except Exception as e:  # noqa: BLE001 - an entry another process published, damaged since
+        raise ModelError(f"the cached tokenizer {path} cannot be read ({type(e).__name__}: {e}); delete that folder "
+                         f"and it is trained again") from None
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -466,6 +491,8 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
             from fedlada.models import PromptFormatter
             from fedlada.rounds import Side, check_prompts_fit
             from fedlada.train import train
+
+            _drop_incomplete(path, f"the tiny model '{role}'")
 
             fmt = PromptFormatter(tok, use_chat_template="off")
             # a public question too long for train.max_length stops the run anyway: say which before pretraining;

@@ -21,8 +21,11 @@ Departures and choices [ours] (the knobs are in ``fedlada.config``; the fixed ru
   confident mistake, length-normalised). No wrong own path -> the sample only enters the mu-weighted SFT term. The
   server's choice mirrors it: the client's most confident correct path (lowest SLM per-token NLL) against the LLM's
   wrong path with the highest LLM per-token log-probability. (Fixed rules.)
-- The server's reward slice is a seeded 20% of the questions a client sent (none when it sent fewer than 5: the
-  reward R is then unknown, recorded as null, and the filter learns from the per-sample improvements alone).
+- The server's reward slice (LaDa's methods only) is a seeded 20% of the questions the clients sent this round,
+  drawn over all clients at once, so no client's path on a held-out question is trained on (none when they sent
+  fewer than 5: the reward R is then unknown, recorded as null, and the filter learns from the per-sample
+  improvements alone). Per-sample improvements are perplexity drops, in R's units. The server keeps only reported
+  paths on this round's candidates whose answer is correct (it holds the public answers).
 - The reward is measured after the receiver's whole update, so on a client it also carries that round's local SFT:
   it ranks rounds and samples by what followed them, not by a controlled ablation of each selection.
 - Baselines run on the same loop: ``local`` (no exchange: the server's teach message and the clients' reports are
@@ -49,11 +52,11 @@ from typing import Any, Callable
 import numpy as np
 
 from fedlada import reasoning
-from fedlada.config import RunConfig
+from fedlada.config import METHODS, RunConfig
 from fedlada.data import Record
 from fedlada.errors import DataError
 from fedlada.filter import (LearnabilityFilter, Selection, build_features, learnability_gap, novelty_gap,
-                            perplexity_reward, sample_rewards, selection_cap, summarize)
+                            perplexity_drops, perplexity_reward, sample_rewards, selection_cap, summarize)
 from fedlada.generation import GenerationBackend
 from fedlada.messages import PathItem, ReportMessage, TeachMessage
 from fedlada.paths import question_embeddings, sample_paths, score_paths
@@ -341,13 +344,14 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
 # ---------------------------------------------------------------------------------------------- client step
 
 
-ROUND_METHODS = ("local", "all", "random", "lada", "lada-sft")  # the rest (host, host-random) are host_rounds'
+HOST_ALONE = ("host", "host-random")  # a host framework without LaDa: fedlada.host_rounds runs them
+ROUND_METHODS = tuple(m for m in METHODS if m not in HOST_ALONE)
 
 
 def _check_method(cfg: RunConfig) -> None:
-    if cfg.lada.method not in ROUND_METHODS:
-        raise ValueError(f"fedlada.rounds runs lada.method in {ROUND_METHODS}; {cfg.lada.method!r} is a host "
-                         f"framework's method: use fedlada.host_rounds (the runner picks it from host.name)")
+    if cfg.lada.method in HOST_ALONE:
+        raise ValueError(f"fedlada.rounds runs lada.method in {ROUND_METHODS}; {cfg.lada.method!r} runs a host "
+                         f"framework alone: use fedlada.host_rounds (the runner picks it from host.name)")
 
 
 def check_known_questions(qids: list[str], public: dict[str, Record], *, who: str, round: int) -> None:
@@ -379,6 +383,8 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         logd.metrics["client_seconds"] = _secs(t0)
         return ReportMessage(round=round, client=k, metrics={"selected": 0}), logd
 
+    if teach.round != round:
+        raise ValueError(f"client_step: round {round}, but the teach message is of round {teach.round}")
     qids = list(teach.question_ids)
     check_known_questions(qids, public, who=f"client {k}", round=round)
     questions = [public[q].question for q in qids]
@@ -460,7 +466,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
                                 batch_size=64, max_length=cfg.train.max_length).nll
         # no held-out slice (a one-record split): R is unknown, and the labels are the per-sample improvements
         R = perplexity_reward(nll_before, nll_after) if len(nll_before) else float("nan")
-        rewards = sample_rewards(R, sel_before - sel_after, mix=lc.reward_mix)
+        rewards = sample_rewards(R, perplexity_drops(sel_before, sel_after), mix=lc.reward_mix)
         state.filter.observe(sel_feats, rewards)
         fit = state.filter.fit()
         logd.metrics.update({"reward": _f(R), "filter_fit": fit})
@@ -506,16 +512,25 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
     side = state.side
     da_loss = _da_loss(cfg)
     rng = random.Random(derive_seed(cfg.seed, "server-holdout", round))
-    # the server's reward slice: a seeded 20% of the questions received this round, drawn over every client's
-    # questions at once, so that a question held out is trained on through no client's path this round
-    received = sorted({p.question_id for rep in reports for p in rep.paths if p.question_id in state.public})
-    n_hold = max(1, len(received) // 5) if len(received) >= 5 else 0
+    for rep in reports:
+        if rep.round != round:
+            raise ValueError(f"server_learn: round {round}: client {rep.client}'s report is of round {rep.round}")
+    # what the server trains on: paths on this round's candidates whose answer is right (the server holds the
+    # public answers; a client that sends anything else is not believed)
+    candidates = set(candidate_ids(state.public, n=lc.candidates_per_round, seed=cfg.seed, round=round))
+    usable = {rep.client: [p for p in rep.paths if p.question_id in candidates and reasoning.is_correct(
+        reasoning.extract_answer(p.text, mode="strict"), state.public[p.question_id].answer)] for rep in reports}
+    logd.metrics["server_refused_paths"] = sum(len(rep.paths) - len(usable[rep.client]) for rep in reports)
+    # the reward slice (LaDa's methods learn from it): a seeded 20% of the questions received this round, drawn over
+    # every client's questions at once, so that a question held out is trained on through no client's path
+    received = sorted({p.question_id for paths in usable.values() for p in paths})
+    n_hold = max(1, len(received) // 5) if len(received) >= 5 and lc.method in ("lada", "lada-sft") else 0
     hold = set(rng.sample(received, n_hold)) if n_hold else set()
     pref, listwise, dist, holdout = [], [], [], []
     per_client_feats: list[tuple[int, np.ndarray, int]] = []
     for rep in sorted(reports, key=lambda r: r.client):
         k = rep.client
-        paths = [p for p in rep.paths if p.question_id in state.public]
+        paths = usable[k]
         if not paths:
             continue
         # one item per question: the client's most confident correct path
@@ -586,8 +601,8 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
         start = 0
         for k, f, n in per_client_feats:
             if n:
-                state.filters[k].observe(f, sample_rewards(R, d_before[start:start + n] - d_after[start:start + n],
-                                                           mix=lc.reward_mix))
+                drops = perplexity_drops(d_before[start:start + n], d_after[start:start + n])
+                state.filters[k].observe(f, sample_rewards(R, drops, mix=lc.reward_mix))
                 logd.metrics[f"server_filter_fit_client{k}"] = state.filters[k].fit()
             start += n
     logd.metrics.update({"server_selected": len(dist), "server_preference_pairs": len(pref),

@@ -320,11 +320,18 @@ def check_metrics_complete(rd: RunDir, start: int) -> None:
     rows = rd.read("metrics.jsonl")
     evaluated = {r.get("round") for r in rows if r.get("event") == "eval" and r.get("who") == "llm"}
     timed = {r.get("round") for r in rows if r.get("event") == "round_time"}
-    missing = [t for t in range(start + 1) if t not in evaluated or (timed and t and t not in timed)]
+    stepped = {r.get("round") for r in rows if r.get("event") in ("client_step", "client_failed")}
+    missing = [t for t in range(start + 1) if t not in evaluated or (timed and t and t not in timed)
+               or (stepped and t and t not in stepped)]
     if missing:
         raise ConfigError(f"run directory {rd.path}: metrics.jsonl lacks the rows of round(s) "
                           f"{', '.join(map(str, missing))}, although the checkpoints hold rounds 1..{start} (the file "
                           f"was cut short or edited); restore it from a copy, or start a new run in another out_dir")
+    audited = {r.get("round") for r in rd.read("audit.jsonl")}
+    if audited and (gone := [t for t in range(1, start + 1) if t not in audited]):
+        raise ConfigError(f"run directory {rd.path}: audit.jsonl lacks round(s) {', '.join(map(str, gone))}, although "
+                          f"the checkpoints hold rounds 1..{start} (the file was cut short or edited); restore it from "
+                          f"a copy, or start a new run in another out_dir")
 
 
 def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:

@@ -232,6 +232,7 @@ def test_an_interrupted_make_leaves_the_folder_as_it_was_and_can_be_run_again(tm
     monkeypatch.setattr(benchmark, "write_records", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_benchmark(out, **SMALL)
-    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written, no temporary folder
+    assert [p.name for p in tmp_path.iterdir()] == ["bench"]  # nothing next to it
+    assert [p.name for p in out.iterdir()] == []  # nothing half-written, no work folder
     monkeypatch.setattr(benchmark, "write_records", real)
     assert validate_files(make_benchmark(out, **SMALL).out_dir) == []

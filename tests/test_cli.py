@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import pytest
 
@@ -38,6 +40,15 @@ def test_validate_counts_a_problem_repeated_on_many_lines(tmp_path, capsys):
     assert len(out) == 5 and all(": difficulty: unknown key" in line for line in out[:3])
     assert out[3] == f"{extra}: difficulty: the same on 37 more line(s): 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, ..."
     assert out[4].startswith("40 problem(s) in 1 of 1 file(s)")
+
+
+def test_an_empty_out_is_refused_by_every_command(tmp_path, capsys):
+    for argv in (["data", "make", "--out", ""], ["compare", "--out", " ", "--seeds", "1"],
+                 ["export", str(tmp_path), "--model", "llm", "--out", ""], ["run", "--out", ""]):
+        with pytest.raises(SystemExit) if argv[0] != "run" else contextlib.nullcontext():
+            assert main(argv) == 2
+        assert "empty string" in _err(capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compare_needs_a_seed_and_finished_runs(tmp_path, capsys):
@@ -106,6 +117,19 @@ def test_devices_and_model_folders_are_checked_with_clear_errors(tmp_path):
 
     with pytest.raises(ConfigError, match=r"'models.slms.1.device'.*cuda:99"):
         check_devices(load_config(overrides=["models.slms.1.device=cuda:99"]))
+    (tmp_path / "models").mkdir()  # "models/my-slm" with a ./models folder here: a mistyped folder, not a hub id
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ModelError, match=r"model not found: models/my-slm does not exist .*a folder 'models'"):
+            load_model("models/my-slm")
+    finally:
+        os.chdir(cwd)
+    import torch
+
+    if not torch.backends.mps.is_available():  # the common case off a Mac: named up front, not a crash later
+        with pytest.raises(ConfigError, match=r"'models.slms.0.device'.*no Apple MPS device"):
+            check_devices(load_config(overrides=["models.slms.0.device=mps"]))
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelError, match="not a model directory: it has no config.json"):
         load_model(tmp_path)
@@ -169,6 +193,13 @@ def test_an_interrupt_that_surfaces_late_or_as_another_error_still_exits_as_an_i
     monkeypatch.setattr(cli, "cmd_export", wrapped)
     assert main(["export", "r", "--model", "llm", "--out", "x"]) == 130
     assert _err(capsys).strip() == "interrupted; nothing was exported (the same command starts over)"
+    # the next command in this process starts afresh; a second Ctrl-C during the clean-up is only counted
+    monkeypatch.setattr(cli, "cmd_report", lambda args: 0)
+    assert main(["report", "somewhere"]) == 0 and cli._signalled == []
+    with pytest.raises(KeyboardInterrupt):
+        cli._on_sigint(2, None)
+    cli._on_sigint(2, None)
+    assert cli._signalled == [130, 130]
     monkeypatch.setattr(cli, "_signalled", [])
     monkeypatch.setattr(cli, "cmd_export", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # without a signal, a bug is a bug

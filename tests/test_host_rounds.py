@@ -4,6 +4,7 @@ a FedMKT-like and a FedCoLLM-like round end to end with their payloads counted, 
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def test_server_learn_without_a_reward_slice_records_no_reward_and_learns_from_t
     from fedlada.messages import PathItem
 
     cfg, data, server, clients = _states(tiny_overrides)
-    recs = list(server.public.values())[:3]  # fewer than 5 received questions: no reward slice this round
+    cand = rounds.candidate_ids(server.public, n=cfg.lada.candidates_per_round, seed=cfg.seed, round=1)
+    recs = [server.public[q] for q in cand[:3]]  # fewer than 5 received questions: no reward slice this round
     paths = tuple(PathItem(r.id, reasoning.format_path(r.rationale, r.answer), -4.0, 8) for r in recs)
     rep = ReportMessage(round=1, client=0, paths=paths)
     log = rounds.server_learn(server, [rep], cfg=cfg, round=1)
@@ -216,7 +218,8 @@ def test_the_server_reward_slice_is_trained_on_through_no_client(tiny_overrides,
     from fedlada.messages import PathItem
 
     cfg, data, server, clients = _states(tiny_overrides)
-    recs = list(server.public.values())[:10]
+    cand = rounds.candidate_ids(server.public, n=cfg.lada.candidates_per_round, seed=cfg.seed, round=1)
+    recs = [server.public[q] for q in cand[:10]]
     reps = [ReportMessage(round=1, client=k, paths=tuple(
         PathItem(r.id, reasoning.format_path(r.rationale, r.answer), -4.0 - k, 8) for r in recs)) for k in (0, 1)]
     trained, scored = [], []
@@ -231,6 +234,29 @@ def test_the_server_reward_slice_is_trained_on_through_no_client(tiny_overrides,
     assert trained and not set(held) & set(trained)
 
 
+def test_the_server_trains_only_on_right_answers_to_this_rounds_candidates(tiny_overrides):
+    """The server holds the public answers: a report's wrong-answer paths and paths on questions outside the round
+    are refused; the no-filter baseline keeps no reward slice (it learns from no reward)."""
+    from fedlada import rounds
+    from fedlada.messages import PathItem
+
+    for method, held_out in (("lada", 2), ("all", 0)):
+        cfg, data, server, clients = _states(tiny_overrides + [f"lada.method={method}"])
+        cand = rounds.candidate_ids(server.public, n=cfg.lada.candidates_per_round, seed=cfg.seed, round=1)
+        outside = [q for q in server.public if q not in cand][:3]
+        good = [PathItem(q, reasoning.format_path(server.public[q].rationale, server.public[q].answer), -4.0, 8)
+                for q in cand[:10]]
+        wrong = [PathItem(q, "x\nAnswer: 123456", -1.0, 3) for q in cand[10:16]]
+        off = [PathItem(q, reasoning.format_path(None, server.public[q].answer), -1.0, 3) for q in outside]
+        log = rounds.server_learn(server, [ReportMessage(round=1, client=0, paths=tuple(good + wrong + off))],
+                                  cfg=cfg, round=1)
+        assert log.metrics["server_refused_paths"] == len(wrong) + len(off)
+        decided = [r["id"] for r in log.selections]
+        assert set(decided) <= {p.question_id for p in good} and len(decided) == len(good) - held_out
+        with pytest.raises(ValueError, match="client 0's report is of round 1"):
+            rounds.server_learn(server, [ReportMessage(round=1, client=0)], cfg=cfg, round=2)
+
+
 def test_the_lada_round_functions_refuse_a_host_method_up_front_and_seed_by_value(tiny_overrides):
     import numpy as np
 
@@ -243,7 +269,7 @@ def test_the_lada_round_functions_refuse_a_host_method_up_front_and_seed_by_valu
                  lambda: rounds.client_step(clients[0], TeachMessage(1, ()), public=server.public, cfg=host_cfg,
                                             round=1),
                  lambda: rounds.server_learn(server, [], cfg=host_cfg, round=1)):
-        with pytest.raises(ValueError, match="'host' is a host framework's method: use fedlada.host_rounds"):
+        with pytest.raises(ValueError, match="'host' runs a host framework alone: use fedlada.host_rounds"):
             call()
     assert rounds.derive_seed(0, "x", np.int64(1), 2) == rounds.derive_seed(0, "x", 1, 2)
     assert rounds.candidate_ids(server.public, n=5, seed=0, round=np.int64(1)) == \
@@ -413,3 +439,33 @@ def test_loaded_models_with_different_tokenizers_are_refused_before_any_work(tmp
         host_rounds.check_host_config(load_config(None, base + slms + [f"models.slms.1.source={tmp_path / 'b'}"]))
     # unreadable here (no such folder): left to the model load, which names the missing path
     host_rounds.check_host_config(load_config(None, base + slms + [f"models.slms.1.source={tmp_path / 'nope'}"]))
+
+
+def test_a_host_payload_that_does_not_fit_the_receiver_is_refused_as_a_message_error():
+    """Recorded as host_rejected_client{k} by server_learn (that client's host part is skipped), not a crash."""
+    import numpy as np
+
+    from fedlada.hosts import TopK, encode_topk
+    from fedlada.messages import MessageError, PathItem
+
+    class Tok:  # a 10-token vocabulary
+        def __len__(self):
+            return 10
+
+        def get_vocab(self):
+            return {str(i): i for i in range(10)}
+
+    tok = Tok()
+    meta = {"tokenizer": tokenizer_fingerprint(tok)}
+    entry = TopK(0, 1.0, np.zeros((2, 3), np.float16), np.array([[1, 2, 12], [0, 1, 2]]))
+    paths = [PathItem("q", "x", -1.0, 2)]
+    with pytest.raises(MessageError, match="top-k token ids outside the LLM's vocabulary of 10"):
+        host_rounds._topk_by_question(encode_topk([entry], k=3, meta=meta), paths, tok, where="w", sender="c",
+                                      receiver="the LLM")
+    mine = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
+    for theirs, fragment in (({"w": torch.zeros(3, 3)}, "missing 'b'"),
+                             ({**mine, "x": torch.zeros(1)}, "unknown 'x'"),
+                             ({"w": torch.zeros(2, 3), "b": torch.zeros(3)}, "'w' of shape (2, 3), expected (3, 3)")):
+        with pytest.raises(MessageError, match=re.escape(f"do not fit the server's copy ({fragment}")):
+            host_rounds._check_fits(theirs, mine, "w")
+    host_rounds._check_fits(mine, mine, "w")

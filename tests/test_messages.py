@@ -69,3 +69,16 @@ def test_numpy_numbers_and_misused_fields_are_caught_where_the_message_is_made()
         TeachMessage(round=1, question_ids="abc")
     with pytest.raises(MessageError, match="'metrics' must hold finite numbers"):
         ReportMessage.from_bytes(b'{"kind":"report","version":1,"round":1,"client":0,"metrics":{"a":1e400}}')
+
+
+def test_path_items_take_numpy_scores_and_refuse_wrong_types_when_made():
+    import numpy as np
+
+    p = PathItem("q", "t", np.float32(-1.5), np.int64(3))  # as score_paths returns them
+    assert (type(p.logprob), type(p.num_tokens)) == (float, int)
+    assert ReportMessage.from_bytes(ReportMessage(1, 0, paths=(p,)).to_bytes()).paths == (p,)
+    for bad in (("q", "t", "-1", 3), (None, "t", -1.0, 3), ("q", "t", -1.0, 2.5)):
+        with pytest.raises(MessageError):
+            PathItem(*bad)
+    with pytest.raises(MessageError, match="question ids must be strings"):
+        TeachMessage(round=1, question_ids=(1, 2))

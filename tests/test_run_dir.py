@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -474,6 +475,7 @@ def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sa
     real_save = models_mod.save_model
 
     def disk_full(model, tok, folder):  # a first file written, then the disk is full
+        Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "config.json").write_text("{}")
         raise full
 
@@ -481,12 +483,24 @@ def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sa
     with pytest.raises(ConfigError, match=r"--out .*empty: cannot write the model .*No space left on device"):
         export_model(res.run_dir, "client1", empty)
     assert empty.is_dir() and not any(empty.iterdir())
+    # another export into the same folder finishes first: this one is refused and leaves the other's files alone
+
+    def raced(model, tok, folder):
+        real_save(model, tok, folder)
+        (Path(folder).parent / "fedlada_export.json").write_text('{"model": "the other one"}')
+
+    monkeypatch.setattr(models_mod, "save_model", raced)
+    with pytest.raises(ConfigError, match="another export wrote a model there meanwhile"):
+        export_model(res.run_dir, "client1", empty)
+    assert [p.name for p in empty.iterdir()] == ["fedlada_export.json"]
+    (empty / "fedlada_export.json").unlink()
     monkeypatch.setattr(models_mod, "save_model", real_save)
     assert (export_model(res.run_dir, "client1", empty) / "fedlada_export.json").is_file()  # the same command again
     # a damaged checkpoint: export names it (resuming advice does not apply here)
     (ckpt / "client_0.pt").write_bytes(b"\0" * 64)
-    with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is damaged \(unreadable"):
+    with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is unreadable") as err:
         export_model(res.run_dir, "client0", tmp_path / "y")
+    assert "to resume" not in str(err.value)  # the resuming advice is not for an export
     assert not (tmp_path / "y").exists()
 
 
@@ -542,12 +556,17 @@ def test_the_cache_survives_full_disks_kills_races_and_damage(tiny_overrides, mo
             raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert not tmp.exists()
     # a process killed while writing left its temporary folder: the next writer removes it (a live one's stays)
+    # (hours ago: a fresh folder may be a process in another container's, whose pid this one cannot see)
     dead, live = root / "tokenizers" / "a.tmp999999999", root / "tokenizers" / f"b.tmp{os.getppid()}"
-    for d in (dead, live):
+    fresh = root / "tokenizers" / "c.tmp999999998"
+    for d in (dead, live, fresh):
         d.mkdir(parents=True)
+    hours_ago = time.time() - prepare.STALE_AFTER_S - 60
+    for d in (dead, live):
+        os.utime(d, (hours_ago, hours_ago))
     with prepare._writing_cache(root):
         pass
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and fresh.exists()
     # two processes publishing one entry: the second's rename fails because the first's is there; not an error
     final, mine = root / "data" / "x", root / "data" / "x.tmp1"
     mine.mkdir(parents=True)
@@ -562,9 +581,17 @@ def test_the_cache_survives_full_disks_kills_races_and_damage(tiny_overrides, mo
     prepare._publish(mine, final)
     monkeypatch.setattr(Path, "replace", real_replace)
     assert (final / "f").read_text() == "theirs" and not mine.exists()
-    # a damaged cached tokenizer is named with the way out
+    # an incomplete entry (a file deleted by hand) is built again, not kept over the new copy
     data = prepare.load_data(cfg)
     _, key = prepare.prepare_tokenizer(cfg, data, vocab_size=128)
+    (root / "tokenizers" / key / "tokenizer.json").unlink()
+    assert prepare.prepare_tokenizer(cfg, data, vocab_size=128)[1] == key
+    assert (root / "tokenizers" / key / "tokenizer.json").is_file()
+    bench = Path(data.source["benchmark"])
+    (bench / "manifest.json").unlink()
+    (bench / "public.jsonl").write_text("")
+    assert prepare.load_data(cfg).public == data.public and (bench / "manifest.json").is_file()
+    # a damaged cached tokenizer is named with the way out
     (root / "tokenizers" / key / "tokenizer.json").write_text('{"trunc')
     with pytest.raises(ModelError, match=r"the cached tokenizer .* cannot be read .*delete that folder"):
         prepare.prepare_tokenizer(cfg, data, vocab_size=128)

@@ -243,6 +243,9 @@ def _previous_files(out_dir: Path) -> set[str]:
         return set()
 
 
+_WORK_RE = re.compile(r"^\.work-\d+$")
+
+
 def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: int = 3, train_per_client: int = 1000,
                    test_per_client: int = 500, public_size: int = 1000, general_size: int = 20000,
                    min_steps: int = 1, max_steps: int = 6, max_value: int = 99,
@@ -259,6 +262,10 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
              "public_size": public_size, "general_size": general_size}
     domains = _check(num_clients, sizes, min_steps, max_steps, max_value, domains)
     out_dir = Path(out_dir)
+    if out_dir.is_dir():  # what an interrupted earlier run of this function left: its work folder
+        for p in out_dir.iterdir():
+            if _WORK_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
     if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_NAME).is_file()
                                                       and any(out_dir.iterdir()))):
         raise ConfigError(f"{out_dir}: not an empty folder nor an earlier benchmark folder (no {MANIFEST_NAME}); "
@@ -288,17 +295,16 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
         files["general.jsonl"] = _records(rows, GENERAL.name, "general", width=6)
 
     stale = _previous_files(out_dir) - set(files)
-    # the files are written next to out_dir first and moved in at the end, so an interrupted run leaves out_dir as
-    # it was (empty, or the earlier benchmark) and the same command can run again
-    work = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    # the files are written into a work folder inside out_dir (the same file system, whatever is mounted where)
+    # and moved into place at the end, so an interrupted run leaves out_dir as it was (empty, or the earlier
+    # benchmark) apart from that work folder, which the next run removes: the same command can run again
+    work = out_dir / f".work-{os.getpid()}"
     entries = {}
     try:
         for rel, records in files.items():
             path = write_records(records, work / rel)
             data = path.read_bytes()
             entries[rel] = {"records": len(records), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        out_dir.mkdir(parents=True, exist_ok=True)
         for rel in files:
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(work / rel, out_dir / rel)
