@@ -34,6 +34,8 @@ def main() -> int:
     for key in ("tokens", "hidden", "layers", "heads", "eval", "threads"):
         if getattr(args, key) < 1:
             ap.error(f"--{key}: expected an integer >= 1, found {getattr(args, key)}")
+    if args.hidden % args.heads:
+        ap.error(f"--heads {args.heads} must divide --hidden {args.hidden}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -130,6 +130,8 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, iters: int = 50) -> tuple[np.nda
     An empty cluster keeps its previous centroid. Deterministic for a seed (ties go to the lower index)."""
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= n):
+        raise ValueError(f"kmeans: k must be an integer in 1..{n} (the number of points), got {k!r}")
     rng = np.random.default_rng(seed)
     chosen = [int(rng.integers(n))]
     d2 = ((x - x[chosen[0]]) ** 2).sum(1)

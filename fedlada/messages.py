@@ -136,6 +136,10 @@ class ReportMessage:
         # numpy scalars (np.float32(1.5)) as the plain numbers JSON writes
         object.__setattr__(self, "metrics", {k: (v.item() if hasattr(v, "item") and not isinstance(v, (int, float))
                                                  else v) for k, v in self.metrics.items()})
+        bad = [k for k, v in self.metrics.items() if isinstance(v, bool) or not isinstance(v, (int, float, type(None)))]
+        if bad:  # what from_bytes would refuse is refused where the message is made
+            raise MessageError(f"report message: metric {bad[0]!r} must be a number or None, found "
+                               f"{self.metrics[bad[0]]!r}")
 
     def to_bytes(self) -> bytes:
         d = {"kind": self.kind, "version": MESSAGE_VERSION, "round": self.round, "client": self.client,

@@ -300,6 +300,8 @@ def read_data_files(files: dict[str, tuple[str, str]], *, max_record_bytes: int,
 
 def split_holdout(train: list[Record], *, size: int, seed: int) -> tuple[list[Record], list[Record]]:
     """A seeded held-out slice of a client's train split (for its reward), at most a fifth of it."""
+    if size < 1:
+        raise ValueError(f"split_holdout: size must be >= 1, got {size!r}")
     idx = list(range(len(train)))
     random.Random(seed).shuffle(idx)
     n = min(size, max(1, len(train) // 5)) if len(train) >= 2 else 0  # a lone record is trained on, not held out

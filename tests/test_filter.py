@@ -382,3 +382,19 @@ def test_library_misuse_gets_a_clear_error():
         encode_state({"w": torch.zeros(2)}, dtype="int8")
     with pytest.raises(TypeError, match="not one string"):
         sample_paths(None, None, "one prompt", num_paths=1)
+
+
+def test_misused_helpers_name_their_argument():
+    from fedlada.filter import kmeans
+    from fedlada.messages import MessageError, ReportMessage
+    from fedlada.models import build_tiny_model
+    from fedlada.prepare import split_holdout
+
+    with pytest.raises(ValueError, match=r"kmeans: k must be an integer in 1..3"):
+        kmeans(np.zeros((3, 2)), 4, seed=0)
+    with pytest.raises(ValueError, match="split_holdout: size must be >= 1"):
+        split_holdout([], size=-1, seed=0)
+    with pytest.raises(ConfigError, match="num_heads must divide hidden_size"):
+        build_tiny_model(None, hidden_size=0, num_layers=1, num_heads=1)
+    with pytest.raises(MessageError, match="metric 'note' must be a number or None"):
+        ReportMessage(1, 0, metrics={"note": "text"})
