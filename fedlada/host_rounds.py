@@ -559,6 +559,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
     t0 = time.perf_counter()
     side, m = state.side, logd.metrics
     usable = []
+    mine = trainable_state(_ensure_slm(state, cfg).model) if cfg.host.name == "fedcollm" else {}  # once, not per client
     for rep in sorted(reports, key=lambda r: r.client):
         where = f"round {round} report of client {rep.client}"
         try:
@@ -569,7 +570,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                                         sender=f"client {rep.client}", receiver=f"the LLM ({describe(cfg.models.llm)})")
             else:
                 got = _client_weights(rep, where)
-                _check_fits(got[0], trainable_state(_ensure_slm(state, cfg).model), where)
+                _check_fits(got[0], mine, where)
         except MessageError as e:
             log.warning("%s; its host contribution is skipped", e)
             m[f"host_rejected_client{rep.client}"] = str(e)

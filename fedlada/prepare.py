@@ -323,7 +323,6 @@ def _corpus_texts(records: list[Record]) -> list[str]:
 
 def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, salt: str = "shared"):
     from fedlada.models import train_tokenizer
-    from transformers import AutoTokenizer
 
     corpus = server_corpus(data)
     texts = _corpus_texts(corpus) + [reasoning.format_prompt(r.question) for r in data.public]
@@ -331,11 +330,7 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
                    "vocab": vocab_size, "salt": salt})
     path = cache_root(cfg) / "tokenizers" / key
     if (path / "tokenizer.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(path), key
-        except Exception as e:  # noqa: BLE001 - a damaged cache entry, named with the way out
-            raise ModelError(f"the cached tokenizer {path} cannot be read ({type(e).__name__}: {e}); delete that "
-                             f"folder and it is trained again") from None
+        return _cached_tokenizer(path), key
     if salt != "shared":  # a different tokenizer: trained on a different sample of the same text
         rng = random.Random(salt)
         texts = rng.sample(texts, len(texts) // 2)
@@ -345,9 +340,16 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
     with _writing_cache(cache_root(cfg), tmp):
         tok.save_pretrained(tmp)
         _publish(tmp, path)
+    return _cached_tokenizer(path), key
+
+
+def _cached_tokenizer(path: Path):
+    """A cached tokenizer; a damaged entry is named with the way out."""
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(path), key
-    except Exception as e:  # noqa: BLE001 - an entry another process published, damaged since
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
         raise ModelError(f"the cached tokenizer {path} cannot be read ({type(e).__name__}: {e}); delete that folder "
                          f"and it is trained again") from None
 
@@ -422,8 +424,6 @@ def _weight_hashes(folder: Path) -> dict[str, str]:
 def _check_cached_weights(path: Path, stored: dict, role: str) -> None:
     """A cache entry records its weight files' sha256 when it is made: bytes changed since then (a damaged disk, a
     partial copy) are named instead of loaded. Entries made before the record existed are not checked."""
-    from fedlada.errors import ModelError
-
     expected = stored.get("weights_sha256")
     if not isinstance(expected, dict):
         return
@@ -437,8 +437,6 @@ def _check_cached_weights(path: Path, stored: dict, role: str) -> None:
 
 def _check_cached_shape(model, spec: ModelSpec, path: Path, role: str) -> None:
     """A cache entry is keyed by its shape, so a model of another shape there was changed by hand or damaged."""
-    from fedlada.errors import ModelError
-
     c = model.config
     found = (getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None),
              getattr(c, "num_attention_heads", None))
@@ -469,8 +467,6 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         path = cache_root(cfg) / "models" / key
         info["cache"] = str(path)
         if (path / "config.json").is_file():
-            from fedlada.errors import ModelError
-
             stored_file = path / "fedlada_pretrain.json"
             try:
                 stored = json.loads(stored_file.read_text()) if stored_file.is_file() else {}

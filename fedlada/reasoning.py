@@ -259,12 +259,16 @@ def format_number(value: Fraction) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _is_punct(ch: str) -> bool:
+    return ch in _PUNCT or unicodedata.category(ch).startswith("P")
+
+
 def _normalize_text(text: str) -> str:
     text = text.lower()
     chars = []
     for i, ch in enumerate(text):
         prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
-        if prev.isdigit() and nxt.isdigit() and (ch in _PUNCT or unicodedata.category(ch).startswith("P")):
+        if prev.isdigit() and nxt.isdigit() and _is_punct(ch):
             chars.append(ch)  # inside a number or a date: 3.4, 1,200, 3/4, 10:30, 2020-03-05
         elif ch in _CURRENCY or ch.isspace():
             chars.append(" ")
@@ -272,7 +276,7 @@ def _normalize_text(text: str) -> str:
             chars.append(f" {ch} ")  # a sign that means something: 50 %, c++, c#, x > 5, 10^3, °c
         elif ch == "-" and ((not prev.isalnum() and nxt.isdigit()) or (prev.isalnum() and not nxt.isalnum())):
             chars.append(f" {ch} ")  # a minus sign (x = -5) or a grade's minus (A-); "north-east" is two words
-        elif ch in _PUNCT or unicodedata.category(ch).startswith("P"):
+        elif _is_punct(ch):
             chars.append(" ")
         else:
             chars.append(ch)
