@@ -46,6 +46,19 @@ def _model(tok, spec):
 
 
 def main(argv=None) -> dict:
+    scratch = None
+    if not os.environ.get("FEDLADA_CACHE"):  # its own throw-away model cache, removed when done
+        scratch = tempfile.TemporaryDirectory(prefix="fedlada-bytes-")
+        os.environ["FEDLADA_CACHE"] = scratch.name
+    try:
+        return _measure(argv)
+    finally:
+        if scratch is not None:
+            del os.environ["FEDLADA_CACHE"]
+            scratch.cleanup()
+
+
+def _measure(argv) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/scenario-a-identical.toml"))
     ap.add_argument("--candidates", type=int, default=32)
@@ -53,7 +66,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("FEDLADA_CACHE", tempfile.mkdtemp(prefix="fedlada-bytes-"))
     from fedlada.prepare import load_data, prepare_tokenizer
 
     cfg = load_config(args.config)

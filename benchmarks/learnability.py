@@ -29,7 +29,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="default: models.pretrain_lr (the default run's recipe)")
     ap.add_argument("--eval", type=int, default=300, help="test questions per client")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/learnability.json")
+    ap.add_argument("--out", default="runs/learnability.json",
+                    help="where the JSON result goes (the committed one is benchmarks/results/learnability.json)")
     args = ap.parse_args()
     for key in ("tokens", "hidden", "layers", "heads", "eval", "threads"):
         if getattr(args, key) < 1:

@@ -31,18 +31,23 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     return m, sd
 
 
-def parse_method(entry: str, default_host: str) -> tuple[str, str, str]:
+def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = ()) -> tuple[str, str, str]:
     """``"lada"`` or ``"<host>:<method>"`` -> (host, method, row label). The label is the method alone for LaDa
-    without a host, else ``<host>-<method>`` (also the run's sub-directory)."""
+    without a host, else ``<host>-<method>`` (also the run's sub-directory). A method may be a selection rule
+    registered by ``plugins`` (``lada.plugins``)."""
     from fedlada.config import HOSTS, METHODS, method_label
     from fedlada.errors import ConfigError
+    from fedlada.selection import check_method
 
     host, _, method = entry.rpartition(":")
     host = host or default_host
     if host not in HOSTS:
         raise ConfigError(f"--methods: {entry!r} names host {host!r}; expected one of {HOSTS}")
     if method not in METHODS:
-        raise ConfigError(f"--methods: {entry!r} names method {method!r}; expected one of {METHODS}")
+        if not plugins:
+            raise ConfigError(f"--methods: {entry!r} names method {method!r}; expected one of {METHODS} (or a "
+                              "selection rule of a plug-in named in lada.plugins)")
+        check_method(method, plugins, key="--methods")
     return host, method, method_label(host, method)
 
 
@@ -60,7 +65,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     from fedlada.errors import ConfigError
 
     out = Path(out)
-    parsed = [parse_method(m, base.host.name) for m in methods]
+    parsed = [parse_method(m, base.host.name, base.lada.plugins) for m in methods]
     labels = [p[2] for p in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--methods: {list(methods)} names a method twice")

@@ -32,6 +32,7 @@ from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 from fedlada.errors import ConfigError
 
 METHODS = ("lada", "local", "all", "random", "lada-sft", "host", "host-random")
+_RULE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # fedlada.selection.RULE_NAME_RE, without importing numpy here
 LOSSES = ("pairwise", "listwise", "sft")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -260,7 +261,10 @@ class ModelsConfig:
 class LadaConfig:
     """The method's knobs (LADA.md). ``method`` picks LaDa or a baseline on the same loop."""
 
-    method: str = "lada"
+    method: str = "lada"  # a built-in method (METHODS), or a selection rule registered by a plug-in
+    # plug-ins with selection rules of your own (fedlada.selection): .py files (relative to the working directory)
+    # or importable modules, imported when a run starts
+    plugins: tuple[str, ...] = ()
     candidates_per_round: int = 96  # public questions considered per round (a seeded subset of the pool)
     paths_per_question: int = 4  # M: LLM paths sampled per public question (rejection sampling keeps correct)
     client_paths_per_question: int = 2  # paths each SLM samples per public question
@@ -287,7 +291,11 @@ class LadaConfig:
     tau: float = 1.0  # listwise: the temperature of the path distributions
 
     def __post_init__(self):
-        _check(self.method in METHODS, "lada.method", f"one of {METHODS}", self.method)
+        _check(self.method in METHODS or (bool(self.plugins) and _RULE_NAME.fullmatch(self.method) is not None),
+               "lada.method", f"one of {METHODS}, or the name of a selection rule registered by lada.plugins",
+               self.method)
+        for i, p in enumerate(self.plugins):
+            _check(bool(p) and p == p.strip(), f"lada.plugins.{i}", "a .py file path or an importable module name", p)
         _check(self.loss in LOSSES, "lada.loss", f"one of {LOSSES}", self.loss)
         _check(self.candidates_per_round >= 1, "lada.candidates_per_round", "an integer >= 1",
                self.candidates_per_round)

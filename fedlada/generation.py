@@ -34,6 +34,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 from fedlada.config import GENERATION_BACKENDS, ModelSpec
@@ -126,6 +127,8 @@ class VLLMBackend(GenerationBackend):
         self.source, self.max_lora_rank = str(source), max_lora_rank
         self.tokenizer = self.llm.get_tokenizer()
         self.adapter_root = Path(adapter_dir or tempfile.mkdtemp(prefix="fedlada-vllm-"))
+        if not adapter_dir:  # our own scratch folder: removed with the backend (or at exit), adapters and all
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.adapter_root), True)
         self.lora_request = None
         self._version = 0
 

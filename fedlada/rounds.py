@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fedlada import reasoning
+from fedlada import reasoning, selection
 from fedlada.config import METHODS, RunConfig
 from fedlada.data import Record
 from fedlada.errors import DataError
@@ -239,12 +239,17 @@ def _filter_for(existing: LearnabilityFilter | None, dim: int, cfg: RunConfig, s
 
 
 def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndarray, *, round: int,
-            budget: float, seed: int) -> Selection:
+            budget: float, seed: int, scalars: dict[str, np.ndarray] | None = None, pair: str = "") -> Selection:
     """LaDa's filter, or a baseline's rule recorded in the same Selection shape. ``random`` draws as many as the
-    filter's cap (:func:`~fedlada.filter.selection_cap`, minimum count included), so it moves as much as LaDa."""
+    filter's cap (:func:`~fedlada.filter.selection_cap`, minimum count included), so it moves as much as LaDa; a
+    plug-in rule (:mod:`fedlada.selection`) gets the same cap, the features and the ``scalars``."""
     n = len(ids)
     if method in ("lada", "lada-sft"):
         return flt.select(ids, feats, round=round)
+    if selection.is_custom(method):
+        cap = min(n, selection_cap(n, n, budget=budget, min_count=flt.min_count))
+        return selection.apply_rule(selection.Candidates(list(ids), feats, dict(scalars or {}), round=round,
+                                                         pair=pair, cap=cap, seed=seed, rule=method))
     none = np.full(n, np.nan)  # no prediction is made: NaN, as the filter's cold start records it
     if method == "all":
         return Selection(ids, np.ones(n, bool), none, none.copy(), none.copy(), ["all: no filter"] * n, round=round)
@@ -352,6 +357,7 @@ def _check_method(cfg: RunConfig) -> None:
     if cfg.lada.method in HOST_ALONE:
         raise ValueError(f"fedlada.rounds runs lada.method in {ROUND_METHODS}; {cfg.lada.method!r} runs a host "
                          f"framework alone: use fedlada.host_rounds (the runner picks it from host.name)")
+    selection.check_method(cfg.lada.method, cfg.lada.plugins)  # a plug-in rule: imported once per process
 
 
 def check_known_questions(qids: list[str], public: dict[str, Record], *, who: str, round: int) -> None:
@@ -428,7 +434,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         feats = build_features(emb, scalars)
         state.filter = _filter_for(state.filter, feats.shape[1], cfg, derive_seed(cfg.seed, "filter", k))
         sel = _select(lc.method, state.filter, cand, feats, round=round, budget=lc.budget,
-                      seed=derive_seed(cfg.seed, "random-select", round, k))
+                      seed=derive_seed(cfg.seed, "random-select", round, k), scalars=scalars, pair=f"llm->client{k}")
         logd.selections = _selection_records(sel, round=round, pair=f"llm->client{k}", scalars=scalars)
         logd.metrics["filter"] = summarize(sel, {"learnability_gap": gap})
         selected_q = [q for q, s in zip(cand, sel.selected) if s]
@@ -557,7 +563,8 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
         state.filters[k] = _filter_for(state.filters.get(k), feats.shape[1], cfg,
                                        derive_seed(cfg.seed, "server-filter", k))
         sel = _select(lc.method, state.filters[k], qids, feats, round=round, budget=lc.budget,
-                      seed=derive_seed(cfg.seed, "server-random-select", round, k))
+                      seed=derive_seed(cfg.seed, "server-random-select", round, k), scalars=scalars,
+                      pair=f"client{k}->llm")
         logd.selections += _selection_records(sel, round=round, pair=f"client{k}->llm", scalars=scalars)
         logd.metrics[f"filter_client{k}"] = summarize(sel, {"novelty_gap": gap})
         n_before = len(dist)

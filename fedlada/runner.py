@@ -41,6 +41,7 @@ from fedlada import config as config_mod
 from fedlada.config import RunConfig, method_label
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
+from fedlada.selection import check_method
 from fedlada.models import check_devices
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
@@ -574,6 +575,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     events = events or Events()
     t_start = time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work
+    check_method(cfg.lada.method, cfg.lada.plugins)  # a plug-in selection rule that cannot be loaded, too
     begun = begin_run(cfg, resume=resume, events=events, t_start=t_start)
     if isinstance(begun, RunResult):
         return begun

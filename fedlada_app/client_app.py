@@ -96,7 +96,9 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     from fedlada.models import PromptFormatter
     from fedlada.prepare import client_digest, data_source, eval_split, prepare_model, public_digest, split_holdout
     from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
+    from fedlada.selection import check_method
 
+    check_method(cfg.lada.method, cfg.lada.plugins)  # this node must have the run's plug-in rules too
     files, data = _client_files(cfg, k)
     spec = cfg.models.slm_for(k)
     model, tok, info = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data)

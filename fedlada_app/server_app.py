@@ -314,10 +314,12 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model, public_digest
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, check_clients_unchanged, drive
+    from fedlada.selection import check_method
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
     check_host_config(cfg)  # a refused host/model pairing fails before any work, as in-process
+    check_method(cfg.lada.method, cfg.lada.plugins)  # a plug-in selection rule that cannot be loaded, too
     begun = begin_run(cfg, resume=resume, events=events, t_start=t_start, load=load_server_data)
     if isinstance(begun, RunResult):
         return begun

@@ -137,8 +137,8 @@ def pyproject_section(cfg: RunConfig | None = None, fcfg: FlowerConfig | None = 
 
 
 def absolute_paths(cfg: RunConfig, base: str | os.PathLike) -> tuple[RunConfig, list[str]]:
-    """``cfg`` with its relative file paths (``out_dir``, the data files, model folders that exist under ``base``)
-    made absolute against ``base``, and the keys changed. The ServerApp and the ClientApps run in the SuperLink's and
+    """``cfg`` with its relative file paths (``out_dir``, the data files, model folders and plug-in files that exist
+    under ``base``) made absolute against ``base``, and the keys changed. The ServerApp and the ClientApps run in the SuperLink's and
     SuperNodes' working directories, where a path relative to the experimenter's directory means something else."""
     base = Path(base).resolve()
     changed: list[str] = []
@@ -163,7 +163,10 @@ def absolute_paths(cfg: RunConfig, base: str | os.PathLike) -> tuple[RunConfig, 
     models = dataclasses.replace(cfg.models, llm=spec("models.llm", cfg.models.llm),
                                  slms=tuple(spec(f"models.slms.{i}", s) for i, s in enumerate(cfg.models.slms)))
     out_dir = fix("out_dir", cfg.out_dir)
-    return dataclasses.replace(cfg, data=data, models=models, out_dir=out_dir), changed
+    plugins = tuple(fix(f"lada.plugins.{i}", p, only_existing=True) if p.endswith(".py") else p
+                    for i, p in enumerate(cfg.lada.plugins))  # a module name stays as it is
+    lada = dataclasses.replace(cfg.lada, plugins=plugins)
+    return dataclasses.replace(cfg, data=data, models=models, out_dir=out_dir, lada=lada), changed
 
 
 def run_config_file(cfg: RunConfig) -> str:

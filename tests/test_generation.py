@@ -199,6 +199,18 @@ def test_vllm_backend_follows_lora_updates(fake_vllm, tok, tmp_path):
     assert (tmp_path / "adapters" / "adapter-0002" / "adapter_config.json").is_file()
 
 
+def test_vllm_backend_removes_its_own_adapter_folder(fake_vllm, tok):
+    import gc
+
+    backend = make_backend("vllm", source="/m", lora_rank=8)  # no adapter_dir: a scratch folder of its own
+    backend.sync(apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=0), r=4))
+    root = backend.adapter_root
+    assert (root / "adapter-0001" / "adapter_config.json").is_file()
+    del backend
+    gc.collect()
+    assert not root.exists()
+
+
 def test_library_import_does_not_load_vllm():
     import subprocess
 

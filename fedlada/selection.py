@@ -1,0 +1,203 @@
+"""Selection rules of your own, next to LaDa's filter and the ``all`` / ``random`` baselines.
+
+A rule decides, for one SLM-LLM pair and direction in one round, which candidate samples the receiver trains on.
+Write it as a function of :class:`Candidates` in a Python file (or an importable module), register it under a
+name, and name that file in ``lada.plugins`` and the rule in ``lada.method``::
+
+    # my_rules.py
+    from fedlada.selection import register_rule
+
+    @register_rule("gap-first")
+    def gap_first(c):
+        # c.scalars: "learnability_gap" (LLM -> SLM) or "novelty_gap" (SLM -> LLM), plus per-sample NLLs
+        gap = c.scalars.get("learnability_gap", c.scalars.get("novelty_gap"))
+        return gap  # scores: the c.cap highest are selected
+
+    fedlada run --set 'lada.plugins=["my_rules.py"]' --set lada.method=gap-first
+
+A rule returns either a boolean mask (N,) -- exactly those candidates are selected -- or N finite scores, of which
+the ``cap`` highest are selected (``cap`` is LaDa's own cap for these candidates: ``lada.budget`` of them, at least
+``lada.min_count``, so a score rule moves as much as LaDa and ``random`` do). Scores are recorded in
+``selections.jsonl``. A rule sees what LaDa's filter sees (the candidates' features and gaps) and nothing of the
+other side's private data. Like ``random`` and ``all``, a rule is a selection only: the distillation, its loss and
+the exchange stay LaDa's; the filter is not trained under it.
+
+Plug-ins are imported when a run starts (by every process that runs a round: under Flower, every SuperNode and the
+ServerApp, so the file must be at the same path, or the module importable, on each of them). A relative ``.py``
+path is taken from the working directory. Nothing here imports ``flwr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fedlada.config import _RULE_NAME as RULE_NAME_RE  # no ':' (``fedlada compare`` reads "host:method")
+from fedlada.config import METHODS
+from fedlada.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a rule decides on: N candidates of one pair in one round.
+
+    ``features`` (N, D) are the filter's inputs (question embedding + scalars); ``scalars`` the per-sample numbers
+    also written to ``selections.jsonl`` (LLM -> SLM: learnability_gap, slm_nll, llm_nll, path_tokens, slm_pass;
+    SLM -> LLM: novelty_gap, llm_nll, slm_nll, path_tokens, llm_pass); ``pair`` is "llm->client<k>" or
+    "client<k>->llm"; ``cap`` LaDa's cap for N candidates; ``seed`` a seed derived from the run's seed, round and pair
+    (use it for any randomness, so the run stays reproducible)."""
+
+    ids: list[str]
+    features: np.ndarray
+    scalars: dict[str, np.ndarray]
+    round: int
+    pair: str
+    cap: int
+    seed: int
+    rule: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+Rule = Callable[[Candidates], Any]
+_RULES: dict[str, Rule] = {}
+_LOADED: dict[str, str] = {}  # plug-in spec -> module name
+
+
+def register_rule(name: str, fn: Rule | None = None):
+    """Register ``fn`` as the selection rule ``name`` (also usable as ``@register_rule(name)``). The name is what
+    ``lada.method`` and ``fedlada compare --methods`` take: lower-case letters, digits, ``_ . -``; not a built-in
+    method's. Registering a name again replaces its rule (a re-imported plug-in)."""
+    if not isinstance(name, str) or not RULE_NAME_RE.fullmatch(name):
+        raise ValueError(f"register_rule: {name!r} is not a rule name (lower-case letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit)")
+    if name in METHODS:
+        raise ValueError(f"register_rule: {name!r} is a built-in lada.method; pick another name")
+
+    def add(f: Rule) -> Rule:
+        if not callable(f):
+            raise TypeError(f"register_rule({name!r}): expected a function of Candidates, found {type(f).__name__}")
+        _RULES[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def registered_rules() -> tuple[str, ...]:
+    return tuple(sorted(_RULES))
+
+
+def _module_name(path: Path) -> str:
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+    return f"fedlada_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
+
+
+def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins") -> None:
+    """Import each plug-in (a ``.py`` file path or a module name) once per process; each registers its rules.
+    A missing file, a module that cannot be imported or that raises: ConfigError naming it and where it failed."""
+    for spec in specs:
+        if spec in _LOADED:
+            continue
+        if spec.endswith(".py"):
+            path = Path(spec).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"config key '{key}': plug-in file {spec} not found (from {Path.cwd()}); give a "
+                                  "path to a .py file (relative to the working directory) or an importable module")
+            name = _module_name(path)
+            try:
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                mod_spec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 - the user's plug-in failed to import: say where
+                sys.modules.pop(name, None)
+                raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
+                                  f"{type(e).__name__}: {e}{_where(e, str(path))}") from None
+        else:
+            try:
+                importlib.import_module(spec)
+            except ModuleNotFoundError as e:
+                raise ConfigError(f"config key '{key}': no module {e.name!r} to import for plug-in {spec!r}; give "
+                                  "a path to a .py file or a module on the Python path") from None
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
+                                  f"{type(e).__name__}: {e}{_where(e)}") from None
+            name = spec
+        _LOADED[spec] = name
+
+
+def _where(e: BaseException, path: str | None = None) -> str:
+    """" (at file:line)" of the deepest frame of ``e`` in the user's code (``path``, or outside fedlada)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if (f.filename == path if path else "/fedlada/" not in f.filename.replace("\\", "/"))]
+    return f" (at {mine[-1].filename}:{mine[-1].lineno})" if mine else ""
+
+
+def check_method(method: str, plugins: tuple[str, ...] | list[str], *, key: str = "lada.method") -> None:
+    """Load ``plugins`` and make sure ``method`` is built in or registered by them (ConfigError otherwise)."""
+    load_plugins(plugins)
+    if method in METHODS or method in _RULES:
+        return
+    known = ", ".join(_RULES) or "none"
+    where = key if key.startswith("--") else f"config key '{key}'"
+    raise ConfigError(f"{where}: {method!r} is neither a built-in method {METHODS} nor a rule "
+                      f"registered by lada.plugins {list(plugins)} (registered: {known})")
+
+
+def is_custom(method: str) -> bool:
+    return method not in METHODS
+
+
+def apply_rule(cand: Candidates):
+    """Run the registered rule ``cand.rule`` and return its decision as a :class:`~fedlada.filter.Selection` (reasons
+    "<rule>: selected" / "<rule>: not selected" / "<rule>: over cap"). A wrong return value, or an exception in the
+    rule: ConfigError naming the rule, the pair and the round."""
+    from fedlada.filter import Selection
+
+    name, n = cand.rule, len(cand)
+    if name not in _RULES:
+        raise ConfigError(f"lada.method {name!r}: no such rule registered (registered: {', '.join(_RULES) or 'none'})")
+    where = f"selection rule {name!r} (round {cand.round}, pair {cand.pair})"
+    try:
+        out = _RULES[name](cand)
+    except Exception as e:  # noqa: BLE001 - a bug in the user's rule: name it and where, stop the run
+        raise ConfigError(f"{where} raised {type(e).__name__}: {e}{_where(e)}") from None
+    try:
+        arr = np.asarray(out)
+    except Exception:  # noqa: BLE001
+        arr = np.asarray(None, dtype=object)
+    none = np.full(n, np.nan)
+    if arr.shape != (n,):
+        raise ConfigError(f"{where} returned {type(out).__name__} of shape {arr.shape}; expected a boolean mask or "
+                          f"scores, one per candidate: shape ({n},)")
+    if arr.dtype == bool:
+        sel = arr.copy()
+        return Selection(list(cand.ids), sel, none, none.copy(), none.copy(),
+                         [f"{name}: selected" if s else f"{name}: not selected" for s in sel], round=cand.round)
+    if arr.dtype.kind not in "iuf":
+        raise ConfigError(f"{where} returned values of type {arr.dtype}; expected a boolean mask or numeric scores")
+    scores = arr.astype(np.float64)
+    if n and not np.all(np.isfinite(scores)):
+        bad = [cand.ids[i] for i in np.flatnonzero(~np.isfinite(scores))[:3]]
+        raise ConfigError(f"{where} returned a non-finite score for {', '.join(bad)}; expected finite numbers")
+    order = sorted(range(n), key=lambda i: (-scores[i], i))  # ties: candidate order, deterministic
+    keep = set(order[: min(cand.cap, n)])
+    sel = np.array([i in keep for i in range(n)], bool)
+    return Selection(list(cand.ids), sel, scores, none.copy(), none.copy(),
+                     [f"{name}: top {cand.cap} by score" if s else f"{name}: over cap" for s in sel],
+                     round=cand.round)
+
+
+__all__ = ["Candidates", "RULE_NAME_RE", "apply_rule", "check_method", "is_custom", "load_plugins",
+           "register_rule", "registered_rules"]

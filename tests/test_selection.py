@@ -1,0 +1,157 @@
+"""Selection rules of your own (fedlada.selection): registration, loading plug-ins, the decision's shape and
+errors, and a whole run under a plug-in rule."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from fedlada import selection
+from fedlada.config import load_config
+from fedlada.errors import ConfigError
+from fedlada.selection import Candidates, apply_rule, check_method, load_plugins, register_rule
+
+RULES = """
+from fedlada.selection import register_rule
+
+@register_rule("gap-first")
+def gap_first(c):
+    return c.scalars.get("learnability_gap", c.scalars.get("novelty_gap"))
+
+@register_rule("first-half")
+def first_half(c):
+    return [i < len(c) // 2 for i in range(len(c))]
+"""
+
+
+@pytest.fixture
+def rules_file(tmp_path, monkeypatch):
+    path = tmp_path / "my_rules.py"
+    path.write_text(RULES)
+    monkeypatch.chdir(tmp_path)  # relative plug-in paths are taken from the working directory
+    yield path
+    for name in ("gap-first", "first-half"):
+        selection._RULES.pop(name, None)
+    selection._LOADED.clear()
+
+
+def _cand(rule, n=6, cap=2, **scalars):
+    ids = [f"q{i}" for i in range(n)]
+    return Candidates(ids, np.zeros((n, 3)), {k: np.asarray(v, float) for k, v in scalars.items()}, round=1,
+                      pair="llm->client0", cap=cap, seed=0, rule=rule)
+
+
+def test_score_rules_keep_the_cap_highest_and_masks_exactly_their_picks():
+    try:
+        register_rule("by-gap", lambda c: c.scalars["learnability_gap"])
+        register_rule("mask", lambda c: np.array([True, False, True, False, False, False]))
+        sel = apply_rule(_cand("by-gap", learnability_gap=[0.1, 0.9, 0.5, 0.9, -1.0, 0.0]))
+        assert sel.selected_ids == ["q1", "q3"]  # ties kept in candidate order
+        assert sel.scores.tolist() == [0.1, 0.9, 0.5, 0.9, -1.0, 0.0]
+        assert sel.reasons[1] == "by-gap: top 2 by score" and sel.reasons[0] == "by-gap: over cap"
+        assert np.isnan(sel.exploit).all() and sel.round == 1
+        sel = apply_rule(_cand("mask", cap=1))  # a mask is taken as given, whatever the cap
+        assert sel.selected_ids == ["q0", "q2"] and np.isnan(sel.scores).all()
+        assert sel.reasons[:2] == ["mask: selected", "mask: not selected"]
+        assert apply_rule(_cand("by-gap", n=0, learnability_gap=[])).selected_ids == []
+    finally:
+        selection._RULES.pop("by-gap", None)
+        selection._RULES.pop("mask", None)
+
+
+@pytest.mark.parametrize("out, match", [
+    ([1.0, 2.0], r"shape \(2,\); expected .* shape \(6,\)"),
+    ([float("nan")] * 6, "non-finite score for q0"),
+    (["a"] * 6, "expected a boolean mask or numeric scores"),
+    (None, "shape \\(\\)"),
+])
+def test_a_rule_returning_the_wrong_thing_is_named(out, match):
+    try:
+        register_rule("bad", lambda c: out)
+        with pytest.raises(ConfigError, match=r"selection rule 'bad' \(round 1, pair llm->client0\).*" + match):
+            apply_rule(_cand("bad"))
+    finally:
+        selection._RULES.pop("bad", None)
+
+
+def test_a_rule_that_raises_is_named_with_where_it_failed(tmp_path, monkeypatch):
+    path = tmp_path / "broken_rules.py"
+    path.write_text("from fedlada.selection import register_rule\n\n@register_rule('oops')\ndef oops(c):\n"
+                    "    return c.scalars['no_such_gap']\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        load_plugins(["broken_rules.py"])
+        with pytest.raises(ConfigError, match=r"'oops' .* raised KeyError: 'no_such_gap' \(at .*broken_rules.py:5\)"):
+            apply_rule(_cand("oops"))
+    finally:
+        selection._RULES.pop("oops", None)
+        selection._LOADED.clear()
+
+
+def test_names_and_plugins_are_checked(rules_file, tmp_path):
+    with pytest.raises(ValueError, match="built-in"):
+        register_rule("random", lambda c: c)
+    with pytest.raises(ValueError, match="not a rule name"):
+        register_rule("fedmkt:mine", lambda c: c)
+    with pytest.raises(ConfigError, match="lada.method.*registered by lada.plugins"):
+        load_config(overrides=["lada.method=gap-first"])  # a rule name needs a plug-in to come from
+    with pytest.raises(ConfigError, match=r"lada.plugins.*plug-in file nope.py not found"):
+        check_method("gap-first", ["nope.py"])
+    with pytest.raises(ConfigError, match="no module 'no_such_module_x'"):
+        check_method("gap-first", ["no_such_module_x"])
+    (tmp_path / "raises.py").write_text("x = 1\nraise RuntimeError('half-written plug-in')\n")
+    with pytest.raises(ConfigError, match=r"plug-in raises.py failed to import: RuntimeError: half-written plug-in "
+                                          r"\(at .*raises.py:2\)"):
+        check_method("gap-first", ["raises.py"])
+    with pytest.raises(ConfigError, match=r"'gap-frist' is neither .* \(registered: .*gap-first"):
+        check_method("gap-frist", ["my_rules.py"])
+    check_method("gap-first", ["my_rules.py"])
+    check_method("lada", ["my_rules.py"])
+
+
+def test_a_run_under_a_plugin_rule(rules_file, tiny_overrides, gold_sampler, tmp_path):
+    from fedlada.compare import parse_method
+    from fedlada.prepare import load_data
+    from fedlada.runner import run
+
+    cfg = load_config(overrides=tiny_overrides + ['lada.plugins=["my_rules.py"]', "lada.method=gap-first"])
+    gold_sampler(load_data(cfg).public)
+    res = run(cfg)
+    rows = [json.loads(x) for x in (res.run_dir / "selections.jsonl").read_text().splitlines()]
+    assert rows and {r["pair"] for r in rows} >= {"llm->client0", "llm->client1"}
+    assert all(r["reason"].startswith("gap-first: ") for r in rows)
+    for (rnd, pair) in {(r["round"], r["pair"]) for r in rows}:
+        group = [r for r in rows if (r["round"], r["pair"]) == (rnd, pair)]
+        gap = "learnability_gap" if pair.startswith("llm->") else "novelty_gap"
+        assert all(r["score"] == r[gap] for r in group)  # the rule's scores are recorded
+        chosen = [r for r in group if r["selected"]]
+        assert chosen and min(r["score"] for r in chosen) >= max(
+            [r["score"] for r in group if not r["selected"]], default=-np.inf)
+    saved = load_config(res.run_dir / "config.toml")
+    assert (saved.lada.method, saved.lada.plugins) == ("gap-first", ("my_rules.py",))
+    assert res.summary["rounds_done"] == 2
+    assert parse_method("fedmkt:gap-first", "none", ("my_rules.py",)) == ("fedmkt", "gap-first", "fedmkt-gap-first")
+    with pytest.raises(ConfigError, match="--methods"):
+        parse_method("gap-first", "none")
+
+
+def test_a_missing_plugin_fails_before_any_work(tiny_overrides, tmp_path, monkeypatch):
+    from fedlada.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=tiny_overrides + ['lada.plugins=["gone.py"]', "lada.method=gap-first"])
+    with pytest.raises(ConfigError, match="plug-in file gone.py not found"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_flower_settings_make_plugin_files_absolute(tmp_path):
+    from fedlada_app.settings import absolute_paths
+
+    (tmp_path / "r.py").write_text(textwrap.dedent(RULES))
+    cfg = load_config(overrides=['lada.plugins=["r.py", "some.module"]', "lada.method=gap-first"])
+    fixed, changed = absolute_paths(cfg, tmp_path)
+    assert fixed.lada.plugins == (str(tmp_path / "r.py"), "some.module") and "lada.plugins.0" in changed
