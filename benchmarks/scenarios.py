@@ -77,6 +77,8 @@ def paired(out: Path, treatment: str, control: str, seeds) -> dict | None:
 
 
 def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
+    """claims.md's table and its data; ``seeds``: the seeds to pair, or a dict of them per scenario (each
+    scenario's runs are counted from its config's seed, as ``fedlada compare`` counts them)."""
     lines = ["# The paper's claim checked per scenario", "",
              "Mean SLM accuracy (%, mean ± std over seeds) of treatment and control, their paired difference per "
              "seed (mean ± std), how many seeds the treatment won, and the LLM's paired difference.", "",
@@ -91,13 +93,22 @@ def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
 
     for sc in scenarios:
         for label, tr, ct in COMPARISONS:
-            p = paired(root / sc, tr, ct, seeds)
+            p = paired(root / sc, tr, ct, seeds[sc] if isinstance(seeds, dict) else seeds)
             if p is None:
                 continue
             res[f"{sc}: {label}"] = p
             lines.append(f"| {sc} | {label} | {f(p['treatment'])} | {f(p['control'])} | {f(p['diff'])} | "
                          f"{p['wins']}/{p['seeds']} | {f(p['diff_llm'])} |")
     return "\n".join(lines) + "\n", res
+
+
+def scenario_seeds(n: int, overrides: list[str], root: Path = Path(".")) -> dict[str, range]:
+    """The seeds each scenario's table holds: n of them from its config's seed (after ``overrides``), as
+    ``fedlada compare`` counts them, so claims.md pairs exactly the table's runs."""
+    from fedlada.config import load_config
+
+    return {sc: range(s0, s0 + n) for sc, s0 in
+            ((sc, load_config(root / cfg, overrides).seed) for sc, (cfg, _) in SCENARIOS.items())}
 
 
 def main() -> int:
@@ -118,7 +129,7 @@ def main() -> int:
         ap.error(f"--only: unknown scenario(s) {bad}; expected some of {sorted(SCENARIOS)}")
     from fedlada.cli import main as cli
 
-    root, seeds = Path(args.out), range(args.seeds)
+    root, seeds = Path(args.out), scenario_seeds(args.seeds, args.set)
     walls = {}
     for sc in ([] if args.claims_only else only):
         config, methods = SCENARIOS[sc]

@@ -25,12 +25,17 @@ def who_key(name: str) -> tuple:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+_warned_torn: set[tuple[str, int, int]] = set()  # (file, line, size): one warning per torn line, however often read
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a run's JSONL file ([] when it does not exist).
 
-    A last line cut short (no newline after it: the process died while appending) is dropped with a warning, so an
-    interrupted run can still be resumed and reported; a bad line anywhere else is a FedLadaError naming the line.
+    A last line cut short (no newline after it: the process died while appending) is dropped with a warning (once
+    per process), so an interrupted run can still be resumed and reported; a bad line anywhere else is a
+    FedLadaError naming the line.
     """
+    path = Path(path)
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -45,8 +50,11 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"expected a JSON object, found {type(row).__name__}")
         except ValueError as err:
             if number == len(lines):  # the last line, not newline-terminated: a torn append
-                logging.getLogger(__name__).warning("%s: line %d is incomplete (an interrupted write); ignored",
-                                                    path, number)
+                key = (str(path.resolve()), number, len(text))
+                if key not in _warned_torn:
+                    _warned_torn.add(key)
+                    logging.getLogger(__name__).warning("%s: line %d is incomplete (an interrupted write); ignored",
+                                                        path, number)
                 break
             raise FedLadaError(f"{path}:{number}: not a JSON object ({err}); the file is damaged") from None
         rows.append(row)
@@ -113,7 +121,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
             if rej:
                 ax.hist(rej, bins=bins, alpha=0.6, label=f"rejected ({len(rej)})", density=True)
             ax.set_title(f"{pair}: {key.replace('_', ' ')}", fontsize=9)
-            ax.set_ylabel("density (each histogram sums to 1)", fontsize=7)
+            ax.set_ylabel("density (each histogram's area is 1)", fontsize=7)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")

@@ -284,6 +284,11 @@ def _da_loss(cfg: RunConfig) -> str:
     return "sft" if lc.method == "lada-sft" or lc.lambda_da == 0 else lc.loss
 
 
+def _trained_sft(dist: list, cfg: RunConfig) -> int:
+    """How many of the other side's selected paths SFT trains on: all of them, or none at weight mu = 0."""
+    return len(dist) if _train_kwargs(cfg, lr=1.0, epochs=1, seed=0)["mu"] > 0 else 0
+
+
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
     lc, tc = cfg.lada, cfg.train
     kw = dict(lr=lr, epochs=epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
@@ -478,7 +483,7 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
         logd.metrics.update({"reward": _f(R), "filter_fit": fit})
     logd.metrics.update({"candidates": len(qids), "with_teacher_path": len(cand), "selected": len(selected_q),
                          "preference_pairs": len(pref), "listwise_groups": len(listwise),
-                         "distill_sft": len(dist), "client_seconds": _secs(t0)})
+                         "distill_sft": _trained_sft(dist, cfg), "client_seconds": _secs(t0)})
 
     # the reply: the SLM's answer-correct paths (deduplicated), scored by the SLM before its update
     out = []
@@ -585,7 +590,8 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
         per_client_feats.append((k, feats[sel.selected], len(dist) - n_before))
 
     if not dist:
-        logd.metrics["server_selected"] = 0
+        logd.metrics.update({"server_selected": 0, "server_preference_pairs": 0, "server_listwise_groups": 0,
+                             "server_distill_sft": 0})
         return logd
     h_prompts = side.prompts([state.public[p.question_id].question for p in holdout])
     h_before = (score_paths(side.model, side.tokenizer, h_prompts, [p.text for p in holdout], batch_size=64,
@@ -613,6 +619,7 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
                 logd.metrics[f"server_filter_fit_client{k}"] = state.filters[k].fit()
             start += n
     logd.metrics.update({"server_selected": len(dist), "server_preference_pairs": len(pref),
+                         "server_listwise_groups": len(listwise), "server_distill_sft": _trained_sft(dist, cfg),
                          "server_seconds": _secs(t0)})
     return logd
 

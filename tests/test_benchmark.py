@@ -148,9 +148,10 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     assert [len(read_records(p.train)) for p in b.clients] == [60, 60, 60]
 
 
-def test_more_clients_than_domains_wrap_around_with_fresh_questions(tmp_path):
+def test_more_clients_than_domains_wrap_around_with_fresh_questions(tmp_path, caplog):
     layout = make_benchmark(tmp_path, num_clients=5, domains=["farm", "garden"], **SMALL)
     assert [c.domain for c in layout.clients] == ["farm", "garden", "farm", "garden", "farm"]
+    assert "clients share domains (client 2 = client 0 (farm), client 3 = client 1 (garden)" in caplog.text
     first = {r.question for r in read_records(layout.clients[0].train)}
     third = {r.question for r in read_records(layout.clients[2].train)}
     assert first.isdisjoint(third)

@@ -143,6 +143,12 @@ def test_scenario_claims_pair_runs_by_seed(tmp_path):
     assert abs(p["diff_llm"][0] - 0.05) < 1e-12
     assert "| a | FedMKT + LaDa vs FedMKT alone | 25.0 ± 5.0 | 25.0 ± 5.0 | 0.0 ± 10.0 | 1/3 | 5.0 ± 0.0 |" in md
     assert len(res) == 1  # comparisons without runs are left out
+    # the seeds of claims.md are the table's: counted from the config's seed, as fedlada compare counts them
+    seeds = scenarios.scenario_seeds(2, ["seed=1"], ROOT)
+    assert set(seeds) == set(scenarios.SCENARIOS) and all(s == range(1, 3) for s in seeds.values())
+    md, res = scenarios.claims(tmp_path, ["a"], {"a": range(1, 3)})
+    assert res["a: FedMKT + LaDa vs FedMKT alone"]["seeds"] == 2  # seeds 1 and 2 only
+    assert scenarios.scenario_seeds(3, [], ROOT)["a"] == range(0, 3)
 
 
 @pytest.mark.slow

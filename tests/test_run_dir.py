@@ -180,14 +180,19 @@ def test_out_dir_spelled_otherwise_still_resumes(tiny_overrides, tmp_path):
     assert check_run_dir(load_config(overrides=tiny_overrides + [f"out_dir={moved}"]), resume=True)[1] == 1
 
 
-def test_a_torn_last_line_is_dropped_and_a_damaged_line_is_named(tmp_path):
-    """A process killed while appending leaves half a line at the end: reading drops it (a warning), rewriting the
-    file for a resume removes it; a damaged line elsewhere is an error naming the file and line."""
+def test_a_torn_last_line_is_dropped_and_a_damaged_line_is_named(tmp_path, caplog):
+    """A process killed while appending leaves half a line at the end: reading drops it (one warning, however often
+    the file is read), rewriting the file for a resume removes it; a damaged line elsewhere is an error naming the
+    file and line."""
+    from fedlada.report import read_jsonl
+
     rd = RunDir(tmp_path)
     rd.append("metrics.jsonl", [{"round": 0, "event": "setup"}, {"round": 1, "event": "eval", "who": "llm"}])
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"event": "eval", "rou')
     assert rd.read("metrics.jsonl") == [{"event": "setup", "round": 0}, {"event": "eval", "round": 1, "who": "llm"}]
+    assert read_jsonl(str(tmp_path / "metrics.jsonl")) == rd.read("metrics.jsonl")  # a str path too
+    assert sum("line 3 is incomplete" in r.getMessage() for r in caplog.records) == 1
     rd.truncate_after("metrics.jsonl", 1)
     assert (tmp_path / "metrics.jsonl").read_text().endswith('"who": "llm"}\n')
     rd.append("metrics.jsonl", [{"round": 2, "event": "eval"}])

@@ -197,3 +197,16 @@ def test_the_summary_lines_name_failed_steps_and_clients_never_evaluated():
     lines = failed_step_lines({"failed_steps": {"client1": [2, 3]}, "missing_clients": ["client2"]})
     assert lines[0].startswith("client1 failed its step in round(s) 2, 3") and "'-' where its evaluation" in lines[0]
     assert lines[1].startswith("client2 has no evaluation at all") and len(lines) == 2
+
+
+def test_step_counts_say_what_trained(tiny_overrides, gold_sampler):
+    """distill_sft counts the other side's paths SFT trains on: none at mu = 0 (the filter still selects); the server
+    reports its listwise groups as the clients do."""
+    cfg = load_config(overrides=tiny_overrides + ["rounds=1", "lada.mu=0", "lada.loss=listwise"])
+    gold_sampler(load_data(cfg).public)
+    rows = _rows(run(cfg).run_dir, "metrics.jsonl")
+    steps = [r for r in rows if r["event"] == "client_step"]
+    assert steps and any(r["selected"] > 0 for r in steps)
+    assert all(r["distill_sft"] == 0 and r.get("train_distill") is None for r in steps)
+    learn = [r for r in rows if r["event"] == "server_learn"]
+    assert learn and all("server_listwise_groups" in r and r["server_distill_sft"] == 0 for r in learn)

@@ -270,6 +270,11 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
                                                       and any(out_dir.iterdir()))):
         raise ConfigError(f"{out_dir}: not an empty folder nor an earlier benchmark folder (no {MANIFEST_NAME}); "
                           "nothing was written: choose a new or empty folder")
+    if num_clients > len(domains):
+        shared = ", ".join(f"client {k} = client {k % len(domains)} ({domains[k % len(domains)]})"
+                           for k in range(len(domains), num_clients))
+        logger.warning("the built-in benchmark has %d domains for %d clients, so clients share domains (%s), each "
+                       "with its own questions", len(domains), num_clients, shared)
     seen: set[str] = set()
     files: dict[str, list[Record]] = {}
     clients = []
