@@ -102,13 +102,18 @@ def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", res
 
 
-def scenario_seeds(n: int, overrides: list[str], root: Path = Path(".")) -> dict[str, range]:
-    """The seeds each scenario's table holds: n of them from its config's seed (after ``overrides``), as
-    ``fedlada compare`` counts them, so claims.md pairs exactly the table's runs."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scenario_seeds(n: int, overrides: list[str], root: Path = REPO) -> dict[str, range]:
+    """The seeds each scenario's table holds: n of them from its config's seed (after a ``seed=`` override), as
+    ``fedlada compare`` counts them, so claims.md pairs exactly the table's runs. Only the seed is read: the other
+    overrides may fit one scenario's config and not another's."""
     from fedlada.config import load_config
 
+    seed = [o for o in overrides if o.partition("=")[0].strip() == "seed"]
     return {sc: range(s0, s0 + n) for sc, s0 in
-            ((sc, load_config(root / cfg, overrides).seed) for sc, (cfg, _) in SCENARIOS.items())}
+            ((sc, load_config(root / cfg, seed).seed) for sc, (cfg, _) in SCENARIOS.items())}
 
 
 def main() -> int:
@@ -129,12 +134,18 @@ def main() -> int:
         ap.error(f"--only: unknown scenario(s) {bad}; expected some of {sorted(SCENARIOS)}")
     from fedlada.cli import main as cli
 
-    root, seeds = Path(args.out), scenario_seeds(args.seeds, args.set)
+    from fedlada.errors import FedLadaError
+
+    try:
+        root, seeds = Path(args.out), scenario_seeds(args.seeds, args.set)
+    except FedLadaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     walls = {}
     for sc in ([] if args.claims_only else only):
         config, methods = SCENARIOS[sc]
         methods = [m for m in methods if m not in {x.strip() for x in args.skip.split(",")}]
-        argv = ["compare", "--config", config, "--methods", ",".join(methods), "--seeds", str(args.seeds),
+        argv = ["compare", "--config", str(REPO / config), "--methods", ",".join(methods), "--seeds", str(args.seeds),
                 "--out", str(root / sc), "--title", f"scenario {sc} ({config})"]
         for s in args.set:
             argv += ["--set", s]

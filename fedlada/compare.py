@@ -31,10 +31,11 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     return m, sd
 
 
-def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = ()) -> tuple[str, str, str]:
+def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = (), *,
+                 load: bool = True) -> tuple[str, str, str]:
     """``"lada"`` or ``"<host>:<method>"`` -> (host, method, row label). The label is the method alone for LaDa
     without a host, else ``<host>-<method>`` (also the run's sub-directory). A method may be a selection rule
-    registered by ``plugins`` (``lada.plugins``)."""
+    registered by ``plugins`` (``lada.plugins``), imported to check it unless ``load`` is false."""
     from fedlada.config import HOSTS, METHODS, method_label
     from fedlada.errors import ConfigError
     from fedlada.selection import check_method
@@ -47,7 +48,8 @@ def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = ()) -
         if not plugins:
             raise ConfigError(f"--methods: {entry!r} names method {method!r}; expected one of {METHODS} (or a "
                               "selection rule of a plug-in named in lada.plugins)")
-        check_method(method, plugins, key="--methods")
+        if load:  # (a table of finished runs only reads their files: it needs no plug-in)
+            check_method(method, plugins, key="--methods")
     return host, method, method_label(host, method)
 
 
@@ -65,7 +67,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     from fedlada.errors import ConfigError
 
     out = Path(out)
-    parsed = [parse_method(m, base.host.name, base.lada.plugins) for m in methods]
+    parsed = [parse_method(m, base.host.name, base.lada.plugins, load=not finished_only) for m in methods]
     labels = [p[2] for p in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--methods: {list(methods)} names a method twice")
@@ -97,6 +99,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
 
                     digest = data_digest(load_data(base))
                 runner.check_data_unchanged(runner.RunDir(cfg.out_dir), digest)
+                if not finished_only:  # a finished run of an edited rule is not this rule's result
+                    runner.check_plugins_unchanged(runner.RunDir(cfg.out_dir), cfg)
                 s = json.loads(summ.read_text())
                 log.info("reusing %s", summ)
                 if not (Path(cfg.out_dir) / "report.html").is_file() and not finished_only:

@@ -224,6 +224,48 @@ def _looks_local(src: str) -> bool:
             or (src.count("/") == 1 and Path(src.split("/")[0]).is_dir()))
 
 
+def _check_local_source(src: str, gguf: str | None) -> str:
+    """A source that names a local path must be a model folder (config.json, a tokenizer) or a GGUF file; return it
+    with ``~`` expanded. A hub id passes (only loading can tell)."""
+    if _looks_local(src) and not Path(src).expanduser().exists():
+        org = (src.split("/")[0] if src.count("/") == 1 and not src.startswith(("/", ".", "~"))
+               and Path(src.split("/")[0]).is_dir() else None)
+        hint = (f"; it is read as a path because there is a folder {org!r} in {Path.cwd()}: to load the hub model of "
+                f"that name, run from another directory" if org else "")
+        rel = "" if org or Path(src).expanduser().is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
+        raise ModelError(f"model not found: {src} does not exist{rel} (expected a model directory, a .gguf file or a "
+                         f"Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'){hint}")
+    if Path(src).expanduser().exists():
+        src = str(Path(src).expanduser())
+        if Path(src).is_file() and not gguf:
+            raise ModelError(f"{src} is a file, not a model directory (expected the folder save_pretrained writes, "
+                             "or a .gguf file)")
+        if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():
+            raise ModelError(f"{src} is not a model directory: it has no config.json (expected what "
+                             f"save_pretrained writes, or pass a .gguf file)")
+        if Path(src).is_dir() and not gguf and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                             "into the same folder (tokenizer.save_pretrained)")
+    return src
+
+
+def check_sources(cfg, *, slms: bool = True) -> None:
+    """Every local model ``source`` of the run (the LLM's; with ``slms`` those of the SLMs the clients use) is a model
+    folder or GGUF file here, before any model is prepared: a mistyped path is named with its config key at once,
+    not after minutes of preparing the models before it. (On Flower the SLMs' folders are on the nodes.)"""
+    specs = [("models.llm", cfg.models.llm)]
+    if slms:
+        used = sorted({k % len(cfg.models.slms) for k in range(cfg.data.n_clients)})
+        specs += [(f"models.slms.{i}", cfg.models.slms[i]) for i in used]
+    for key, spec in specs:
+        if spec.is_tiny:
+            continue
+        try:
+            _check_local_source(*_split_source(spec.source, spec.gguf_file or None))
+        except ModelError as e:
+            raise ModelError(f"config key '{key}.source': {e}") from None
+
+
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                gguf_file: str | None = None):
     """Load ``(model, tokenizer)`` from a local directory, a Hugging Face hub id, or a GGUF file.
@@ -240,20 +282,7 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
     target = resolve_device(device)
     src, gguf = _split_source(source, gguf_file)
     where = f"{src}" + (f" (gguf_file={gguf})" if gguf else "")
-    if _looks_local(src) and not Path(src).expanduser().exists():
-        org = src.split("/")[0] if src.count("/") == 1 and Path(src.split("/")[0]).is_dir() else None
-        hint = (f"; it is read as a path because there is a folder {org!r} in {Path.cwd()}: to load the hub model of "
-                f"that name, run from another directory" if org else "")
-        raise ModelError(f"model not found: {src} does not exist (expected a model directory, a .gguf file or a "
-                         f"Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'){hint}")
-    if Path(src).expanduser().exists():
-        src = str(Path(src).expanduser())
-        if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():
-            raise ModelError(f"{src} is not a model directory: it has no config.json (expected what "
-                             f"save_pretrained writes, or pass a .gguf file)")
-        if Path(src).is_dir() and not gguf and not any((Path(src) / f).is_file() for f in TOKENIZER_FILES):
-            raise ModelError(f"{src} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
-                             "into the same folder (tokenizer.save_pretrained)")
+    src = _check_local_source(src, gguf)
     if gguf and importlib.util.find_spec("gguf") is None:
         raise ModelError(f"loading {where} needs the 'gguf' package: pip install gguf")
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -261,7 +290,11 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         _refuse_encoder_decoder(src, where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs)
+        if gguf:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, output_loading_info=True)
+            missing = sorted(info.get("missing_keys") or ())
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one user-facing error
         offline = " (HF_HUB_OFFLINE is set, so only models already in the local cache can be loaded)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
@@ -270,6 +303,10 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         raise ModelError(f"cannot load model {where}: {type(e).__name__}: {e}{offline}{local}") from e
     if gguf:
         model = dequantized_copy(model)
+    elif missing:  # transformers would start them from a random init: a different model in every process
+        raise ModelError(f"model {where}: its weight files lack {len(missing)} of the model's weights "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); a weight file is "
+                         "incomplete or missing: save the model again (save_pretrained)")
     _check_vocab(model, tokenizer, where)
     if tokenizer.eos_token is None:
         raise ModelError(f"model {where}: the tokenizer has no eos token; paths are scored with eos appended")
@@ -464,12 +501,31 @@ def _plain_prompt(question: str) -> str:
         return f"Question: {question}\nReasoning:\n"
 
 
+def _added_bos(tokenizer) -> str:
+    """The BOS token's text when ``tokenizer(text)`` starts with it by default (and it reads back as that one id),
+    else ""."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    try:
+        added = tokenizer("a")["input_ids"]
+        as_text = tokenizer(bos + "a", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: no BOS added
+        return ""
+    return bos if added[:1] == [bos_id] and as_text[:1] == [bos_id] else ""
+
+
 class PromptFormatter:
     """Turns a question into the prompt string a model continues with a path.
 
     ``use_chat_template``: ``True``/``"on"`` -> the tokenizer's chat template (a user turn holding the question and
     ``instruction``, then the assistant generation prompt); ``False``/``"off"`` -> the plain
     ``reasoning.format_prompt`` text; ``"auto"`` -> the chat template when the tokenizer has one.
+
+    Prompts are tokenised without special tokens everywhere (paths follow them directly), so a plain prompt starts
+    with the tokenizer's BOS token as text where the tokenizer would add one itself (Llama, Mistral, Gemma): the
+    model sees what it was trained with and what ordinary ``tokenizer(text)`` use gives it. A chat template writes
+    its own BOS.
     """
 
     def __init__(self, tokenizer, *, use_chat_template: bool | str = "auto", instruction: str = DEFAULT_INSTRUCTION):
@@ -488,10 +544,11 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.use_chat_template = bool(mode)
         self.instruction = instruction
+        self.bos = "" if self.use_chat_template else _added_bos(tokenizer)
 
     def __call__(self, question: str) -> str:
         if not self.use_chat_template:
-            return _plain_prompt(question)
+            return self.bos + _plain_prompt(question)
         messages = [{"role": "user", "content": question + self.instruction}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

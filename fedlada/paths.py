@@ -395,7 +395,7 @@ def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temper
     Each path is decoded without special tokens and cut after its first complete ``Answer: ...`` line (the newline
     dropped); generation of a row stops there, at eos, or after ``max_new_tokens``. ``temperature == 0`` is greedy
     decoding (the ``num_paths`` paths are then identical); otherwise plain sampling with ``temperature`` and nucleus
-    ``top_p`` (no top-k). Prompts are tokenised without special tokens, left-padded, and generated
+    ``top_p`` (no top-k). Nothing of the model's own ``generation_config`` applies but its eos token ids. Prompts are tokenised without special tokens, left-padded, and generated
     ``batch_size // num_paths`` prompts at a time (at least one). The same arguments give the same paths; the global
     torch RNG is left as it was.
 
@@ -442,6 +442,10 @@ def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temper
     gen = _generation_model(model, merge_lora)
     owner = gen.get_base_model() if hasattr(gen, "get_base_model") else gen  # the module generate() runs on
     cuda = [dev] if dev.type == "cuda" else []
+    # generate() fills every setting left None from the model's own generation_config (a checkpoint's
+    # generation_config.json: repetition_penalty, top_k, no_repeat_ngram_size, min_new_tokens, ...): only the
+    # settings above may apply, so the model's is swapped for a neutral one while sampling
+    model_gc, owner.generation_config = owner.generation_config, GenerationConfig()
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(seed)
@@ -458,6 +462,7 @@ def sample_paths(model, tokenizer, prompts: list[str], *, num_paths: int, temper
                     got = [cut_after_answer_line(t)[0] for t in texts[j * copies: (j + 1) * copies]]
                     results[i] = got * num_paths if greedy else got
     finally:
+        owner.generation_config = model_gc
         model.train(was_training)
     return results
 

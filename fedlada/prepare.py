@@ -30,6 +30,7 @@ from typing import Callable
 from fedlada import reasoning
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record, make_benchmark, read_records, validate_files
+from fedlada.data.benchmark import warn_shared_domains
 from fedlada.errors import ConfigError, DataError, ModelError, is_write_failure
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def load_data(cfg: RunConfig) -> FederatedData:
                 shutil.rmtree(tmp, ignore_errors=True)
                 make_benchmark(tmp, **kw)
                 _publish(tmp, out)
+        else:  # (make_benchmark says it when it generates the files)
+            warn_shared_domains(d.num_clients)
         clients = [ClientFiles(read_records(out / f"client_{k}" / "train.jsonl"),
                                read_records(out / f"client_{k}" / "test.jsonl")) for k in range(d.num_clients)]
         general = read_records(out / "general.jsonl") if d.general_size else []
@@ -435,11 +438,10 @@ def _check_cached_weights(path: Path, stored: dict, role: str) -> None:
                              f"delete {path} and it is built again")
 
 
-def _check_cached_shape(model, spec: ModelSpec, path: Path, role: str) -> None:
-    """A cache entry is keyed by its shape, so a model of another shape there was changed by hand or damaged."""
-    c = model.config
-    found = (getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None),
-             getattr(c, "num_attention_heads", None))
+def _check_cached_shape(config: dict, spec: ModelSpec, path: Path, role: str) -> None:
+    """A cache entry is keyed by its shape, so a model of another shape there was changed by hand or damaged.
+    ``config``: the entry's config.json, read before the weights (whose loader would name only a symptom)."""
+    found = (config.get("hidden_size"), config.get("num_hidden_layers"), config.get("num_attention_heads"))
     wanted = (spec.hidden_size, spec.num_layers, spec.num_heads)
     if found != wanted:
         raise ModelError(f"the cached tiny model '{role}' in {path} has hidden_size, num_layers, num_heads = {found}, "
@@ -475,11 +477,16 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
                                  f"is damaged; delete {path} and it is built again") from None
             _check_cached_weights(path, stored if isinstance(stored, dict) else {}, role)
             try:
+                conf = json.loads((path / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ModelError(f"the cached tiny model '{role}': {path / 'config.json'} is unreadable ({e}): the "
+                                 f"cache entry is damaged; delete {path} and it is built again") from None
+            _check_cached_shape(conf if isinstance(conf, dict) else {}, spec, path, role)
+            try:
                 model, tok = load_model(path, dtype=spec.dtype, device=spec.device)
             except ModelError as e:
                 raise ModelError(f"{e}; {path} is a cache entry of the tiny model '{role}': delete it and it is built "
                                  "again") from None
-            _check_cached_shape(model, spec, path, role)
             if isinstance(stored, dict):
                 # the stored record says how the weights were made; where they are now is this cache (a copied or
                 # moved cache keeps its records)

@@ -248,8 +248,10 @@ def _select(method: str, flt: LearnabilityFilter, ids: list[str], feats: np.ndar
         return flt.select(ids, feats, round=round)
     if selection.is_custom(method):
         cap = min(n, selection_cap(n, n, budget=budget, min_count=flt.min_count))
-        return selection.apply_rule(selection.Candidates(list(ids), feats, dict(scalars or {}), round=round,
-                                                         pair=pair, cap=cap, seed=seed, rule=method))
+        # copies: a rule that edits its inputs in place must not change what is recorded or trained
+        return selection.apply_rule(selection.Candidates(
+            list(ids), np.array(feats, copy=True), {k: np.array(v, copy=True) for k, v in (scalars or {}).items()},
+            round=round, pair=pair, cap=cap, seed=seed, rule=method))
     none = np.full(n, np.nan)  # no prediction is made: NaN, as the filter's cold start records it
     if method == "all":
         return Selection(ids, np.ones(n, bool), none, none.copy(), none.copy(), ["all: no filter"] * n, round=round)
@@ -462,8 +464,9 @@ def client_step(state: ClientState, teach: TeachMessage, *, public: dict[str, Re
                 pref.append(PreferenceExample(prompts[q], y_pos.text, y_neg))
     if da_loss == "listwise" and selected_q and not listwise:
         log.warning("round %d, client %d: listwise loss, but no selected question has 2 or more distinct correct "
-                    "teacher paths; only the SFT term on teacher paths trains (raise lada.paths_per_question or "
-                    "lada.temperature)", round, k)
+                    "teacher paths; %s (raise lada.paths_per_question or lada.temperature)", round, k,
+                    "only the SFT term on teacher paths trains" if _trained_sft(dist, cfg) else
+                    "nothing of the teacher's paths trains (lada.mu = 0)")
     nll_before = _holdout_nll(side, state.holdout, cfg)
     sel_before = (score_paths(side.model, side.tokenizer, [e.prompt for e in dist], [e.path for e in dist],
                               batch_size=64, max_length=cfg.train.max_length).nll if dist else np.zeros(0))

@@ -41,8 +41,8 @@ from fedlada import config as config_mod
 from fedlada.config import RunConfig, method_label
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
-from fedlada.selection import check_method
-from fedlada.models import check_devices
+from fedlada.selection import check_method, load_plugins, plugin_fingerprints
+from fedlada.models import check_devices, check_sources
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
                              prepare_model, split_holdout)
@@ -280,11 +280,17 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
     return rd, done
 
 
-def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> None:
+def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> dict[str, str | None]:
     """Make ``rd`` ready for rounds ``start + 1``...: a new run clears what an earlier start left, a resumed one
-    drops log lines of rounds after ``start``. Called once the data has loaded, so a failed start changes nothing."""
+    drops log lines of rounds after ``start``. Called once the data has loaded, so a failed start changes nothing.
+    Returns what a resumed start may replace (summary.json, config.toml, flower.jsonl; None: absent), for a set-up
+    that fails afterwards to put back (:meth:`RunStart.setting_up`)."""
     rd.path.mkdir(parents=True, exist_ok=True)
+    previous: dict[str, str | None] = {}
     if start:
+        for name in ("summary.json", "config.toml", "flower.jsonl"):
+            p = rd.path / name
+            previous[name] = p.read_text(encoding="utf-8") if p.is_file() else None
         for name in RUN_LOGS:
             rd.truncate_after(name, start)
         (rd.path / "summary.json").unlink(missing_ok=True)  # an extended run is unfinished until its last round
@@ -296,6 +302,7 @@ def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> None:
     for name in RUN_LOGS:
         (rd.path / name).touch()  # present even when a run makes no filter decision
     rd.write_atomic("config.toml", config_mod.dump_toml(cfg))
+    return previous
 
 
 def _finished_summary(rd: RunDir, cfg: RunConfig, start: int) -> dict | None:
@@ -371,6 +378,30 @@ def check_data_unchanged(rd: RunDir, digest: str, data: FederatedData | None = N
                       f"{digest}); restore the files, or start a new run in another out_dir")
 
 
+def check_plugins_unchanged(rd: RunDir, cfg: RunConfig) -> None:
+    """A run under a plug-in selection rule must go on with the rule's code it started with (the setup line records
+    each plug-in's file and digest): an edited rule would mix two rules in one run, or a table would reuse the old
+    rule's numbers under the new one's name. Loads the plug-ins."""
+    if not cfg.lada.plugins:
+        return
+    before = _setup_row(rd).get("plugins")
+    if not isinstance(before, dict):  # a run from before plug-ins were recorded
+        return
+    load_plugins(cfg.lada.plugins)
+    now = plugin_fingerprints(cfg.lada.plugins)
+
+    def sha(entry):
+        return entry.get("sha256") if isinstance(entry, dict) else None
+
+    changed = [f"{k} (sha256 {sha(before.get(k))}, now {sha(v)} in {v['file']})" for k, v in now.items()
+               if sha(before.get(k)) != sha(v)]
+    if not changed and set(before) == set(now):
+        return
+    raise ConfigError(f"run directory {rd.path}: the plug-in code of this run changed since it started: "
+                      f"{'; '.join(changed) or 'another list of plug-ins'}; restore it, or start a new run in another "
+                      "out_dir")
+
+
 def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict,
                            remedy: str = "restore that model, or start a new run in another out_dir") -> None:
     """A resumed run's LoRA models must start from the base weights the run began with: their checkpoints hold the
@@ -397,15 +428,19 @@ class RunStart:
     data: FederatedData
     digest: str
     created: Path | None = None  # the topmost folder of the run's path this start made (None: it existed)
+    previous: dict[str, str | None] = field(default_factory=dict)  # what init_run_dir replaced (a resumed start)
 
     @contextmanager
     def setting_up(self):
         """Around the set-up (models, clients): a new run whose set-up fails or is interrupted leaves no run
         folder behind (what ``init_run_dir`` wrote is removed, the folder too if this start made it), so a failed
-        start does not look like a run. A resumed run keeps everything."""
+        start does not look like a run. A resumed (or extended finished) run gets back its summary.json,
+        config.toml and flower.jsonl as they were."""
         try:
             yield
         except BaseException:
+            if self.start:
+                _put_back_files(self.rd, self.previous)
             self.rd.unlock(remove=self.start == 0)
             if self.start == 0:
                 for name in (*RUN_LOGS, "config.toml", "summary.json", "flower.jsonl"):
@@ -423,6 +458,14 @@ class RunStart:
             raise
 
 
+def _put_back_files(rd: RunDir, previous: dict[str, str | None]) -> None:
+    for name, text in previous.items():
+        if text is None:
+            (rd.path / name).unlink(missing_ok=True)
+        else:
+            rd.write_atomic(name, text)
+
+
 def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
               load: Callable[[RunConfig], FederatedData] = load_data) -> RunStart | RunResult:
     """The start every engine shares: refuse a generation backend or a device this machine cannot run, set the thread
@@ -432,6 +475,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
     nothing behind)."""
     check_generation(cfg)  # a vLLM config on a machine without vLLM or a GPU
     check_devices(cfg)  # a device this machine does not have
+    check_sources(cfg, slms=load is load_data)  # a mistyped model folder (on Flower, the nodes check the SLMs')
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))
     rd, start = check_run_dir(cfg, resume=resume)
     events.stage("loading data")
@@ -441,6 +485,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
         # a finished run too (its results are not those of the data as it is now); only a process that reads the
         # clients' files can say which client changed
         check_data_unchanged(rd, digest, data if load is load_data else None)
+        check_plugins_unchanged(rd, cfg)
     summary = _finished_summary(rd, cfg, start)
     if summary is not None:
         events.stage(f"{rd.path} holds this run, finished ({cfg.rounds} rounds): nothing to run")
@@ -459,11 +504,11 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
         if check_run_dir(cfg, resume=resume)[1] != start or _finished_summary(rd, cfg, start) is not None:
             raise ConfigError(f"run directory {rd.path} changed while this run loaded its data (another process ran "
                               f"in it); nothing was changed: run the command again")
-        init_run_dir(rd, cfg, start)
+        previous = init_run_dir(rd, cfg, start)
     except BaseException:
         rd.unlock(remove=start == 0)
         raise
-    return RunStart(rd, start, data, digest, created)
+    return RunStart(rd, start, data, digest, created, previous)
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
@@ -585,6 +630,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
     llm_test = [rec for c in clients for rec in c.test]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
+             **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
              "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test),
                           "data_digest": client_digest(files)} for c, files in zip(clients, data.clients)]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,

@@ -88,10 +88,19 @@ def register_rule(name: str, fn: Rule | None = None):
     def add(f: Rule) -> Rule:
         if not callable(f):
             raise TypeError(f"register_rule({name!r}): expected a function of Candidates, found {type(f).__name__}")
+        old = _RULES.get(name)
+        if old is not None and getattr(old, "__module__", None) != getattr(f, "__module__", None):
+            raise ValueError(f"register_rule: {name!r} is already registered by {_origin(old)}; two plug-ins cannot "
+                             "share a rule name (rename one)")
         _RULES[name] = f
         return f
 
     return add if fn is None else add(fn)
+
+
+def _origin(fn) -> str:
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    return getattr(module, "__file__", None) or getattr(fn, "__module__", None) or repr(fn)
 
 
 def registered_rules() -> tuple[str, ...]:
@@ -115,6 +124,8 @@ def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins
                 raise ConfigError(f"config key '{key}': plug-in file {spec} not found (from {Path.cwd()}); give a "
                                   "path to a .py file (relative to the working directory) or an importable module")
             name = _module_name(path)
+            if str(path.parent) not in sys.path:  # a plug-in may import its sibling files, wherever it is run from
+                sys.path.append(str(path.parent))
             try:
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
@@ -128,13 +139,32 @@ def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as e:
-                raise ConfigError(f"config key '{key}': no module {e.name!r} to import for plug-in {spec!r}; give "
-                                  "a path to a .py file or a module on the Python path") from None
+                if e.name and (spec == e.name or spec.startswith(e.name + ".")):  # the plug-in itself is not there
+                    raise ConfigError(f"config key '{key}': no module {e.name!r} to import for plug-in {spec!r}; "
+                                      "give a path to a .py file or a module on the Python path") from None
+                raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
+                                  f"{type(e).__name__}: {e}{_where(e)}") from None
             except Exception as e:  # noqa: BLE001
                 raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
                                   f"{type(e).__name__}: {e}{_where(e)}") from None
             name = spec
         _LOADED[spec] = name
+
+
+def plugin_fingerprints(specs: tuple[str, ...] | list[str]) -> dict[str, dict[str, str | None]]:
+    """``{spec: {"file": path, "sha256": 16 hex}}`` of each loaded plug-in's source file (a package: its
+    ``__init__.py``), so a run can tell that a rule's code changed since it started (resume, a reused finished run);
+    the same code at another path is the same rule."""
+    out = {}
+    for spec in specs:
+        module = sys.modules.get(_LOADED.get(spec, ""))
+        path = getattr(module, "__file__", None)
+        try:
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+        except OSError:
+            digest = None
+        out[spec] = {"file": path, "sha256": digest}
+    return out
 
 
 def _where(e: BaseException, path: str | None = None) -> str:
@@ -161,7 +191,8 @@ def is_custom(method: str) -> bool:
 
 def apply_rule(cand: Candidates):
     """Run the registered rule ``cand.rule`` and return its decision as a :class:`~fedlada.filter.Selection` (reasons
-    "<rule>: selected" / "<rule>: not selected" / "<rule>: over cap"). A wrong return value, or an exception in the
+    "<rule> selected" / "<rule> not selected" for a mask; "<rule> selected: top K by score" / "<rule> over cap: ..."
+    for scores). A wrong return value, or an exception in the
     rule: ConfigError naming the rule, the pair and the round."""
     from fedlada.filter import Selection
 
@@ -171,7 +202,7 @@ def apply_rule(cand: Candidates):
     where = f"selection rule {name!r} (round {cand.round}, pair {cand.pair})"
     try:
         out = _RULES[name](cand)
-    except Exception as e:  # noqa: BLE001 - a bug in the user's rule: name it and where, stop the run
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a bug in the user's rule: name it and where, stop the run
         raise ConfigError(f"{where} raised {type(e).__name__}: {e}{_where(e)}") from None
     try:
         arr = np.asarray(out)
@@ -184,7 +215,7 @@ def apply_rule(cand: Candidates):
     if arr.dtype == bool:
         sel = arr.copy()
         return Selection(list(cand.ids), sel, none, none.copy(), none.copy(),
-                         [f"{name}: selected" if s else f"{name}: not selected" for s in sel], round=cand.round)
+                         [f"{name} selected" if s else f"{name} not selected" for s in sel], round=cand.round)
     if arr.dtype.kind not in "iuf":
         raise ConfigError(f"{where} returned values of type {arr.dtype}; expected a boolean mask or numeric scores")
     scores = arr.astype(np.float64)
@@ -195,9 +226,10 @@ def apply_rule(cand: Candidates):
     keep = set(order[: min(cand.cap, n)])
     sel = np.array([i in keep for i in range(n)], bool)
     return Selection(list(cand.ids), sel, scores, none.copy(), none.copy(),
-                     [f"{name}: top {cand.cap} by score" if s else f"{name}: over cap" for s in sel],
+                     [f"{name} selected: top {cand.cap} by score" if s else f"{name} over cap: not in the top {cand.cap}"
+                      for s in sel],
                      round=cand.round)
 
 
 __all__ = ["Candidates", "RULE_NAME_RE", "apply_rule", "check_method", "is_custom", "load_plugins",
-           "register_rule", "registered_rules"]
+           "plugin_fingerprints", "register_rule", "registered_rules"]

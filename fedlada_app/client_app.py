@@ -205,6 +205,7 @@ def _unpack(msg: Message, context: Context):
         raise ConfigError(f"config digest {records.config_digest(cfg)} differs from the server's {req.digest} "
                           f"(do both sides run the same fedlada version?)")
     nc = context.node_config
+    _check_node_config(nc)
     if "partition-id" not in nc:
         raise ConfigError("node config lacks 'partition-id': start the SuperNode with "
                           "--node-config 'partition-id=N num-partitions=K'")
@@ -219,6 +220,28 @@ def _unpack(msg: Message, context: Context):
                           f"{cfg.data.n_clients} clients (partition-id 0..{cfg.data.n_clients - 1})")
     torch.set_num_threads(resolve_threads(cfg.threads))  # as the in-process runner does: the same numbers
     return req, cfg, fcfg, k
+
+
+NODE_KEYS = ("partition-id", "num-partitions", "telemetry", "checkpoint-dir", "compute-lock")
+_BOOLEAN = {"true": True, "1": True, "on": True, "yes": True, "false": False, "0": False, "off": False, "no": False}
+
+
+def _check_node_config(nc) -> None:
+    """A mistyped node-config key would be ignored silently (``telemtry=false`` leaves telemetry on: a privacy
+    setting): a key close to one of ours is refused with the right spelling; another unknown key (another app's)
+    is only logged. A telemetry value that is not a boolean is refused."""
+    import difflib
+
+    for key in nc:
+        if key in NODE_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key).replace("_", "-"), NODE_KEYS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"node config key {key!r} is not one FedLaDa reads; did you mean {close[0]!r}? "
+                              f"(keys: {', '.join(NODE_KEYS)})")
+        log.warning("node config key %r is not one FedLaDa reads (keys: %s); ignored", key, ", ".join(NODE_KEYS))
+    if "telemetry" in nc and str(nc["telemetry"]).strip().lower() not in _BOOLEAN:
+        raise ConfigError(f"node config telemetry={nc['telemetry']!r}: expected true or false")
 
 
 def _injected_failure(round: int, k: int) -> None:
@@ -254,7 +277,7 @@ def _compute_lock(context: Context):
 
 
 def _telemetry(context: Context, on: bool) -> bool:
-    return on and str(context.node_config.get("telemetry", "true")).lower() not in ("false", "0", "off", "no")
+    return on and _BOOLEAN.get(str(context.node_config.get("telemetry", "true")).strip().lower(), True)
 
 
 @app.query("setup")
@@ -304,7 +327,11 @@ def train(msg: Message, context: Context) -> Message:
         entry = _entry(cfg, req.digest, k, fcfg.model_cache)
         _sync(entry, context, req, cfg, k)
         entry.holds = ""  # the model is about to change: unknown until the new state is stored
-        report, clog = client_step(entry.state, teach, public=entry.public, cfg=cfg, round=req.round)
+        try:
+            report, clog = client_step(entry.state, teach, public=entry.public, cfg=cfg, round=req.round)
+        except ConfigError as e:  # a user error (a plug-in rule that fails): the run stops, as in-process
+            log.error("client %d: %s", k, e)
+            return Message(records.stop_content(str(e)), reply_to=msg)
         state_id = uuid.uuid4().hex
         flt = entry.state.filter
         records.store_state(context.state, weights=trainable_state(entry.state.side.model),

@@ -55,6 +55,7 @@ TELEMETRY = "telemetry"
 EVAL = "eval"
 EVAL_METRICS = "eval-metrics"
 SAVED = "saved"
+STOP = "stop"
 STATE_WEIGHTS = "fedlada.weights"
 STATE_META = "fedlada.state"
 
@@ -165,6 +166,18 @@ def setup_refusal_content(partition: int, num_partitions: int, reason: str) -> R
     one line, which the server reports and stops on, as the in-process runner does."""
     return RecordDict({SETUP: ConfigRecord({"partition-id": partition, "num-partitions": num_partitions,
                                             "refused": reason})})
+
+
+def stop_content(reason: str) -> RecordDict:
+    """A client's answer to a train message when its step hit a user error (the config, a plug-in selection rule
+    that raises or returns the wrong thing): the reason, one line; the server stops the run on it, as the
+    in-process runner does, rather than counting a failed client and going on."""
+    return RecordDict({STOP: ConfigRecord({"reason": reason})})
+
+
+def stop_reason(content: RecordDict) -> str | None:
+    rec = content.get(STOP) if hasattr(content, "get") else None
+    return None if rec is None or "reason" not in rec else str(rec["reason"])
 
 
 def setup_refusal(content: RecordDict) -> str | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -37,7 +38,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedlada.config import RunConfig
-from fedlada.errors import FedLadaError
+from fedlada.errors import ConfigError, FedLadaError
 from fedlada.runner import ClientResult, Events, RunDir, RunResult
 from fedlada_app import records
 from fedlada_app.settings import FlowerConfig, split_run_config
@@ -158,6 +159,7 @@ class FlowerClients:
         # a node's set-up (imports, data, SLM) may take longer than one step: it gets the whole connect window
         wait = max(self.fcfg.timeout, self.fcfg.connect_timeout)
         request = dataclasses.replace(setup(-1), resume_round=self._resume_round)
+        refusals: list[str] = []  # every node that refuses is named at once (each is a fix on another machine)
         for rep in self._exchange(records.SETUP_TYPE, new, lambda node: request, round=0, timeout=wait):
             node = rep.client_id
             if rep.error is not None:
@@ -168,7 +170,8 @@ class FlowerClients:
             if refused is not None:  # a user error on that node (its data, its model): stop, as in-process
                 k = rep.message.content[records.SETUP].get("partition-id", -1)
                 who = f"client {k}" if isinstance(k, int) and k >= 0 else "a client"
-                raise SetupRefused(f"{who} (SuperNode {node}) cannot start: {refused}")
+                refusals.append(f"{who} (SuperNode {node}) cannot start: {refused}")
+                continue
             try:
                 k, n, info, sizes = records.setup_from(rep.message.content)
             except records.RecordError as e:
@@ -196,6 +199,9 @@ class FlowerClients:
             self.nodes[k] = node
             self.setup[k] = (info, sizes)
             self._keep_eval(0, _Reply(k, message=rep.message))
+        if refusals:
+            raise SetupRefused("; ".join(refusals) if len(refusals) == 1 else
+                               f"{len(refusals)} SuperNodes cannot start:\n  " + "\n  ".join(refusals))
 
     def connect(self, *, evaluate: bool = True, resume_round: int = 0) -> None:
         """Set up nodes as they come until one serves every partition (or ``flower.connect_timeout``); with
@@ -254,6 +260,9 @@ class FlowerClients:
             if rep.error is not None:
                 out.append(ClientResult(rep.client_id, error=rep.error))
                 continue
+            stop = records.stop_reason(rep.message.content)
+            if stop is not None:
+                raise ConfigError(f"round {round}: client {rep.client_id}: {stop}")
             try:
                 report, metrics, selections = records.report_from(rep.message.content)
             except records.RecordError as e:
@@ -314,7 +323,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model, public_digest
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, check_clients_unchanged, drive
-    from fedlada.selection import check_method
+    from fedlada.selection import check_method, plugin_fingerprints
 
     events = events or Events()
     t_start = t_start if t_start is not None else time.perf_counter()
@@ -340,11 +349,12 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         pool = FlowerClients(grid, cfg, fcfg, rd, events, public=(public_digest(data.public), len(data.public)))
         # a node that refuses (its data, its model, on a resume its checkpoint) also stops the run cleanly
         pool.connect(evaluate=not start, resume_round=start)
-    if start:  # the server has no client's train file: each node vouches for its own records
-        check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
+        if start:  # the server has no client's train file: each node vouches for its own records
+            check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
     llm_test = [rec for files in data.clients for rec in eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
+             **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
              "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, t_start=t_start)
 
@@ -366,14 +376,19 @@ def make_server_app(cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True, 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """``flwr run``: the config is Flower's run config (pyproject defaults plus ``--run-config`` overrides)."""
-    lib = logging.getLogger("fedlada")
-    lib.setLevel(logging.INFO)
-    if not lib.handlers:  # Flower mirrors the ServerApp's stdout/stderr to `flwr log`, not the root logger's INFO
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        lib.addHandler(handler)
-        lib.propagate = False
+    for name in ("fedlada", "fedlada_app"):  # the library's and this glue's lines (the run directory at the end)
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.INFO)
+        if not lib.handlers:  # Flower mirrors the ServerApp's stdout/stderr to `flwr log`, not the root logger's INFO
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+            lib.addHandler(handler)
+            lib.propagate = False
     cfg, fcfg = split_run_config(context.run_config)
+    if not os.path.isabs(os.path.expanduser(cfg.out_dir)):
+        log.warning("out_dir %r is relative: the run directory is %s, below the SuperLink's working directory "
+                    "(python -m fedlada_app.settings --run-config FILE writes absolute paths)", cfg.out_dir,
+                    os.path.abspath(os.path.expanduser(cfg.out_dir)))
     try:
         result = serve(grid, cfg, fcfg)
     except FedLadaError as e:  # a user error: its one line ends the log (Flower reports the ServerApp's failure)

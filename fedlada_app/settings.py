@@ -215,14 +215,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="print the app's [tool.flwr.app.config] section, or with "
                                                  "--run-config FILE a flwr run --run-config file for that config")
     parser.add_argument("--run-config", metavar="FILE", help="a fedlada config (TOML), e.g. configs/smoke.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --run-config: override a config key (repeatable), as fedlada run --set")
     args = parser.parse_args()
+    if args.set and args.run_config is None:
+        parser.error("--set goes with --run-config FILE")
     if args.run_config is None:
         print(pyproject_section(), end="")
     else:
         import sys
 
         try:
-            cfg, changed = absolute_paths(load_config(args.run_config), Path.cwd())
+            cfg, changed = absolute_paths(load_config(args.run_config, args.set), Path.cwd())
             text = run_config_file(cfg)
         except FedLadaError as e:
             raise SystemExit(f"error: {e}") from None

@@ -182,6 +182,13 @@ def test_missing_file_is_a_data_error_naming_the_path(tmp_path):
     assert [str(p) for p in validate_files([missing])] == [f"{missing}: file not found"]
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Flower app runs in the SuperLink's / SuperNode's folder, not the experimenter's
+    with pytest.raises(DataError, match=rf"^data/nope.jsonl: file not found \(a relative path, looked for in "
+                                        rf"{tmp_path}\)$"):
+        read_records("data/nope.jsonl")
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf\n"])
 def test_empty_file_is_a_problem(tmp_path, content):
     path = tmp_path / "empty.jsonl"

@@ -365,6 +365,20 @@ def test_a_node_that_cannot_start_its_client_stops_the_run_with_its_reason(tmp_p
     assert grid.calls == 1
     assert records.setup_refusal(records.setup_content(0, 2, {}, {})) is None
 
+    class TwoRefusals(RefusingGrid):  # both nodes refuse: both are named, each a fix on another machine
+        def get_node_ids(self):
+            return [21, 22]
+
+        def send_and_receive(self, messages, *, timeout):
+            return [types.SimpleNamespace(metadata=types.SimpleNamespace(src_node_id=n), has_error=lambda: False,
+                                          content=records.setup_refusal_content(k, 2, f"problem {k}"))
+                    for k, n in ((1, 21), (0, 22))]
+
+    pool = FlowerClients(TwoRefusals(), cfg, FlowerConfig(timeout=5, connect_timeout=300), RunDir(tmp_path))
+    with pytest.raises(SetupRefused, match=r"2 SuperNodes cannot start:\n  client 1 \(SuperNode 21\) cannot start: "
+                                           r"problem 1\n  client 0 \(SuperNode 22\) cannot start: problem 0"):
+        pool.connect()
+
 
 def test_a_node_whose_partition_does_not_fit_the_run_refuses_the_set_up(tmp_path, monkeypatch):
     """A SuperNode started with a partition-id outside the run's clients answers the set-up with a refusal (the
@@ -381,6 +395,20 @@ def test_a_node_whose_partition_does_not_fit_the_run_refuses_the_set_up(tmp_path
                   run_config={})
     reason = records.setup_refusal(client_app.setup(msg, ctx))
     assert reason == "node config partition-id=2 num-partitions=2; the run has 2 clients (partition-id 0..1)"
+
+    def refusal(node_config):
+        c = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={})
+        return records.setup_refusal(client_app.setup(msg, c))
+
+    # a mistyped key of ours would be ignored silently (telemetry left on): refused with the right spelling
+    ok = {"partition-id": 0, "num-partitions": 2}
+    assert refusal({**ok, "telemtry": False}) == ("node config key 'telemtry' is not one FedLaDa reads; did you mean "
+                                                   "'telemetry'? (keys: partition-id, num-partitions, telemetry, "
+                                                   "checkpoint-dir, compute-lock)")
+    assert "did you mean 'checkpoint-dir'" in refusal({**ok, "checkpoint_dir": "/x"})
+    assert refusal({**ok, "telemetry": "disabled"}) == "node config telemetry='disabled': expected true or false"
+    assert client_app._telemetry(Context(run_id=1, node_id=5, node_config={**ok, "telemetry": " OFF"},
+                                         state=RecordDict(), run_config={}), True) is False
 
 
 def test_an_error_the_superlink_writes_for_a_lost_node_is_that_clients_reason(tmp_path, monkeypatch):
@@ -452,6 +480,18 @@ def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
     assert all(f"models.slms.{k}.hidden_size = 32" in flat for k in range(3))
     with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 4 clients in turn"):
         run_config_file(load_config(overrides=["data.num_clients=4", 'models.slms=[{"hidden_size": 32}]']))
+    # plug-in selection rules travel too
+    rules = load_config(overrides=['lada.plugins=["/abs/my_rules.py", "pkg.rules"]', "lada.method=gap-first"])
+    path.write_text(run_config_file(rules))
+    cfg, _ = split_run_config(get_fused_config_from_dir(REPO, parse_config_args([str(path)])))
+    assert (cfg.lada.plugins, cfg.lada.method) == (("/abs/my_rules.py", "pkg.rules"), "gap-first")
+    # the command line: --set overrides keys of the file
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fedlada_app.settings", "--run-config", "configs/smoke.toml", "--set",
+                          "threads=1", "--set", "lada.budget=0.3"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "threads = 1\n" in out.stdout and "lada.budget = 0.3\n" in out.stdout
 
 
 def test_the_flwr_run_config_file_gets_absolute_paths(tmp_path):
@@ -603,3 +643,42 @@ def test_node_checkpoints_are_kept_per_run_and_a_resume_needs_them_at_set_up(tmp
     msg = types.SimpleNamespace(content=records.request_content(req))
     reason = records.setup_refusal(client_app.setup(msg, ctx({"partition-id": "one", "num-partitions": 2})))
     assert reason == "node config partition-id='one' num-partitions=2: expected integers (partition-id 0..1)"
+
+
+def test_a_user_error_in_a_client_step_stops_the_run_as_in_process(tmp_path, monkeypatch):
+    """A client whose step hits a user error (a plug-in selection rule that raises) answers with its reason, and the
+    server stops the run on it, as the in-process runner does, instead of counting a failed client and going on."""
+    from flwr.app import Context, RecordDict
+
+    from fedlada.messages import TeachMessage
+    from fedlada.runner import RunDir
+    from fedlada_app import client_app
+    from fedlada_app.server_app import FlowerClients, _Reply
+
+    cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path}"])
+    pool = FlowerClients(types.SimpleNamespace(get_node_ids=lambda: []), cfg, FlowerConfig(), RunDir(tmp_path))
+    monkeypatch.setattr(pool, "_refresh", lambda round: None)
+    reply = _Reply(1, message=types.SimpleNamespace(content=records.stop_content("selection rule 'oops' raised")))
+    monkeypatch.setattr(pool, "_to_clients", lambda *a, **kw: [reply])
+    with pytest.raises(ConfigError, match=r"^round 2: client 1: selection rule 'oops' raised$"):
+        pool.step(b"teach", 2)
+    # the client's side: a ConfigError in its step becomes that reply
+    monkeypatch.setattr(client_app, "Message", lambda content, reply_to: content)
+    entry = types.SimpleNamespace(state=None, public={}, holds="")
+    monkeypatch.setattr(client_app, "_entry", lambda *a: entry)
+    monkeypatch.setattr(client_app, "_sync", lambda *a: None)
+
+    def failing_step(*a, **kw):
+        raise ConfigError("selection rule 'oops' (round 1, pair llm->client0) raised KeyError: 'x'")
+
+    import fedlada.host_rounds
+
+    monkeypatch.setattr(fedlada.host_rounds, "client_step", failing_step)
+    teach = TeachMessage(round=1, question_ids=(), paths=())
+    req = records.Request(records.wire_config(cfg, FlowerConfig()), records.config_digest(cfg), round=1,
+                          teach=teach.to_bytes())
+    msg = types.SimpleNamespace(content=records.request_content(req))
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+    assert records.stop_reason(client_app.train(msg, ctx)) == ("selection rule 'oops' (round 1, pair llm->client0) "
+                                                               "raised KeyError: 'x'")

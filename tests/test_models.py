@@ -91,6 +91,44 @@ def test_save_load_round_trip_gives_identical_logits(tok, model, tmp_path, monke
     assert not loaded.training
 
 
+def test_a_weight_file_lacking_weights_is_refused(tok, model, tmp_path, monkeypatch):
+    """transformers starts weights missing from the files from a random init (a different model in every process,
+    so a run could never resume or export): the folder is refused, naming the weights."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_model(model, tok, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    gone = sorted(k for k in weights if "mlp" in k)[:2]
+    for k in gone:
+        del weights[k]
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"lack 2 of the model's weights \({gone[0]}, {gone[1]}\)"):
+        load_model(tmp_path / "m")
+
+
+def test_model_folders_are_checked_before_any_model_is_prepared(tok, model, tmp_path, monkeypatch):
+    """A mistyped model folder is named with its config key before the models before it are prepared (the default
+    LLM pretrains for minutes); a file where a folder belongs is named as such."""
+    from fedlada.config import load_config
+    from fedlada.models import check_sources
+    from fedlada.runner import run
+
+    save_model(model, tok, tmp_path / "good")
+    base = ["data.num_clients=2", f"out_dir={tmp_path / 'run'}", f"models.llm.source={tmp_path / 'good'}"]
+    check_sources(load_config(overrides=base))
+    with pytest.raises(ModelError, match=r"config key 'models.slms.1.source': model not found: .*nope does not exist"):
+        check_sources(load_config(overrides=base + [f"models.slms.1.source={tmp_path / 'nope'}"]))
+    check_sources(load_config(overrides=base + [f"models.slms.2.source={tmp_path / 'nope'}"]))  # unused: 2 clients
+    with pytest.raises(ModelError, match=r"'models.llm.source': .*config.json is a file, not a model directory"):
+        check_sources(load_config(overrides=base + [f"models.llm.source={tmp_path / 'good' / 'config.json'}"]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"models.slms.0.source.*\./gone does not exist \(a relative path, looked "
+                                         r"for in "):
+        run(load_config(overrides=base + ["models.slms.0.source=./gone"]))  # before the LLM is prepared
+    assert not (tmp_path / "run").exists()
+
+
 def test_load_model_errors_name_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = tmp_path / "no-such-model"
@@ -185,6 +223,24 @@ def test_prompt_formatter(tok):
     assert fmt.use_chat_template
     assert fmt("How many pens?") == "<|user|>How many pens? Think.\n<|assistant|>"
     assert not PromptFormatter(chat_tok, use_chat_template=False).use_chat_template
+
+
+def test_plain_prompts_start_with_bos_where_the_tokenizer_adds_one(tok):
+    """Prompts are tokenised without special tokens, so a tokenizer that adds BOS itself (Llama, Mistral, Gemma) gets
+    it as text: fedlada's prompt ids equal what plain ``tokenizer(text)`` gives."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tok = copy.deepcopy(tok)
+    bos_tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert bos_tok("Question")["input_ids"][0] == tok.bos_token_id
+    prompt = PromptFormatter(bos_tok, use_chat_template="off")("How many pens?")
+    assert prompt == f"{tok.bos_token}Question: How many pens?\nReasoning:\n"
+    plain = "Question: How many pens?\nReasoning:\n"
+    assert bos_tok(prompt, add_special_tokens=False)["input_ids"] == bos_tok(plain)["input_ids"]
+    assert PromptFormatter(tok, use_chat_template="off")("How many pens?") == plain  # no BOS added: none put in
 
 
 def test_find_smollm2_gguf_missing_package(monkeypatch):

@@ -218,6 +218,25 @@ def test_sample_paths_is_seeded_and_leaves_global_rng(tok, model):
     assert len({p for paths in a for p in paths}) > 1  # sampling, not copies
 
 
+def test_a_checkpoints_generation_config_does_not_change_sampling(tok, model):
+    """transformers fills unset generation settings from the model's generation_config (a checkpoint's
+    generation_config.json): none of them may apply, greedy or sampled, and the model's config is left as it was."""
+    prompts = [_prompt("Lea has 3 bags"), _prompt("Lea has 17 bags of 4 marbles and gives away 2")]
+    plain = [sample_paths(model, tok, prompts, num_paths=2, temperature=t, max_new_tokens=12, seed=1)
+             for t in (0.0, 1.0)]
+    gc = model.generation_config
+    saved = gc.to_dict()
+    try:
+        gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens, gc.top_k = 50.0, 1, 12, 1
+        odd = [sample_paths(model, tok, prompts, num_paths=2, temperature=t, max_new_tokens=12, seed=1)
+               for t in (0.0, 1.0)]
+        assert odd == plain
+        assert model.generation_config is gc and gc.repetition_penalty == 50.0
+    finally:
+        for k in ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "top_k"):
+            setattr(gc, k, saved.get(k))
+
+
 def test_greedy_is_temperature_zero_and_batch_invariant(tok, model):
     prompts = [_prompt("Lea has 3 bags"), _prompt("Lea has 17 bags of 4 marbles and gives away 2"), _prompt("Lea")]
     got = sample_paths(model, tok, prompts, num_paths=2, temperature=0.0, max_new_tokens=10, batch_size=8)

@@ -609,3 +609,22 @@ def test_an_out_dir_that_cannot_be_made_names_out_dir(tiny_overrides, tmp_path):
     with pytest.raises(ConfigError, match=r"out_dir .*afile/sub: cannot write there \(Not a directory.*--out"):
         runner.begin_run(cfg, resume=True, events=runner.Events(), t_start=0.0)
     assert afile.read_text() == "x"
+
+
+def test_an_extension_whose_set_up_fails_leaves_the_finished_run_as_it_was(tiny_overrides, monkeypatch):
+    """Extending a finished run rewrites config.toml (more rounds) and removes summary.json; when the set-up then
+    fails (a model, or on Flower a node refusing), the finished run must still look finished, as before."""
+    cfg = load_config(overrides=tiny_overrides + ["rounds=1"])
+    rd = run(cfg).run_dir
+    (rd / "flower.jsonl").write_text('{"round": 1, "kind": "train"}\n')  # as a Flower run leaves it
+    before = {n: (rd / n).read_text() for n in ("summary.json", "config.toml", "flower.jsonl", "metrics.jsonl")}
+
+    def refuse(*a, **kw):
+        (rd / "flower.jsonl").open("a").write('{"round": 1, "kind": "setup"}\n')  # what a set-up appends
+        raise ConfigError("client 1: no checkpoint client_1.pt")
+
+    monkeypatch.setattr(runner, "build_states", refuse)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run(load_config(overrides=tiny_overrides + ["rounds=2"]))
+    assert {n: (rd / n).read_text() for n in before} == before
+    assert run(cfg).summary["rounds_done"] == 1  # still the finished 1-round run (the folder's lock released)

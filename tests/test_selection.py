@@ -51,11 +51,12 @@ def test_score_rules_keep_the_cap_highest_and_masks_exactly_their_picks():
         sel = apply_rule(_cand("by-gap", learnability_gap=[0.1, 0.9, 0.5, 0.9, -1.0, 0.0]))
         assert sel.selected_ids == ["q1", "q3"]  # ties kept in candidate order
         assert sel.scores.tolist() == [0.1, 0.9, 0.5, 0.9, -1.0, 0.0]
-        assert sel.reasons[1] == "by-gap: top 2 by score" and sel.reasons[0] == "by-gap: over cap"
+        assert sel.reasons[1] == "by-gap selected: top 2 by score"
+        assert sel.reasons[0] == "by-gap over cap: not in the top 2"
         assert np.isnan(sel.exploit).all() and sel.round == 1
         sel = apply_rule(_cand("mask", cap=1))  # a mask is taken as given, whatever the cap
         assert sel.selected_ids == ["q0", "q2"] and np.isnan(sel.scores).all()
-        assert sel.reasons[:2] == ["mask: selected", "mask: not selected"]
+        assert sel.reasons[:2] == ["mask selected", "mask not selected"]
         assert apply_rule(_cand("by-gap", n=0, learnability_gap=[])).selected_ids == []
     finally:
         selection._RULES.pop("by-gap", None)
@@ -91,6 +92,54 @@ def test_a_rule_that_raises_is_named_with_where_it_failed(tmp_path, monkeypatch)
         selection._LOADED.clear()
 
 
+def test_a_rule_cannot_change_what_is_recorded_and_systemexit_is_named():
+    from fedlada import rounds
+    from fedlada.filter import LearnabilityFilter
+
+    def vandal(c):
+        c.scalars["learnability_gap"][:] = 123.0
+        c.features[:] = 0.0
+        return c.scalars["learnability_gap"]
+
+    try:
+        register_rule("vandal", vandal)
+        register_rule("quits", lambda c: exec("raise SystemExit(3)"))
+        feats, gap = np.ones((4, 2)), np.array([0.1, 0.2, 0.3, 0.4])
+        flt = LearnabilityFilter(2, min_count=1)
+        rounds._select("vandal", flt, ["a", "b", "c", "d"], feats, round=1, budget=0.5, seed=0,
+                       scalars={"learnability_gap": gap}, pair="llm->client0")
+        assert gap.tolist() == [0.1, 0.2, 0.3, 0.4] and feats.min() == 1.0  # the caller's arrays, untouched
+        with pytest.raises(ConfigError, match="'quits' .* raised SystemExit: 3"):
+            apply_rule(_cand("quits"))
+    finally:
+        selection._RULES.pop("vandal", None)
+        selection._RULES.pop("quits", None)
+
+
+def test_two_plugins_cannot_share_a_rule_name_and_siblings_import(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.py").write_text("from fedlada.selection import register_rule\n"
+                                           "from helper import score\n"  # a sibling file of the plug-in
+                                           "register_rule('twin', score)\n")
+    (tmp_path / "a" / "helper.py").write_text("def score(c):\n    return [0.0] * len(c)\n")
+    (tmp_path / "two.py").write_text("from fedlada.selection import register_rule\n"
+                                     "register_rule('twin', lambda c: [1.0] * len(c))\n")
+    (tmp_path / "inner.py").write_text("import no_such_dependency_x\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        load_plugins(["a/one.py"])  # from another folder: its sibling helper.py is found
+        with pytest.raises(ConfigError, match=r"plug-in two.py failed to import: ValueError: register_rule: 'twin' is "
+                                              r"already registered by .*helper.py; two plug-ins cannot share"):
+            load_plugins(["two.py"])
+        load_plugins(["a/one.py"])  # loaded once: no clash with itself
+        with pytest.raises(ConfigError, match=r"plug-in inner.py failed to import: ModuleNotFoundError: .*"
+                                              r"no_such_dependency_x.* \(at .*inner.py:1\)"):
+            load_plugins(["inner.py"])
+    finally:
+        selection._RULES.pop("twin", None)
+        selection._LOADED.clear()
+
+
 def test_names_and_plugins_are_checked(rules_file, tmp_path):
     with pytest.raises(ValueError, match="built-in"):
         register_rule("random", lambda c: c)
@@ -122,7 +171,7 @@ def test_a_run_under_a_plugin_rule(rules_file, tiny_overrides, gold_sampler, tmp
     res = run(cfg)
     rows = [json.loads(x) for x in (res.run_dir / "selections.jsonl").read_text().splitlines()]
     assert rows and {r["pair"] for r in rows} >= {"llm->client0", "llm->client1"}
-    assert all(r["reason"].startswith("gap-first: ") for r in rows)
+    assert all(r["reason"].startswith(("gap-first selected", "gap-first over cap")) for r in rows)
     for (rnd, pair) in {(r["round"], r["pair"]) for r in rows}:
         group = [r for r in rows if (r["round"], r["pair"]) == (rnd, pair)]
         gap = "learnability_gap" if pair.startswith("llm->") else "novelty_gap"
@@ -136,6 +185,22 @@ def test_a_run_under_a_plugin_rule(rules_file, tiny_overrides, gold_sampler, tmp
     assert parse_method("fedmkt:gap-first", "none", ("my_rules.py",)) == ("fedmkt", "gap-first", "fedmkt-gap-first")
     with pytest.raises(ConfigError, match="--methods"):
         parse_method("gap-first", "none")
+    # a table of finished runs only reads their files: no plug-in needed
+    assert parse_method("gap-first", "none", ("gone.py",), load=False) == ("none", "gap-first", "gap-first")
+    setup = next(r for r in (json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines())
+                 if r["event"] == "setup")
+    assert setup["plugins"]["my_rules.py"]["file"] == str(rules_file)
+    # the rule's code edited: resuming (here, extending) the run is refused, as reusing it in a table would be
+    rules_file.write_text(RULES.replace("return c.scalars", "return -c.scalars"))
+    selection._LOADED.clear()
+    more = load_config(overrides=tiny_overrides + ['lada.plugins=["my_rules.py"]', "lada.method=gap-first",
+                                                   "rounds=3"])
+    with pytest.raises(ConfigError, match=r"the plug-in code of this run changed since it started: my_rules.py "
+                                          r"\(sha256 [0-9a-f]{16}, now [0-9a-f]{16} in"):
+        run(more)
+    rules_file.write_text(RULES)
+    selection._LOADED.clear()
+    assert load_config(res.run_dir / "config.toml").rounds == 2  # the refused start changed nothing
 
 
 def test_a_missing_plugin_fails_before_any_work(tiny_overrides, tmp_path, monkeypatch):

@@ -246,6 +246,16 @@ def _previous_files(out_dir: Path) -> set[str]:
 _WORK_RE = re.compile(r"^\.work-\d+$")
 
 
+def warn_shared_domains(num_clients: int, domains: list[str] | None = None) -> None:
+    """Say which clients share a domain (more clients than domains: ``domains[k % len(domains)]``)."""
+    domains = list(domains or list(DOMAINS)[: max(DEFAULT_NUM_DOMAINS, num_clients)])
+    if num_clients > len(domains):
+        shared = ", ".join(f"client {k} = client {k % len(domains)} ({domains[k % len(domains)]})"
+                           for k in range(len(domains), num_clients))
+        logger.warning("the built-in benchmark has %d domains for %d clients, so clients share domains (%s), each "
+                       "with its own questions", len(domains), num_clients, shared)
+
+
 def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: int = 3, train_per_client: int = 1000,
                    test_per_client: int = 500, public_size: int = 1000, general_size: int = 20000,
                    min_steps: int = 1, max_steps: int = 6, max_value: int = 99,
@@ -270,11 +280,7 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
                                                       and any(out_dir.iterdir()))):
         raise ConfigError(f"{out_dir}: not an empty folder nor an earlier benchmark folder (no {MANIFEST_NAME}); "
                           "nothing was written: choose a new or empty folder")
-    if num_clients > len(domains):
-        shared = ", ".join(f"client {k} = client {k % len(domains)} ({domains[k % len(domains)]})"
-                           for k in range(len(domains), num_clients))
-        logger.warning("the built-in benchmark has %d domains for %d clients, so clients share domains (%s), each "
-                       "with its own questions", len(domains), num_clients, shared)
+    warn_shared_domains(num_clients, domains)
     seen: set[str] = set()
     files: dict[str, list[Record]] = {}
     clients = []

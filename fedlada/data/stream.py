@@ -26,9 +26,8 @@ from pathlib import Path
 
 from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format
 from fedlada.data.records import Problem, Record
-from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long, container_problem,
-                                   parquet_unreadable)
-from fedlada.errors import DataError
+from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long,
+                                   container_problem, missing_or_bad, not_found, parquet_unreadable)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ def _convert_stream(items: Iterable[Item], *, source: str, stem: str, format: st
 
 def _missing(path: Path) -> list[Problem]:
     if not path.exists():
-        return [Problem(str(path), None, None, "file not found")]
+        return [Problem(str(path), None, None, not_found(path))]
     if not path.is_file():
         return [Problem(str(path), None, None, "not a regular file")]
     return []
@@ -191,8 +190,7 @@ def scan_problems(path: str | os.PathLike, *, format: str = "auto",
 
 
 def _raise(path: Path, problems: list[Problem]) -> None:
-    what = "file not found" if problems[0].message == "file not found" else f"{len(problems)} problem(s)"
-    raise DataError(f"{path}: {what}", problems)
+    raise missing_or_bad(path, problems)
 
 
 def iter_records(path: str | os.PathLike, *, format: str = "auto", max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,

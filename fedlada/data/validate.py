@@ -283,7 +283,7 @@ def scan_file(path: str | os.PathLike, *, format: str = "auto",
     path = Path(path)
     name = str(path)
     if not path.exists():
-        return [], [Problem(name, None, None, "file not found")]
+        return [], [Problem(name, None, None, not_found(path))]
     if not path.is_file():
         return [], [Problem(name, None, None, "not a regular file")]
     problems: list[Problem] = []
@@ -302,9 +302,26 @@ def read_records(path: str | os.PathLike, *, format: str = "auto",
     """
     records, problems = scan_file(path, format=format, max_record_bytes=max_record_bytes)
     if problems:
-        what = "file not found" if problems[0].message == "file not found" else f"{len(problems)} problem(s)"
-        raise DataError(f"{path}: {what}", problems)
+        raise missing_or_bad(path, problems)
     return records
+
+
+NOT_FOUND = "file not found"
+
+
+def not_found(path: Path) -> str:
+    """"file not found", and for a relative path where it was looked for (a Flower app's working directory is
+    the SuperLink's or SuperNode's, not the experimenter's)."""
+    return NOT_FOUND if path.is_absolute() else f"{NOT_FOUND} (a relative path, looked for in {Path.cwd()})"
+
+
+def missing_or_bad(path, problems: list[Problem]) -> DataError:
+    """The DataError of a data file: one line for a missing file, else the count and every problem."""
+    if problems[0].message.startswith(NOT_FOUND):
+        err = DataError(f"{path}: {problems[0].message}")
+        err.problems = list(problems)
+        return err
+    return DataError(f"{path}: {len(problems)} problem(s)", problems)
 
 
 def expand_data_paths(paths) -> list[Path]:
