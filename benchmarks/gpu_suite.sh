@@ -24,6 +24,8 @@ DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 STEPS=${STEPS:-train-small train-large run scoring gpu-check}
 RUN_ARGS=${RUN_ARGS:-}
+# the step limits fit the GPU machine's time budget; a CPU dry run (QUICK=1) on a shared machine gets 4x as long
+LIMIT_SCALE=${LIMIT_SCALE:-$([ "$QUICK" = 1 ] && echo 4 || echo 1)}
 PY=${PYTHON:-python3}
 if [[ "$DEVICE" == cuda* ]] && ! $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     echo "error: DEVICE=$DEVICE but $PY's torch sees no CUDA GPU; on a CPU use DEVICE=cpu QUICK=1 for a dry run" >&2
@@ -40,7 +42,7 @@ LOG=$OUT_DIR/suite.log
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log its output and exit status
-    local name=$1 limit=$2 start rc
+    local name=$1 limit=$(($2 * LIMIT_SCALE)) start rc
     shift 2
     want "$name" || want "${name#save-}" || return 0
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"

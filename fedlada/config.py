@@ -454,7 +454,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"config key '{key}': expected a JSON list, found {value!r} ({e})") from None
             else:
-                value = [v.strip() for v in s.split(",") if v.strip()]
+                value = [_unquote(v.strip()) for v in s.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, found {value!r}")
         return tuple(_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value))
@@ -543,11 +543,26 @@ def _default_at(defaults: dict, key: str) -> Any:
     return node
 
 
+def _unquote(text: str) -> str:
+    """A command-line value written as a TOML string: "..." (with escapes) or '...' (literal) -> its text."""
+    s = text.strip()
+    if len(s) >= 2 and s[0] == s[-1] == "'":
+        return s[1:-1]
+    if len(s) >= 2 and s[0] == s[-1] == '"':
+        try:
+            return tomllib.loads(f"v = {s}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    return text
+
+
 def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
     """Set dotted ``key`` in the nested dict ``tree`` (lists addressed by index), checking the key exists.
 
     Where the defaults cannot tell (items of a list that is empty by default), the final ``_build`` checks the keys.
     """
+    if isinstance(value, str) and isinstance(_default_at(defaults, key), str):
+        value = _unquote(value)  # --set 'models.llm.source="/path"': a quoted string, as in a config file
     if isinstance(value, str) and value.strip()[:1] in ("[", "{") and not isinstance(_default_at(defaults, key), str):
         try:
             value = json.loads(value)
@@ -608,7 +623,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            where = "" if p.is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
+            raise ConfigError(f"config file not found: {p}{where}")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -73,7 +73,8 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     role = "llm" if k is None else cfg.models.slm_role(k)
     model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
     check_models_unchanged(rd, cfg, {who: info},  # as a resume checks it
-                           remedy="restore that model, or export on the machine (and CPU thread count) the run used")
+                           remedy="restore that model, or export on the machine (and CPU thread count) the run used",
+                           prompts_warn=True)
     path = ckpt / ("llm.pt" if k is None else f"client_{k}.pt")
     try:
         load_trainable(model, path, "the LLM" if k is None else who)

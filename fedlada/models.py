@@ -227,6 +227,10 @@ def _looks_local(src: str) -> bool:
 def _check_local_source(src: str, gguf: str | None) -> str:
     """A source that names a local path must be a model folder (config.json, a tokenizer) or a GGUF file; return it
     with ``~`` expanded. A hub id passes (only loading can tell)."""
+    try:
+        Path(src).expanduser()
+    except RuntimeError as e:  # "~someone/x" with no such user
+        raise ModelError(f"model source {src}: {e}") from None
     if _looks_local(src) and not Path(src).expanduser().exists():
         org = (src.split("/")[0] if src.count("/") == 1 and not src.startswith(("/", ".", "~"))
                and Path(src.split("/")[0]).is_dir() else None)
@@ -237,9 +241,20 @@ def _check_local_source(src: str, gguf: str | None) -> str:
                          f"Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'){hint}")
     if Path(src).expanduser().exists():
         src = str(Path(src).expanduser())
+        if gguf and Path(src).is_file():
+            raise ModelError(f"{src} is a file; with gguf_file={gguf!r} the source names the folder holding it (or "
+                             "give the .gguf file as the source, without gguf_file)")
+        if gguf and Path(src).is_dir() and not (Path(src) / gguf).is_file():
+            raise ModelError(f"model not found: GGUF file {Path(src) / gguf} does not exist (gguf_file={gguf!r} in the "
+                             f"folder {src})")
         if Path(src).is_file() and not gguf:
             raise ModelError(f"{src} is a file, not a model directory (expected the folder save_pretrained writes, "
                              "or a .gguf file)")
+        if Path(src).is_dir() and not gguf and (Path(src) / "adapter_config.json").is_file() \
+                and not (Path(src) / "config.json").is_file():
+            raise ModelError(f"{src} holds a LoRA adapter (adapter_config.json), not a model: merge it into its base "
+                             "model (peft's merge_and_unload, then save_pretrained; `fedlada export` writes runs' models "
+                             "merged) and give that folder")
         if Path(src).is_dir() and not gguf and not (Path(src) / "config.json").is_file():
             raise ModelError(f"{src} is not a model directory: it has no config.json (expected what "
                              f"save_pretrained writes, or pass a .gguf file)")
@@ -316,6 +331,7 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = model.to(target).eval()
     _check_causal(model, tokenizer, where)
+    _check_round_trip(tokenizer, where)
     logger.info("loaded %s: %s, %s parameters, %s on %s", where, type(model).__name__,
                 f"{count_parameters(model):,}", torch_dtype, target)
     return model, tokenizer
@@ -395,6 +411,20 @@ def position_limit(model) -> tuple[int | None, bool]:
     hard = any(isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2
                for m in model.modules())
     return limit, hard
+
+
+ROUND_TRIP_TEXT = "Step 1: 3 * 4 = 12.\nAnswer: 12"
+
+
+def _check_round_trip(tokenizer, where: str) -> None:
+    """A path is found again in generated text by its lines (``Answer: ...``): a tokenizer that loses newlines or
+    case on the way through (some WordPiece tokenizers) would make every path unreadable, silently."""
+    ids = tokenizer(ROUND_TRIP_TEXT, add_special_tokens=False)["input_ids"]
+    back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if "\nAnswer: 12" not in back:
+        raise ModelError(f"model {where}: its tokenizer does not give text back as it was ({ROUND_TRIP_TEXT!r} decodes "
+                         f"as {back!r}); FedLaDa reads reasoning paths by their lines ('Answer: ...'), so it needs a "
+                         "tokenizer that keeps newlines and case (byte-level BPE or SentencePiece)")
 
 
 def _check_vocab(model, tokenizer, where: str) -> None:
@@ -501,18 +531,29 @@ def _plain_prompt(question: str) -> str:
         return f"Question: {question}\nReasoning:\n"
 
 
+_BOS_PROBE = "Question: What is 3 * 4?\nReasoning:\n"
+
+
 def _added_bos(tokenizer) -> str:
-    """The BOS token's text when ``tokenizer(text)`` starts with it by default (and it reads back as that one id),
-    else ""."""
+    """The text to put before a plain prompt so that, tokenised without special tokens, it gives exactly the ids of
+    ``tokenizer(prompt)``: the BOS token (or BOS and a space, for SentencePiece tokenizers that mark the first word)
+    where the tokenizer adds BOS itself, else "" (also when no such text exists: the prompt then starts without BOS,
+    with its words tokenised as usual)."""
     bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
     if not bos or bos_id is None:
         return ""
     try:
-        added = tokenizer("a")["input_ids"]
-        as_text = tokenizer(bos + "a", add_special_tokens=False)["input_ids"]
+        want = list(tokenizer(_BOS_PROBE)["input_ids"])
+        if want[:1] != [bos_id]:
+            return ""
+        for text in (bos, bos + " "):
+            if list(tokenizer(text + _BOS_PROBE, add_special_tokens=False)["input_ids"]) == want:
+                return text
     except Exception:  # noqa: BLE001 - a tokenizer that cannot say: no BOS added
         return ""
-    return bos if added[:1] == [bos_id] and as_text[:1] == [bos_id] else ""
+    logger.debug("tokenizer %s adds BOS, but no prompt text gives the same ids: prompts start without it",
+                 getattr(tokenizer, "name_or_path", ""))
+    return ""
 
 
 class PromptFormatter:
@@ -523,9 +564,9 @@ class PromptFormatter:
     ``reasoning.format_prompt`` text; ``"auto"`` -> the chat template when the tokenizer has one.
 
     Prompts are tokenised without special tokens everywhere (paths follow them directly), so a plain prompt starts
-    with the tokenizer's BOS token as text where the tokenizer would add one itself (Llama, Mistral, Gemma): the
-    model sees what it was trained with and what ordinary ``tokenizer(text)`` use gives it. A chat template writes
-    its own BOS.
+    with the tokenizer's BOS token as text where the tokenizer would add one itself (Llama, Mistral, Gemma), chosen
+    so that the prompt's ids are exactly those of ordinary ``tokenizer(text)`` use (``_added_bos``). A chat template
+    writes its own BOS.
     """
 
     def __init__(self, tokenizer, *, use_chat_template: bool | str = "auto", instruction: str = DEFAULT_INSTRUCTION):

@@ -31,7 +31,7 @@ from fedlada import reasoning
 from fedlada.config import ModelSpec, RunConfig
 from fedlada.data import Record, make_benchmark, read_records, validate_files
 from fedlada.data.benchmark import warn_shared_domains
-from fedlada.errors import ConfigError, DataError, ModelError, is_write_failure
+from fedlada.errors import ConfigError, DataError, FedLadaError, ModelError, is_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -531,6 +531,12 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
     else:
         model, tok = load_model(spec.source, dtype=spec.dtype, device=spec.device, gguf_file=spec.gguf_file or None)
     info["weights_fingerprint"] = weights_fingerprint(model)  # the base weights, checked when a run resumes
+    try:  # the BOS text plain prompts start with (models.PromptFormatter), checked when a run resumes
+        from fedlada.models import PromptFormatter
+
+        info["prompt_bos"] = PromptFormatter(tok, use_chat_template=spec.chat_template).bos
+    except FedLadaError:  # a chat template asked for and missing: said where the prompts are made
+        pass
     if spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -41,7 +41,7 @@ from fedlada import config as config_mod
 from fedlada.config import RunConfig, method_label
 from fedlada.errors import ConfigError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
-from fedlada.selection import check_method, load_plugins, plugin_fingerprints
+from fedlada.selection import check_method, is_custom, load_plugins, plugin_fingerprints
 from fedlada.models import check_devices, check_sources
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
@@ -381,8 +381,9 @@ def check_data_unchanged(rd: RunDir, digest: str, data: FederatedData | None = N
 def check_plugins_unchanged(rd: RunDir, cfg: RunConfig) -> None:
     """A run under a plug-in selection rule must go on with the rule's code it started with (the setup line records
     each plug-in's file and digest): an edited rule would mix two rules in one run, or a table would reuse the old
-    rule's numbers under the new one's name. Loads the plug-ins."""
-    if not cfg.lada.plugins:
+    rule's numbers under the new one's name. Loads the plug-ins. A run of a built-in method is not checked (the
+    plug-ins listed do not select for it)."""
+    if not cfg.lada.plugins or not is_custom(cfg.lada.method):
         return
     before = _setup_row(rd).get("plugins")
     if not isinstance(before, dict):  # a run from before plug-ins were recorded
@@ -393,8 +394,14 @@ def check_plugins_unchanged(rd: RunDir, cfg: RunConfig) -> None:
     def sha(entry):
         return entry.get("sha256") if isinstance(entry, dict) else None
 
-    changed = [f"{k} (sha256 {sha(before.get(k))}, now {sha(v)} in {v['file']})" for k, v in now.items()
-               if sha(before.get(k)) != sha(v)]
+    def what(k, v):
+        old = (before.get(k) or {}).get("files") if isinstance(before.get(k), dict) else None
+        if isinstance(old, dict) and v.get("files"):
+            names = sorted(n for n in set(old) | set(v["files"]) if old.get(n) != v["files"].get(n))
+            return f"{k}: {', '.join(names)} changed (in {Path(v['file']).parent})"
+        return f"{k} (sha256 {sha(before.get(k))}, now {sha(v)} in {v['file']})"
+
+    changed = [what(k, v) for k, v in now.items() if sha(before.get(k)) != sha(v)]
     if not changed and set(before) == set(now):
         return
     raise ConfigError(f"run directory {rd.path}: the plug-in code of this run changed since it started: "
@@ -403,15 +410,29 @@ def check_plugins_unchanged(rd: RunDir, cfg: RunConfig) -> None:
 
 
 def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict,
-                           remedy: str = "restore that model, or start a new run in another out_dir") -> None:
+                           remedy: str = "restore that model, or start a new run in another out_dir", *,
+                           prompts_warn: bool = False) -> None:
     """A resumed run's LoRA models must start from the base weights the run began with: their checkpoints hold the
     adapters only, trained on those weights (the first ``setup`` line holds each model's fingerprint; a fully
     fine-tuned model's checkpoint holds all of its weights, so it is not checked)."""
     before = _setup_row(rd).get("models") or {}
     for who, info in infos.items():
         spec = cfg.models.llm if who == "llm" else cfg.models.slm_for(int(who.removeprefix("client")))
-        old = (before.get(who) or {}).get("weights_fingerprint")
-        new = (info or {}).get("weights_fingerprint")
+        was, now = before.get(who) or {}, info or {}
+        # a plain prompt starts with the BOS token where the tokenizer adds one itself (models.PromptFormatter); a
+        # run started before prompts did has no prompt_bos in its setup line and was trained without it
+        if was and "prompt_bos" in now and was.get("prompt_bos", "") != now["prompt_bos"]:
+            name = "the LLM" if who == "llm" else f"{who}'s SLM"
+            text = (f"run directory {rd.path}: the prompts of {name} now start with {now['prompt_bos']!r} (its "
+                    f"tokenizer's BOS token, which the tokenizer adds itself), but this run started with "
+                    f"{was.get('prompt_bos', '')!r} (an earlier FedLaDa, or another tokenizer) and was trained on those")
+            if prompts_warn:  # an export writes weights, which do not depend on the prompts: say it, go on
+                log.warning("%s; the exported model was trained on prompts %s", text,
+                            "without it" if not was.get("prompt_bos") else f"starting with {was['prompt_bos']!r}")
+            else:
+                raise ConfigError(f"{text}: {remedy}")
+        old = was.get("weights_fingerprint")
+        new = now.get("weights_fingerprint")
         if spec.lora and old and new and old != new:
             name = "the LLM" if who == "llm" else f"{who}'s SLM"
             raise ConfigError(f"run directory {rd.path}: the base weights of {name} (models source "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import importlib.util
 import re
 import sys
@@ -72,7 +73,10 @@ class Candidates:
 
 Rule = Callable[[Candidates], Any]
 _RULES: dict[str, Rule] = {}
+_ORIGINS: dict[str, str] = {}  # rule name -> the plug-in (file or module) that registered it
 _LOADED: dict[str, str] = {}  # plug-in spec -> module name
+_FILES: dict[str, tuple[Path, list[Path]]] = {}  # plug-in spec -> (its folder, the files under it its import loaded)
+_IMPORTING: str | None = None  # the plug-in being imported (what registers a rule)
 
 
 def register_rule(name: str, fn: Rule | None = None):
@@ -88,19 +92,15 @@ def register_rule(name: str, fn: Rule | None = None):
     def add(f: Rule) -> Rule:
         if not callable(f):
             raise TypeError(f"register_rule({name!r}): expected a function of Candidates, found {type(f).__name__}")
-        old = _RULES.get(name)
-        if old is not None and getattr(old, "__module__", None) != getattr(f, "__module__", None):
-            raise ValueError(f"register_rule: {name!r} is already registered by {_origin(old)}; two plug-ins cannot "
-                             "share a rule name (rename one)")
+        origin = _IMPORTING or getattr(f, "__module__", None) or repr(f)
+        if name in _RULES and _ORIGINS.get(name) != origin:
+            raise ValueError(f"register_rule: {name!r} is already registered by {_ORIGINS.get(name)}; two plug-ins "
+                             "cannot share a rule name (rename one)")
         _RULES[name] = f
+        _ORIGINS[name] = origin
         return f
 
     return add if fn is None else add(fn)
-
-
-def _origin(fn) -> str:
-    module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    return getattr(module, "__file__", None) or getattr(fn, "__module__", None) or repr(fn)
 
 
 def registered_rules() -> tuple[str, ...]:
@@ -112,21 +112,72 @@ def _module_name(path: Path) -> str:
     return f"fedlada_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
 
 
+def _sibling_imports(path: Path) -> list[Path]:
+    """The files of ``path``'s folder that ``path`` imports by top-level name (``import helper``, ``from helper import
+    x``): ``helper.py`` or ``helper/__init__.py`` next to it."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []  # the import then says what is wrong
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    found = []
+    for n in sorted(names):
+        for cand in (path.parent / f"{n}.py", path.parent / n / "__init__.py"):
+            if cand.is_file():
+                found.append(cand)
+                break
+    return found
+
+
+def _check_siblings(path: Path, spec: str, key: str) -> None:
+    """Python keeps one module per name: a sibling ``helper.py`` of this plug-in would silently be another plug-in's
+    (or a library's) ``helper`` already imported. Refused, naming both files."""
+    for sib in _sibling_imports(path):
+        name = sib.parent.name if sib.name == "__init__.py" else sib.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None:
+            where = getattr(loaded, "__file__", None)
+        else:  # not imported yet: would an installed module (or the standard library's) win over the sibling?
+            try:
+                found = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                found = None
+            if found is None:
+                continue  # only the plug-in's folder has it
+            where = found.origin if found.origin not in (None, "built-in", "frozen") else None
+        if where is None or Path(where).resolve() != sib.resolve():
+            raise ConfigError(f"config key '{key}': plug-in {spec} imports its sibling {sib}, but a module named "
+                              f"{name!r} is {'already imported' if loaded is not None else 'found'} elsewhere "
+                              f"({where or 'a built-in module'}); Python keeps one module per name, so rename "
+                              f"{sib.name}")
+
+
 def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins") -> None:
     """Import each plug-in (a ``.py`` file path or a module name) once per process; each registers its rules.
     A missing file, a module that cannot be imported or that raises: ConfigError naming it and where it failed."""
+    global _IMPORTING
     for spec in specs:
         if spec in _LOADED:
             continue
+        before = set(sys.modules)
         if spec.endswith(".py"):
             path = Path(spec).expanduser().resolve()
             if not path.is_file():
                 raise ConfigError(f"config key '{key}': plug-in file {spec} not found (from {Path.cwd()}); give a "
                                   "path to a .py file (relative to the working directory) or an importable module")
             name = _module_name(path)
+            _check_siblings(path, spec, key)
             if str(path.parent) not in sys.path:  # a plug-in may import its sibling files, wherever it is run from
                 sys.path.append(str(path.parent))
             try:
+                _IMPORTING = str(path)
                 mod_spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[name] = module
@@ -135,8 +186,11 @@ def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins
                 sys.modules.pop(name, None)
                 raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
                                   f"{type(e).__name__}: {e}{_where(e, str(path))}") from None
+            finally:
+                _IMPORTING = None
         else:
             try:
+                _IMPORTING = spec
                 importlib.import_module(spec)
             except ModuleNotFoundError as e:
                 if e.name and (spec == e.name or spec.startswith(e.name + ".")):  # the plug-in itself is not there
@@ -147,23 +201,37 @@ def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins
             except Exception as e:  # noqa: BLE001
                 raise ConfigError(f"config key '{key}': plug-in {spec} failed to import: "
                                   f"{type(e).__name__}: {e}{_where(e)}") from None
+            finally:
+                _IMPORTING = None
             name = spec
         _LOADED[spec] = name
+        main = getattr(sys.modules.get(name), "__file__", None)
+        if main:  # the plug-in's own files: those under its folder that importing it loaded
+            base = Path(main).resolve().parent
+            files = {Path(main).resolve()}
+            for m in set(sys.modules) - before:
+                f = getattr(sys.modules.get(m), "__file__", None)
+                if f and Path(f).resolve().is_relative_to(base):
+                    files.add(Path(f).resolve())
+            _FILES[spec] = (base, sorted(files))
 
 
 def plugin_fingerprints(specs: tuple[str, ...] | list[str]) -> dict[str, dict[str, str | None]]:
-    """``{spec: {"file": path, "sha256": 16 hex}}`` of each loaded plug-in's source file (a package: its
-    ``__init__.py``), so a run can tell that a rule's code changed since it started (resume, a reused finished run);
+    """``{spec: {"file": path, "sha256": 16 hex, "files": {name: 16 hex}}}``: the digests of each loaded plug-in's
+    files -- its own and every module file under its folder that importing it loaded (siblings, a helper package's
+    submodules) -- so a run can tell that a rule's code changed since it started (resume, a reused finished run);
     the same code at another path is the same rule."""
     out = {}
     for spec in specs:
         module = sys.modules.get(_LOADED.get(spec, ""))
         path = getattr(module, "__file__", None)
+        base, files = _FILES.get(spec, (None, []))
         try:
-            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+            each = {str(f.relative_to(base)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+            whole = hashlib.sha256(json.dumps(each, sort_keys=True).encode()).hexdigest()[:16] if each else None
         except OSError:
-            digest = None
-        out[spec] = {"file": path, "sha256": digest}
+            each, whole = {}, None
+        out[spec] = {"file": path, "sha256": whole, "files": each}
     return out
 
 

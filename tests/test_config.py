@@ -201,3 +201,12 @@ def test_the_contrastive_term_that_trains_follows_method_loss_and_weight():
     # no L_DA term trains: no pairs or lists are built (and none is counted as preference_pairs)
     for over in (["lada.method=lada-sft"], ["lada.lambda_da=0"], ["lada.loss=sft"]):
         assert _da_loss(load_config(overrides=over)) == "sft"
+
+
+def test_quoted_command_line_strings_are_their_text():
+    """--set values written as TOML strings ("..." or '...'), as in a config file, are their text; in a list too."""
+    cfg = load_config(overrides=["models.llm.source='/tmp/x y'", 'out_dir="runs/q"', 'lada.plugins="a.py", b.py',
+                                 "lada.method=gap-first", 'models.llm.lora_target_modules="q_proj",v_proj'])
+    assert (cfg.models.llm.source, cfg.out_dir) == ("/tmp/x y", "runs/q")
+    assert cfg.lada.plugins == ("a.py", "b.py") and cfg.models.llm.lora_target_modules == ("q_proj", "v_proj")
+    assert load_config(overrides=['out_dir="a\\d"']).out_dir == '"a\\d"'  # not a valid TOML string: as given

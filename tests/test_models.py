@@ -91,6 +91,21 @@ def test_save_load_round_trip_gives_identical_logits(tok, model, tmp_path, monke
     assert not loaded.training
 
 
+def test_a_tokenizer_that_loses_case_or_newlines_is_refused(tok):
+    import copy
+
+    from tokenizers import normalizers
+
+    from fedlada.models import _check_round_trip
+
+    _check_round_trip(tok, "tiny")  # byte-level BPE: text comes back as it was
+    lossy = copy.deepcopy(tok)
+    lossy.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(ModelError, match=r"model m: its tokenizer does not give text back as it was .*decodes as "
+                                         r"'step 1: 3 \* 4 = 12.\\nanswer: 12'"):
+        _check_round_trip(lossy, "m")
+
+
 def test_a_weight_file_lacking_weights_is_refused(tok, model, tmp_path, monkeypatch):
     """transformers starts weights missing from the files from a random init (a different model in every process,
     so a run could never resume or export): the folder is refused, naming the weights."""
@@ -120,6 +135,10 @@ def test_model_folders_are_checked_before_any_model_is_prepared(tok, model, tmp_
     with pytest.raises(ModelError, match=r"config key 'models.slms.1.source': model not found: .*nope does not exist"):
         check_sources(load_config(overrides=base + [f"models.slms.1.source={tmp_path / 'nope'}"]))
     check_sources(load_config(overrides=base + [f"models.slms.2.source={tmp_path / 'nope'}"]))  # unused: 2 clients
+    with pytest.raises(ModelError, match=r"'models.slms.0.source': model not found: GGUF file .*good/x.gguf does not "
+                                         r"exist \(gguf_file='x.gguf'"):
+        check_sources(load_config(overrides=base + [f"models.slms.0.source={tmp_path / 'good'}",
+                                                    "models.slms.0.gguf_file=x.gguf"]))
     with pytest.raises(ModelError, match=r"'models.llm.source': .*config.json is a file, not a model directory"):
         check_sources(load_config(overrides=base + [f"models.llm.source={tmp_path / 'good' / 'config.json'}"]))
     monkeypatch.chdir(tmp_path)
@@ -241,6 +260,22 @@ def test_plain_prompts_start_with_bos_where_the_tokenizer_adds_one(tok):
     plain = "Question: How many pens?\nReasoning:\n"
     assert bos_tok(prompt, add_special_tokens=False)["input_ids"] == bos_tok(plain)["input_ids"]
     assert PromptFormatter(tok, use_chat_template="off")("How many pens?") == plain  # no BOS added: none put in
+
+    # a SentencePiece-style tokenizer that marks the first word ("▁Question"): "<s>" + text would lose that mark,
+    # "<s> " keeps it, so the prompt ids are again exactly tokenizer(text)'s
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.train_from_iterator([plain + "3 * 4 = 12\nAnswer: 12", "Lea has 3 bags."] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+    sp_tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    prompt = PromptFormatter(sp_tok, use_chat_template="off")("How many pens?")
+    assert prompt == "<s> " + plain
+    assert sp_tok(prompt, add_special_tokens=False)["input_ids"] == sp_tok(plain)["input_ids"]
 
 
 def test_find_smollm2_gguf_missing_package(monkeypatch):

@@ -628,3 +628,19 @@ def test_an_extension_whose_set_up_fails_leaves_the_finished_run_as_it_was(tiny_
         run(load_config(overrides=tiny_overrides + ["rounds=2"]))
     assert {n: (rd / n).read_text() for n in before} == before
     assert run(cfg).summary["rounds_done"] == 1  # still the finished 1-round run (the folder's lock released)
+
+
+def test_a_run_trained_with_other_prompts_is_not_resumed_with_these(tmp_path):
+    """Plain prompts start with the BOS token where the tokenizer adds one itself; a run started before that (no
+    prompt_bos in its setup line) or with another tokenizer was trained on other prompts: not resumed (nor
+    exported) with these."""
+    cfg = load_config(overrides=[f"out_dir={tmp_path}"])
+    rd = RunDir(tmp_path)
+    rd.append("metrics.jsonl", [{"round": 0, "event": "setup", "models": {"llm": {"weights_fingerprint": "a"},
+                                                                          "client0": {"prompt_bos": "<s>"}}}])
+    runner.check_models_unchanged(rd, cfg, {"llm": {"prompt_bos": ""}, "client0": {"prompt_bos": "<s>"}})
+    with pytest.raises(ConfigError, match=r"the prompts of the LLM now start with '<s>' .* this run started with ''"):
+        runner.check_models_unchanged(rd, cfg, {"llm": {"prompt_bos": "<s>"}})
+    with pytest.raises(ConfigError, match=r"client0's SLM now start with '' .* started with '<s>'"):
+        runner.check_models_unchanged(rd, cfg, {"client0": {"prompt_bos": ""}})
+    runner.check_models_unchanged(rd, cfg, {"client0": {"prompt_bos": ""}}, prompts_warn=True)  # an export: warned
