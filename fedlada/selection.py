@@ -36,7 +36,7 @@ import importlib.util
 import re
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,7 +65,6 @@ class Candidates:
     cap: int
     seed: int
     rule: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,7 +81,8 @@ _IMPORTING: str | None = None  # the plug-in being imported (what registers a ru
 def register_rule(name: str, fn: Rule | None = None):
     """Register ``fn`` as the selection rule ``name`` (also usable as ``@register_rule(name)``). The name is what
     ``lada.method`` and ``fedlada compare --methods`` take: lower-case letters, digits, ``_ . -``; not a built-in
-    method's. Registering a name again replaces its rule (a re-imported plug-in)."""
+    method's. Registering a name again from the same plug-in replaces its rule (a re-import); from another one is a
+    ValueError."""
     if not isinstance(name, str) or not RULE_NAME_RE.fullmatch(name):
         raise ValueError(f"register_rule: {name!r} is not a rule name (lower-case letters, digits, '_', '.', '-', "
                          "starting with a letter or digit)")
