@@ -136,9 +136,6 @@ def build_tiny_model(tokenizer, *, hidden_size: int, num_layers: int, num_heads:
     if hidden_size < 1 or num_layers < 1 or num_heads < 1 or hidden_size % num_heads:
         raise ConfigError(f"build_tiny_model: hidden_size, num_layers and num_heads must be >= 1 and num_heads must "
                           f"divide hidden_size; got {hidden_size}, {num_layers}, {num_heads}")
-
-    if hidden_size % num_heads:
-        raise ConfigError(f"tiny model: num_heads={num_heads} must divide hidden_size={hidden_size}")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -286,18 +286,22 @@ def _da_loss(cfg: RunConfig) -> str:
     return "sft" if lc.method == "lada-sft" or lc.lambda_da == 0 else lc.loss
 
 
+def _sft_weight(cfg: RunConfig) -> float:
+    """mu, the weight of SFT on the other side's selected paths: 1 for lada-sft (distilling step-by-step)."""
+    return 1.0 if cfg.lada.method == "lada-sft" else cfg.lada.mu
+
+
 def _trained_sft(dist: list, cfg: RunConfig) -> int:
     """How many of the other side's selected paths SFT trains on: all of them, or none at weight mu = 0."""
-    return len(dist) if _train_kwargs(cfg, lr=1.0, epochs=1, seed=0)["mu"] > 0 else 0
+    return len(dist) if _sft_weight(cfg) > 0 else 0
 
 
 def _train_kwargs(cfg: RunConfig, *, lr: float, epochs: int, seed: int) -> dict:
     lc, tc = cfg.lada, cfg.train
     kw = dict(lr=lr, epochs=epochs, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
               max_grad_norm=tc.max_grad_norm, bf16=tc.bf16, compile=tc.compile, beta=lc.beta, tau=lc.tau,
-              lambda_da=lc.lambda_da, mu=lc.mu, max_length=tc.max_length, seed=seed)
-    if lc.method == "lada-sft":  # distilling step-by-step: plain SFT on the other side's paths
-        kw.update(lambda_da=0.0, mu=1.0)
+              lambda_da=0.0 if lc.method == "lada-sft" else lc.lambda_da,  # lada-sft: plain SFT on the other
+              mu=_sft_weight(cfg), max_length=tc.max_length, seed=seed)   # side's paths (distilling step-by-step)
     return kw
 
 
