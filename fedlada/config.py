@@ -163,6 +163,9 @@ class ModelSpec:
     lora_target_modules: tuple[str, ...] = ()
     gradient_checkpointing: bool = False
     chat_template: str = "auto"  # auto | on | off
+    # what a chat-template prompt asks for after the question: "auto" (a final 'Answer: <number>', '<letter>' or
+    # '<answer>' line, by the public pool's gold answers), "" (nothing) or the text itself
+    instruction: str = "auto"
     pretrain_tokens: int = 400_000  # tiny models only: tokens of server-side pretraining
     generation: str = "transformers"  # who samples this model's paths: transformers | vllm (the LLM only; CUDA)
     vllm_gpu_memory: float = 0.4  # vllm: share of GPU memory the engine reserves (the rest trains the model)

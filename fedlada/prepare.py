@@ -249,6 +249,7 @@ def _user_data(cfg: RunConfig, files: dict[str, tuple[str, str]], *, what: str) 
     clients = [ClientFiles(got.get(f"data.clients.{k}.train", []), got.get(f"data.clients.{k}.test", []))
                for k in range(len(d.clients))]
     warn_test_overlap(clients, got["data.public"])
+    warn_small_tests(cfg, clients)
     return FederatedData(clients, got["data.public"], got.get("data.general", []),
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
 
@@ -268,6 +269,24 @@ def load_server_data(cfg: RunConfig) -> FederatedData:
         log.warning("the LLM is not evaluated on the domain of %s: the test file is not on this machine",
                     ", ".join(missing))
     return data
+
+
+SMALL_TEST = 20  # fewer evaluated test questions than this: a client's accuracy is warned to be coarse
+
+
+def warn_small_tests(cfg: RunConfig, clients: list[ClientFiles]) -> list[str]:
+    """Warn (and return the warnings) for each client evaluated on fewer than ``SMALL_TEST`` questions: its accuracy
+    moves in coarse steps, yet it counts as much as any other client's in the mean SLM accuracy."""
+    out = []
+    for k, c in enumerate(clients):
+        n = len(eval_split(c.test, cfg))
+        if 0 < n < SMALL_TEST:
+            out.append(f"data.clients.{k}.test: client {k} is evaluated on {n} question(s) only: its accuracy moves "
+                       f"in steps of {100 / n:.0f} points, and it counts as much as every other client's in the mean "
+                       "SLM accuracy")
+    for line in out:
+        log.warning(line)
+    return out
 
 
 def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:

@@ -17,13 +17,17 @@ lm-evaluation-harness' GSM8K filters:
   no float tolerance; a number followed by a unit keeps its value and sign (``-5 °C``, ``12kg`` = ``12 kg``,
   ``1,200 kg`` = ``1200 kg``, ``1/2 kg`` = ``0.5 kg``); other text is lower-cased, its punctuation dropped except
   between digits (``3.4``) and a ``+``/``#`` after a letter (``C++``, ``C#``), the articles an/the dropped, and
-  a leading "a" dropped only before a longer word (``a cat`` = ``cat``, but ``Vitamin A``, ``A B`` and ``U.S.A.``
-  keep theirs), whitespace collapsed.
-- ``is_correct(mode="flexible")`` also accepts a number followed by words or punctuation (``18 eggs.``) when the gold
-  answer is a number, and the gold's number alone when the gold is a number with a unit (``12`` for ``12 kg``, but
-  not ``12 lb``); a multiple-choice letter by itself or with its option (gold ``C`` or ``(C) Paris``: ``C``,
-  ``(C)``, ``C) Paris``, ``option C``); and the "the answer is X" inside an answer line. ``mode`` is a keyword the
-  contract did not name; the default keeps the contract's behaviour.
+  a leading "a" dropped only before a longer word (``a cat`` = ``cat``, but ``Vitamin A`` and ``A B`` keep theirs),
+  single letters with full stops read without them (``U.S.A.`` = ``USA``), whitespace collapsed. Before that,
+  superscripts read as powers (``10²`` = ``10^2``), vulgar fractions as fractions (``1½`` = ``1 1/2`` = ``3/2``),
+  ``\\text{B}``-style wrappers and LaTeX-escaped ``\\$`` are undone, ``\\frac{-3}{4}`` and ``\\frac34`` are fractions.
+- ``is_correct(mode="flexible")`` also accepts a number followed by words or punctuation (``18 eggs.``, ``18%``) when
+  the gold answer is a number, but not by words that change its value (``18 million``, ``18k``, ``18 dozen``,
+  ``18 squared``, ``18x``, ``18 or more``: ``VALUE_WORDS_RE``), a variable's value (``x = 18``), and the gold's
+  number alone when the gold is a number with a unit (``12`` for ``12 kg``, but not ``12 lb``); a multiple-choice
+  letter by itself or with its option (gold ``C`` or ``(C) Paris``: ``C``, ``(C)``, ``C) Paris``, ``option C``); and
+  the "the answer is X" inside an answer line. ``mode`` is a keyword the contract did not name; the default keeps
+  the contract's behaviour.
 - "the answer is X" ends at the end of its sentence, not at an abbreviation's or an initial's full stop (``Dr.
   Smith``, ``St. Louis``, ``U.S. Grant``).
 """
@@ -37,7 +41,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
-ANSWER_EXTRACTION_VERSION = "2"
+ANSWER_EXTRACTION_VERSION = "3"
 
 Mode = Literal["strict", "flexible"]
 
@@ -78,7 +82,25 @@ LEADING_NUMBER_RE = re.compile(
     r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d))*)$"  # a "/" in a unit (km/h), not a fraction's
 )
 # LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
-LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
+LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac(?:\{(?P<sign2>-?)(?P<num>\d+)\}\{(?P<den>\d+)\}|"
+                               r"(?P<num1>\d)(?P<den1>\d))$")  # also \frac{-3}{4} and the short \frac34
+# A mixed number, 1 1/2 (also 1½, written so by _prepared).
+MIXED_NUMBER_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<whole>\d+)[ \t]+(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)$")
+# Words right after a number that change its value, so that it is no longer that number with a unit: "12 million",
+# "12k", "12 dozen", "12 squared", "3 or more", "12x" (a variable).
+VALUE_WORDS_RE = re.compile(
+    r"^[ \t]*(?:(?:hundreds?|thousands?|millions?|billions?|trillions?|dozens?|squared|cubed|k|bn|mn)(?![\w])"
+    r"|or[ \t]+(?:more|less|fewer|greater|higher|lower|above|below|over|under)\b)|^[xyz](?![\w])", re.IGNORECASE)
+# A variable's value, "x = -5": the value is the answer (flexible mode).
+VARIABLE_VALUE_RE = re.compile(r"^[ \t]*[A-Za-z][ \t]*=[ \t]*(?P<value>[^=]+)$")
+# LaTeX text wrappers around an answer: \text{B}, \textbf{(B)}, \mathrm{cm}.
+LATEX_TEXT_RE = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox)\s*\{(?P<inner>[^{}]*)\}$")
+# Superscript digits (10², m³), read as ^2, and vulgar fractions (½, 1½), read as 1/2 and 1 1/2.
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+_SUPERSCRIPT_RE = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+")
+_VULGAR_RE = re.compile(r"(\d?)([\u00bc-\u00be\u2150-\u215e])")
+# Single letters with full stops, U.S. and B.C.: an abbreviation, compared without its dots.
+_DOTTED_RE = re.compile(r"(?<![\w.])([^\W\d_](?:\.[^\W\d_])+\.?)(?![\w])")
 ARTICLES_RE = re.compile(r"\b(?:an|the)\b")
 LEADING_A_RE = re.compile(r"^a (?!and\b|or\b)(?=\w\w)")
 # A multiple-choice answer: "C", "(C)", "(C) Paris", "C) Paris", "option C", "choice (C)"; in a prediction also
@@ -129,9 +151,13 @@ def clean_answer_span(span: str) -> str:
     boxed = boxed_contents(span)
     if boxed:
         span = boxed[-1]
+    span = span.replace("\\$", "$").replace("\\%", "%")  # LaTeX-escaped signs: \boxed{\$12.50}
     changed = True
     while changed and span:
         changed = False
+        text = LATEX_TEXT_RE.match(span)
+        if text:
+            span, changed = text.group("inner").strip(), True
         for left, right in _WRAPPERS:
             if len(span) > len(left) + len(right) and span.startswith(left) and span.endswith(right):
                 span, changed = span[len(left) : -len(right)].strip(), True
@@ -231,7 +257,8 @@ def parse_number(text: str) -> Fraction | None:
     text = text.strip().replace("\u2212", "-")
     latex = LATEX_FRACTION_RE.match(text)
     if latex:
-        text = f"{latex.group('sign')}{latex.group('num')}/{latex.group('den')}"
+        num, den = latex.group("num") or latex.group("num1"), latex.group("den") or latex.group("den1")
+        text = f"{'-' if (latex.group('sign') == '-') != (latex.group('sign2') == '-') else ''}{num}/{den}"
     match = NUMBER_FULL_RE.match(text)
     if match:
         if match.group("sign1") and match.group("sign2"):
@@ -241,6 +268,10 @@ def parse_number(text: str) -> Fraction | None:
     match = FRACTION_FULL_RE.match(text)
     if match and int(match.group("den")) != 0:
         value = Fraction(int(match.group("num")), int(match.group("den")))
+        return -value if match.group("sign") == "-" else value
+    match = MIXED_NUMBER_RE.match(text)
+    if match and 0 < int(match.group("num")) < int(match.group("den")):
+        value = int(match.group("whole")) + Fraction(int(match.group("num")), int(match.group("den")))
         return -value if match.group("sign") == "-" else value
     return None
 
@@ -264,7 +295,7 @@ def _is_punct(ch: str) -> bool:
 
 
 def _normalize_text(text: str) -> str:
-    text = text.lower()
+    text = _DOTTED_RE.sub(lambda m: m.group(1).replace(".", ""), text.lower())  # U.S. = US
     chars = []
     for i, ch in enumerate(text):
         prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
@@ -286,14 +317,18 @@ def _normalize_text(text: str) -> str:
 
 
 def _prepared(ans: str) -> str:
-    """An answer as the comparisons read it: NFKC (full-width letters and digits), U+2212 as ``-``, cleaned."""
-    return clean_answer_span(unicodedata.normalize("NFKC", ans).replace("\u2212", "-"))
+    """An answer as the comparisons read it: superscripts as ``^`` powers (``10²`` = ``10^2``), vulgar fractions as
+    ``1/2`` (``1½`` = ``1 1/2``), NFKC (full-width letters and digits), U+2212 as ``-``, cleaned."""
+    ans = _SUPERSCRIPT_RE.sub(lambda m: "^" + m.group(0).translate(_SUPERSCRIPTS), ans)  # before NFKC makes ² a 2
+    ans = _VULGAR_RE.sub(lambda m: (m.group(1) + " " if m.group(1) else "")
+                         + unicodedata.normalize("NFKC", m.group(2)).replace("\u2044", "/"), ans)
+    return clean_answer_span(unicodedata.normalize("NFKC", ans).replace("\u2212", "-").replace("\u2044", "/"))
 
 
 def _number_and_unit(span: str) -> tuple[Fraction, str] | None:
     """``(value, normalised unit)`` of a number followed by words (``-5 °C``, ``12kg``, ``$3.50 each``), else None."""
     match = LEADING_NUMBER_RE.match(span)
-    if not match:
+    if not match or VALUE_WORDS_RE.match(match.group("rest")):
         return None
     value, unit = parse_number(match.group("number")), _PERCENT_RE.sub("%", _normalize_text(match.group("rest")))
     return (value, unit) if value is not None and unit else None
@@ -354,8 +389,13 @@ def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
     if gold_value is None:  # gold "12 kg": its number alone ("12") is accepted, another unit ("12 lb") is not
         gold_unit = _number_and_unit(gold_span)
         return gold_unit is not None and parse_number(pred_span) == gold_unit[0]
+    variable = VARIABLE_VALUE_RE.match(pred_span)  # "x = -5"
+    if variable:
+        pred_span = variable.group("value").strip()
+        if parse_number(pred_span) == gold_value:
+            return True
     match = LEADING_NUMBER_RE.match(pred_span)
-    if not match:
+    if not match or VALUE_WORDS_RE.match(match.group("rest")):  # "12 million" is not 12
         return False
     value = parse_number(match.group("number"))
     return value is not None and value == gold_value

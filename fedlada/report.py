@@ -154,11 +154,13 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
 
 def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
     acc = summary.get("accuracy", {})
+    n_eval = summary.get("eval_questions", {})
     rounds = sorted({int(t) for v in acc.values() for t in v})
-    head = ["model"] + [f"r{t}" for t in rounds]
+    head = ["model", "n"] + [f"r{t}" for t in rounds]  # n: the test questions each accuracy is over
     rows = []
     for who, v in acc.items():
-        rows.append([who] + [("-" if v.get(str(t)) is None else f"{v[str(t)]:.3f}") for t in rounds])
+        rows.append([who, str(n_eval.get(who, "-"))]
+                    + [("-" if v.get(str(t)) is None else f"{v[str(t)]:.3f}") for t in rounds])
     return head, rows
 
 
@@ -194,7 +196,8 @@ def write_report(run_dir: str | Path) -> Path:
         body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{png}'/>")
     body.append("<h2>Files</h2><ul><li>config.toml: resolved config</li><li>metrics.jsonl: every event</li>"
                 "<li>selections.jsonl: every filter decision with scores and reasons</li>"
-                "<li>audit.jsonl: what left each client</li><li>checkpoints/: per-round weights</li></ul>")
+                "<li>audit.jsonl: what left each client</li>"
+                "<li>predictions.jsonl: every evaluation's answers, per question</li><li>checkpoints/: per-round weights</li></ul>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>FedLaDa report</title><style>"
             "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"

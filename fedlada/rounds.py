@@ -123,8 +123,11 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
     answering = 0, ""
     if evaluated and max_new_tokens is not None:
         n_eval = eval_max_new_tokens or max_new_tokens
-        answering = (max(prompt_lengths(side, list(evaluated))) + n_eval,
-                     "longest test prompt + evaluation answer tokens = {}")
+        eval_lengths = prompt_lengths(side, list(evaluated))
+        at = max(range(len(eval_lengths)), key=eval_lengths.__getitem__)
+        answering = (eval_lengths[at] + n_eval,
+                     f"longest test prompt, record {evaluated[at].id!r} ({eval_lengths[at]} tokens), + evaluation "
+                     "answer tokens = {}")
     for where, records in sources.items():
         if not records:
             continue
@@ -144,7 +147,8 @@ def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_lengt
         _warn_cut_paths(side, trained, sources[trained], trained_lengths, max_length=max_length, who=who)
     if max_new_tokens is not None:
         need = max((longest + max_new_tokens, "longest prompt + lada.max_new_tokens = {}"), answering)
-        _check_positions(side.model, max_length=max_length, sampling=need[0], who=who, what=need[1])
+        _check_positions(side.model, max_length=max_length, sampling=need[0], who=who, what=need[1],
+                         test_question=need is answering)
 
 
 def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens: list[int], *, max_length: int,
@@ -161,7 +165,7 @@ def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens
 
 
 def _check_positions(model, *, max_length: int, sampling: int, who: str,
-                     what: str = "longest prompt + lada.max_new_tokens = {}") -> None:
+                     what: str = "longest prompt + lada.max_new_tokens = {}", test_question: bool = False) -> None:
     from fedlada.errors import ModelError
     from fedlada.models import position_limit
 
@@ -172,8 +176,9 @@ def _check_positions(model, *, max_length: int, sampling: int, who: str,
     msg = (f"{who} takes at most {limit} positions (its config's position limit) but this run needs {needed} "
            f"(train.max_length={max_length}; {what.format(sampling)})")
     if hard:
-        raise ModelError(f"{msg}: lower train.max_length, lada.max_new_tokens or data.eval_max_new_tokens, or use a "
-                         "model with a longer context")
+        fix = ("shorten or drop that test question, lower data.eval_max_new_tokens" if test_question else
+               "lower train.max_length, lada.max_new_tokens or data.eval_max_new_tokens")
+        raise ModelError(f"{msg}: {fix}, or use a model with a longer context")
     log.warning("%s; its positions past %d were not trained, expect worse paths", msg, limit)
 
 
@@ -634,8 +639,10 @@ def server_learn(state: ServerState, reports: list[ReportMessage], *, cfg: RunCo
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_size: int = 64) -> dict:
-    """Greedy answer accuracy, overall and by domain and by number of reasoning steps."""
+def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_size: int = 64,
+             predictions: bool = False) -> dict:
+    """Greedy answer accuracy, overall and by domain and by number of reasoning steps. With ``predictions``, also
+    each record's ``{id, answer (extracted), gold, correct, path}`` under ``"predictions"``."""
     from fedlada.data import steps_of
 
     if not records:
@@ -653,8 +660,12 @@ def evaluate(side: Side, records: list[Record], *, max_new_tokens: int, batch_si
                 by_steps.setdefault(str(steps_of(r)), []).append(c)
             except ValueError:  # all, as rows over the records that happen to have one would misdescribe the split
                 by_steps = None
-    return {"accuracy": float(np.mean(ok)), "n": len(ok),
-            "by_domain": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
-            "by_steps": {s: float(np.mean(v))
-                         for s, v in sorted((by_steps or {}).items(), key=lambda kv: int(kv[0]))},
-            "answer_extraction_version": reasoning.ANSWER_EXTRACTION_VERSION}
+    out = {"accuracy": float(np.mean(ok)), "n": len(ok),
+           "by_domain": {d: float(np.mean(v)) for d, v in sorted(by_domain.items())},
+           "by_steps": {s: float(np.mean(v))
+                        for s, v in sorted((by_steps or {}).items(), key=lambda kv: int(kv[0]))},
+           "answer_extraction_version": reasoning.ANSWER_EXTRACTION_VERSION}
+    if predictions:
+        out["predictions"] = [{"id": r.id, "answer": reasoning.extract_answer(o[0]), "gold": r.answer, "correct": c,
+                               "path": o[0]} for o, r, c in zip(outs, records, ok)]
+    return out

@@ -7,6 +7,8 @@ A run directory holds everything needed to understand the run:
 ``selections.jsonl``   every filter decision: round, pair, public question id, features' scalars, gaps, scores,
                        selected or not, and why
 ``audit.jsonl``        per round and client: what left the client (record kinds, counts, bytes)
+``predictions.jsonl``  every evaluation's per-question answers (round, who, id, extracted answer, gold, correct,
+                       path): the LLM's and in-process clients' (on Flower a client's test set stays on its node)
 ``checkpoints/round_NNN/``  models' trainable weights and filter states after each completed round
 ``report.html`` + ``plots/``  written at the end by the command line and ``compare``
                        (``fedlada.report.write_report``; ``run`` itself does not)
@@ -39,10 +41,10 @@ import torch
 from fedlada import checkpoints
 from fedlada import config as config_mod
 from fedlada.config import RunConfig, method_label
-from fedlada.errors import ConfigError, FedLadaError
+from fedlada.errors import ConfigError, DataError, FedLadaError
 from fedlada.generation import check_generation, llm_backend
 from fedlada.selection import check_method, is_custom, load_plugins, plugin_fingerprints
-from fedlada.models import check_devices, check_sources
+from fedlada.models import DEFAULT_INSTRUCTION, check_devices, check_sources
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
                              prepare_model, split_holdout)
@@ -230,7 +232,7 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-RUN_LOGS = ("metrics.jsonl", "selections.jsonl", "audit.jsonl")
+RUN_LOGS = ("metrics.jsonl", "selections.jsonl", "audit.jsonl", "predictions.jsonl")
 
 
 def _is_run_config(path: Path) -> bool:
@@ -431,6 +433,14 @@ def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict,
                             "without it" if not was.get("prompt_bos") else f"starting with {was['prompt_bos']!r}")
             else:
                 raise ConfigError(f"{text}: {remedy}")
+        # a chat-template prompt's instruction (models.instruction_for); runs from before it was recorded asked for
+        # a number
+        if was and "instruction" in now and was.get("instruction", DEFAULT_INSTRUCTION) != now["instruction"]:
+            name = "the LLM" if who == "llm" else f"{who}'s SLM"
+            raise ConfigError(f"run directory {rd.path}: the prompts of {name} now end with the instruction "
+                              f"{now['instruction']!r}, but this run started with "
+                              f"{was.get('instruction', DEFAULT_INSTRUCTION)!r} and was trained on those: set its "
+                              f"instruction to that text, or {remedy}")
         old = was.get("weights_fingerprint")
         new = now.get("weights_fingerprint")
         if spec.lora and old and new and old != new:
@@ -533,7 +543,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
-    from fedlada.models import PromptFormatter
+    from fedlada.models import prompt_formatter
 
     # the run's thread count (begin_run sets it too): a caller of the library gets the models and numbers of
     # `fedlada run` with the same config (a tiny model's cache key includes the thread count)
@@ -545,27 +555,33 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
     events.stage("preparing the LLM")
     llm, ltok, infos["llm"] = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
                                             progress=events.progress)
-    server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
+    server = ServerState(Side(llm, ltok, prompt_formatter(ltok, cfg.models.llm, data.public, infos["llm"])),
                          {r.id: r for r in data.public})
     server.backend = llm_backend(cfg.models.llm, infos["llm"])
     check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,
                       who="the LLM", max_new_tokens=cfg.lada.max_new_tokens,
                       evaluated=[r for files in data.clients for r in eval_split(files.test, cfg)],
                       eval_max_new_tokens=cfg.eval_max_new_tokens)
-    clients = []
+    clients, unfit = [], []
     for k, files in enumerate(data.clients):
         spec = cfg.models.slm_for(k)
         events.stage(f"preparing SLM of client {k}")
         m, tok, infos[f"client{k}"] = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data,
                                                     progress=events.progress)
-        side = Side(m, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
-        check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
-                          max_length=cfg.train.max_length, who=f"client {k}'s SLM",
-                          max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"),
-                          evaluated=eval_split(files.test, cfg), eval_max_new_tokens=cfg.eval_max_new_tokens)
+        side = Side(m, tok, prompt_formatter(tok, spec, data.public, infos[f"client{k}"]))
+        try:  # every client's too-long questions are named at once
+            check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train,
+                                     data_source(cfg, data): data.public},
+                              max_length=cfg.train.max_length, who=f"client {k}'s SLM",
+                              max_new_tokens=cfg.lada.max_new_tokens, trained=data_source(cfg, data, k, "train"),
+                              evaluated=eval_split(files.test, cfg), eval_max_new_tokens=cfg.eval_max_new_tokens)
+        except DataError as e:
+            unfit.append(str(e))
         train, hold = split_holdout(files.train, size=cfg.data.holdout_size, seed=derive_seed(cfg.seed, "holdout", k))
         test = eval_split(files.test, cfg)
         clients.append(ClientState(k, side, train, hold, test))
+    if unfit:
+        raise DataError("; ".join(dict.fromkeys(unfit)))
     return server, clients, infos
 
 
@@ -609,7 +625,8 @@ class InProcessClients:
 
     def evaluate(self, round: int) -> list[dict]:
         return [{"round": round, "event": "eval", "who": f"client{c.client_id}",
-                 **evaluate(c.side, c.test, max_new_tokens=self.cfg.eval_max_new_tokens)} for c in self.clients]
+                 **evaluate(c.side, c.test, max_new_tokens=self.cfg.eval_max_new_tokens, predictions=True)}
+                for c in self.clients]
 
     def save(self, d: Path) -> None:
         for c in self.clients:
@@ -683,7 +700,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
     else:
         rd.append("metrics.jsonl", [{"round": 0, "event": "setup", **setup}])
         events.stage("evaluating before round 1")
-        rd.append("metrics.jsonl", pool.evaluate(0) + [_llm_eval(server, llm_test, cfg, 0)])
+        _append_evaluations(rd, pool.evaluate(0) + [_llm_eval(server, llm_test, cfg, 0)])
     last = min(cfg.rounds, stop_after_round) if stop_after_round else cfg.rounds
     for t in range(start + 1, last + 1):
         t_round = time.perf_counter()
@@ -725,7 +742,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
         events.stage(f"round {t}/{cfg.rounds}: evaluation")
         rows += pool.evaluate(t) + [_llm_eval(server, llm_test, cfg, t)]
         rows.append({"round": t, "event": "round_time", "seconds": _secs(t_round)})
-        rd.append("metrics.jsonl", rows)
+        _append_evaluations(rd, rows)
         rd.append("audit.jsonl", audit)
         save_checkpoint(rd, t, server, pool)
     summary = summarize_run(rd, cfg)
@@ -742,16 +759,27 @@ def _llm_eval(server: ServerState, records: list, cfg: RunConfig, round: int) ->
     # Evaluation-only access: the experimenter scores the LLM on the union of the clients' test splits (as the
     # paper reports); no training step ever sees these records.
     return {"round": round, "event": "eval", "who": "llm",
-            **evaluate(server.side, records, max_new_tokens=cfg.eval_max_new_tokens)}
+            **evaluate(server.side, records, max_new_tokens=cfg.eval_max_new_tokens, predictions=True)}
+
+
+def _append_evaluations(rd: RunDir, rows: list[dict]) -> None:
+    """Append ``rows`` to metrics.jsonl, each evaluation's per-question predictions (where it has them: an
+    in-process client's, the LLM's) to predictions.jsonl first."""
+    predictions = [{"round": r["round"], "who": r["who"], **p} for r in rows for p in r.pop("predictions", None) or ()]
+    rd.append("predictions.jsonl", predictions)
+    rd.append("metrics.jsonl", rows)
 
 
 def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
     """Accuracy per round for every model, bytes and training tokens: the numbers the report and CLI show."""
     rows = rd.read("metrics.jsonl")
     acc: dict[str, dict[int, float]] = {}
+    n_eval: dict[str, int] = {}  # questions each model is evaluated on (its latest evaluation's)
     for r in rows:
         if r.get("event") == "eval":
             acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
+            if isinstance(r.get("n"), int):
+                n_eval[r["who"]] = r["n"]
     bytes_up = sum(r.get("client_to_server", 0) for r in rows if r.get("event") == "bytes")
     bytes_down = sum(r.get("server_to_client", 0) for r in rows if r.get("event") == "bytes")
     tokens = sum(r.get("train_tokens", 0) or 0 for r in rows if r.get("event") == "client_step") + \
@@ -769,6 +797,7 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             "seed": cfg.seed, "rounds_done": final_round,
             "accuracy": {k: {str(t): a for t, a in sorted(acc[k].items())} for k in models},
             "final": {k: acc[k].get(final_round) for k in models},
+            "eval_questions": {k: n_eval[k] for k in models if k in n_eval},
             "mean_slm_accuracy": (sum(slm_final) / len(slm_final)) if slm_final else None,
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
             "train_tokens_federated": tokens,

@@ -93,7 +93,7 @@ def _client_files(cfg: RunConfig, k: int):
 
 def _prepare(cfg: RunConfig, k: int) -> _Entry:
     # Mirrors the per-client part of fedlada.runner.build_states (the parity tests hold the two together).
-    from fedlada.models import PromptFormatter
+    from fedlada.models import prompt_formatter
     from fedlada.prepare import client_digest, data_source, eval_split, prepare_model, public_digest, split_holdout
     from fedlada.rounds import ClientState, Side, check_prompts_fit, derive_seed
     from fedlada.selection import check_method
@@ -102,7 +102,7 @@ def _prepare(cfg: RunConfig, k: int) -> _Entry:
     files, data = _client_files(cfg, k)
     spec = cfg.models.slm_for(k)
     model, tok, info = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data)
-    side = Side(model, tok, PromptFormatter(tok, use_chat_template=spec.chat_template))
+    side = Side(model, tok, prompt_formatter(tok, spec, data.public, info))
     test = eval_split(files.test, cfg)
     check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train, data_source(cfg, data): data.public},
                       max_length=cfg.train.max_length, who=f"client {k}'s SLM",

@@ -319,7 +319,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     """Run (or resume) LaDa with the clients behind ``grid``; the ServerApp's body."""
     from fedlada.generation import llm_backend
     from fedlada.host_rounds import check_host_config
-    from fedlada.models import PromptFormatter
+    from fedlada.models import prompt_formatter
     from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model, public_digest
     from fedlada.rounds import ServerState, Side, check_prompts_fit
     from fedlada.runner import begin_run, check_clients_unchanged, drive
@@ -339,7 +339,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         events.stage("preparing the LLM")
         llm, ltok, llm_info = prepare_model(cfg.models.llm, role="llm", cfg=cfg, data=data,
                                             progress=events.progress)
-        server = ServerState(Side(llm, ltok, PromptFormatter(ltok, use_chat_template=cfg.models.llm.chat_template)),
+        server = ServerState(Side(llm, ltok, prompt_formatter(ltok, cfg.models.llm, data.public, llm_info)),
                              {r.id: r for r in data.public})
         server.backend = llm_backend(cfg.models.llm, llm_info)
         check_prompts_fit(server.side, {data_source(cfg, data): data.public}, max_length=cfg.train.max_length,

@@ -85,6 +85,20 @@ def test_mathinstruct_answers_come_from_the_output():
     assert records[1].question.startswith("What is $\\frac{1}{2}")
 
 
+@pytest.mark.parametrize("output, answer, rationale", [
+    ("Options listed 1 to 4.\n3 is prime.\nFinal answer: C", "C", "Options listed 1 to 4.\n3 is prime."),
+    ("7 = 2*3 + 1.\n**Answer:** yes", "yes", "7 = 2*3 + 1."),
+    ("It has 20 arrondissements.\nThe final answer: Paris", "Paris", "It has 20 arrondissements."),
+    ("2 + 3 = 5 and 5 * 4 = 20.\nAnswer: 20", "20", "2 + 3 = 5 and 5 * 4 = 20."),
+    ("There are 2 cities: 7 and 9 km apart.", "9", "There are 2 cities: 7 and 9 km apart.")])
+def test_mathinstruct_final_answer_lines_win_over_the_last_number(output, answer, rationale):
+    """An output ending with an answer line ("Final answer: C") has that answer, not the last number of its text
+    (which stays the fallback); the line is cut from the rationale."""
+    from fedlada.data.formats import split_mathinstruct_output
+
+    assert split_mathinstruct_output(output) == (rationale, answer)
+
+
 def test_mathinstruct_program_of_thought_is_a_problem(tmp_path):
     path = tmp_path / "pot.jsonl"
     path.write_text(json.dumps({"source": "data/PoT/mathqa.json", "instruction": "q", "output": "print(2 + 3)"}) + "\n")
@@ -455,3 +469,33 @@ def test_a_compressed_or_foreign_file_is_one_problem_not_one_per_line(tmp_path):
         for problems in (validate_files(tmp_path / name), scan_problems(tmp_path / name)):
             assert len(problems) == 1 and fragment in problems[0].message and problems[0].line == 1
     assert len(read_records(tmp_path / "d.txt")) == 50
+
+
+def test_a_gold_answer_with_its_marker_is_a_problem(tmp_path):
+    """``"answer": "Answer: 5"`` (or ``#### 5``, ``The answer is 5``) can never be matched by a path's answer: named
+    with its line and the answer it should be."""
+    path = tmp_path / "marked.jsonl"
+    rows = [{"id": "a", "question": "q", "answer": "Answer: 5"}, {"id": "b", "question": "q", "answer": "#### 5"},
+            {"id": "c", "question": "q", "answer": "The answer is 5"},
+            {"id": "d", "question": "q", "answer": "answers vary"},
+            {"id": "e", "question": "q", "answer": "**Final Answer:** B"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = validate_files(path)
+    assert [(p.line, p.key) for p in problems] == [(1, "answer"), (2, "answer"), (3, "answer"), (5, "answer")]
+    assert "starts with an answer marker" in problems[0].message and "'5'" in problems[0].message
+    assert "'B'" in problems[3].message
+
+
+def test_a_directory_says_which_files_it_leaves_out_and_a_semicolon_csv_gets_a_hint(tmp_path, caplog):
+    from fedlada.data.validate import expand_data_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ok.jsonl").write_text(json.dumps({"id": "a", "question": "q", "answer": "1"}) + "\n")
+    (tmp_path / "d" / "more.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "d" / "semi.csv").write_text("id;question;answer\n1;q;2\n")
+    with caplog.at_level("WARNING"):
+        files = expand_data_paths(tmp_path / "d")
+    assert sorted(f.name for f in files) == ["ok.jsonl", "semi.csv"]
+    assert "1 file(s) left out, not data files by their suffix (more.jsonl.gz;" in caplog.text
+    [problem] = validate_files(tmp_path / "d" / "semi.csv")
+    assert "cannot tell the format" in problem.message and "must be comma-separated" in problem.message

@@ -244,6 +244,42 @@ def test_prompt_formatter(tok):
     assert not PromptFormatter(chat_tok, use_chat_template=False).use_chat_template
 
 
+@pytest.mark.parametrize("answers, kind", [
+    ((), "number"), (["42", "-3", "1,000", "3/4", "$12.50", "0.5"], "number"), (["B", "(c)", "A"], "letter"),
+    (["yes", "No", "yes."], "yes or no"), (["Paris", "42"], "answer"), (["15 km"], "answer"),
+    (["B", "42"], "answer"), (["C. elegans"], "answer")])
+def test_answer_kind_names_what_the_gold_answers_are(answers, kind):
+    from fedlada.models import answer_kind
+
+    assert answer_kind(answers) == kind
+
+
+def test_a_models_instruction_follows_its_setting_and_the_public_answers(tok):
+    """``instruction = "auto"`` asks for the kind of answer the public pool holds; "" adds nothing; other text is
+    used as it is. The instruction used is recorded for a chat-template prompt (not for a plain one)."""
+    from fedlada.config import ModelSpec
+    from fedlada.data.records import Record
+    from fedlada.models import DEFAULT_INSTRUCTION, instruction_for, prompt_formatter
+
+    assert instruction_for("auto", ["12", "7"]) == DEFAULT_INSTRUCTION
+    assert instruction_for("auto", ["A", "D"]).endswith("'Answer: <letter>'.")
+    assert instruction_for("auto", ["Paris"]).endswith("'Answer: <answer>'.")
+    assert instruction_for("", ["Paris"]) == "" and instruction_for(" Pick one.", ["A"]) == " Pick one."
+
+    chat_tok = train_tokenizer(_texts(50), vocab_size=280)
+    chat_tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    public = [Record("p0", "Which? (A) x (B) y", "B"), Record("p1", "Which? (A) x (B) y", "(A)")]
+    info: dict = {}
+    fmt = prompt_formatter(chat_tok, ModelSpec(), public, info)
+    assert fmt("Which?") == "<|user|>Which?" + instruction_for("auto", ["B"]) + "\n<|assistant|>"
+    assert info == {"instruction": fmt.instruction} and "<letter>" in fmt.instruction
+    assert prompt_formatter(chat_tok, ModelSpec(instruction=""), public)("Which?") == "<|user|>Which?\n<|assistant|>"
+    plain_info: dict = {}
+    assert prompt_formatter(tok, ModelSpec(instruction="x"), public, plain_info)("q") == "Question: q\nReasoning:\n"
+    assert plain_info == {}
+
+
 def test_plain_prompts_start_with_bos_where_the_tokenizer_adds_one(tok):
     """Prompts are tokenised without special tokens, so a tokenizer that adds BOS itself (Llama, Mistral, Gemma) gets
     it as text: fedlada's prompt ids equal what plain ``tokenizer(text)`` gives."""
@@ -462,8 +498,9 @@ def test_a_model_too_short_for_the_run_is_refused_where_its_positions_are_learne
     # a test question is only answered, but its prompt + lada.max_new_tokens must fit the position table too
     long_test = [Record("t1", "How many " + "very " * 30 + "long apples?", "5")]
     check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8)
-    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .*longest test prompt \+ evaluation "
-                                         r"answer tokens = \d+\)"):
+    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .*longest test prompt, record 't1' "
+                                         r"\(\d+ tokens\), \+ evaluation answer tokens = \d+\): shorten or drop that "
+                                         r"test question"):
         check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=8,
                           evaluated=long_test)
     short_answers = [Record("t1", "What is 4 + 4?", "8")]

@@ -186,7 +186,7 @@ def test_flexible_extraction_then_correctness_grades_free_text():
         ("C#", "C++", False),
         ("C", "C++", False),
         ("c++", "C++", True),
-        ("U.S.A.", "USA", False),
+        ("U.S.A.", "USA", True),  # an abbreviation compares without its dots
         ("U.S.A.", "u.s.a", True),
         ("a cat", "cat", True),
         ("(C) Paris", "C", True),  # a choice letter with its option
@@ -284,4 +284,30 @@ def test_grade_reads_whole_paths(text, gold, correct):
     ],
 )
 def test_is_correct_keeps_signs_operators_and_single_choices(pred, gold, flexible):
+    assert is_correct(pred, gold) is flexible
+
+
+@pytest.mark.parametrize(
+    "pred, gold, flexible",
+    [
+        # words after a number that change its value are not a unit, both ways
+        ("12 thousand", "12", False), ("12 million", "12", False), ("12k", "12", False), ("12 dozen", "12", False),
+        ("12 squared", "12", False), ("12x", "12", False), ("$12.5 million", "$12.5", False),
+        ("3", "3 thousand", False), ("3", "3 or more", False), ("3", "3x", False),
+        ("3 thousand", "3 thousand", True), ("12%", "12", True), ("12 times", "12", True), ("12 m", "12", True),
+        # unicode: superscripts are powers, vulgar fractions are fractions
+        ("10²", "102", False), ("10²", "10^2", True), ("½", "1/2", True), ("1½", "1.5", True),
+        ("1½", "11/2", False),
+        ("5 m²", "5 m^2", True),
+        # LaTeX and variables
+        ("\\boxed{\\text{B}}", "B", True), ("\\boxed{\\textbf{(B)}}", "B", True), ("\\boxed{\\$12.50}", "12.50", True),
+        ("\\frac{-3}{4}", "-0.75", True), ("\\frac34", "0.75", True), ("x = -5", "-5", True), ("x = 5", "-5", False),
+        # mixed numbers; abbreviations
+        ("1 1/2", "3/2", True), ("-2 1/4", "-2.25", True), ("2 3", "23", False), ("U.S.", "US", True),
+        ("B.C.", "BC", True), ("U.S. Grant", "US Grant", True),
+    ],
+)
+def test_is_correct_reads_values_not_look_alikes(pred, gold, flexible):
+    """A number followed by a word that changes its value ("12 million") is not that number; ``10²`` is not ``102``;
+    fractions, LaTeX wrappers and a variable's value read as what they say."""
     assert is_correct(pred, gold) is flexible

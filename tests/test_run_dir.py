@@ -213,14 +213,19 @@ def test_a_question_too_long_for_max_length_fails_before_any_round_naming_file_a
     rows = [{"id": f"q{i}", "question": f"What is {i} + 2?", "answer": str(i + 2), "rationale": f"{i} + 2 = {i + 2}"}
             for i in range(40)]
     long = {"id": "very-long", "question": "Count the boxes. " * 60 + "What is 3 + 4?", "answer": "7"}
-    for name, recs in (("train.jsonl", rows[:20] + [long]), ("test.jsonl", rows[20:30]), ("public.jsonl", rows[30:])):
+    longer = {**long, "id": "longer", "question": "Count the pens. " * 70 + "What is 3 + 4?"}
+    for name, recs in (("train.jsonl", rows[:20] + [long]), ("train1.jsonl", rows[:20] + [longer]),
+                       ("test.jsonl", rows[20:30]), ("public.jsonl", rows[30:])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "run-long"
     cfg = load_config(overrides=tiny_overrides + [
         f"out_dir={out}", f"data.public={tmp_path / 'public.jsonl'}", "data.holdout_size=4", "train.max_length=64",
-        'data.clients=[{"train": "%s", "test": "%s"}]' % (tmp_path / "train.jsonl", tmp_path / "test.jsonl")])
+        'data.clients=[{"train": "%s", "test": "%s"}, {"train": "%s", "test": "%s"}]' % (
+            tmp_path / "train.jsonl", tmp_path / "test.jsonl", tmp_path / "train1.jsonl", tmp_path / "test.jsonl")])
+    # every client's too-long questions at once
     with pytest.raises(DataError, match=r"data.clients.0.train \(.*train.jsonl\): 1 question\(s\) whose prompt for "
-                                        r"client 0's SLM leaves no room .* 'very-long' \(\d+ tokens\)"):
+                                        r"client 0's SLM leaves no room .* 'very-long' \(\d+ tokens\).*; "
+                                        r"data.clients.1.train \(.*train1.jsonl\): .* client 1's SLM .* 'longer'"):
         run(cfg)
     assert not out.exists()  # before round 0: the new run's folder is not left behind
 
@@ -644,3 +649,58 @@ def test_a_run_trained_with_other_prompts_is_not_resumed_with_these(tmp_path):
     with pytest.raises(ConfigError, match=r"client0's SLM now start with '' .* started with '<s>'"):
         runner.check_models_unchanged(rd, cfg, {"client0": {"prompt_bos": ""}})
     runner.check_models_unchanged(rd, cfg, {"client0": {"prompt_bos": ""}}, prompts_warn=True)  # an export: warned
+
+
+def test_a_run_prompted_with_another_instruction_is_not_resumed_with_this_one(tmp_path):
+    """A chat-template prompt's instruction is recorded in the setup line; a run started before it was recorded
+    asked for a number (models.DEFAULT_INSTRUCTION)."""
+    from fedlada.models import DEFAULT_INSTRUCTION, instruction_for
+
+    cfg = load_config(overrides=[f"out_dir={tmp_path}"])
+    rd = RunDir(tmp_path)
+    letter = instruction_for("auto", ["B", "(C)"])
+    rd.append("metrics.jsonl", [{"round": 0, "event": "setup", "models": {"llm": {"instruction": letter},
+                                                                          "client0": {"role": "slm0"}}}])
+    runner.check_models_unchanged(rd, cfg, {"llm": {"instruction": letter}, "client0": {}})
+    runner.check_models_unchanged(rd, cfg, {"client0": {"instruction": DEFAULT_INSTRUCTION}})  # an older run's
+    with pytest.raises(ConfigError, match=r"the prompts of the LLM now end with the instruction .*<number>.* this "
+                                          r"run started with .*<letter>"):
+        runner.check_models_unchanged(rd, cfg, {"llm": {"instruction": DEFAULT_INSTRUCTION}})
+    with pytest.raises(ConfigError, match=r"client0's SLM .* started with .*<number>"):
+        runner.check_models_unchanged(rd, cfg, {"client0": {"instruction": ""}})
+
+
+def test_a_chat_model_on_multiple_choice_data_is_asked_for_a_letter(tiny_overrides, tmp_path):
+    """Own data whose answers are choice letters and an SLM with a chat template: the SLM's prompts ask for
+    'Answer: <letter>' (instruction = "auto", from the public pool's answers), recorded in the setup line; the LLM,
+    prompted plainly, records none."""
+    from fedlada import prepare
+    from fedlada.data.validate import write_records
+    from fedlada.models import save_model
+
+    def records(name: str, n: int) -> Path:
+        recs = [Record(f"{name}{i}", f"Which number is {i % 4 + 1}? (A) 1 (B) 2 (C) 3 (D) 4", "ABCD"[i % 4],
+                       domain="choice") for i in range(n)]
+        write_records(recs, tmp_path / f"{name}.jsonl")
+        return tmp_path / f"{name}.jsonl"
+
+    data_over = [f"data.public={records('public', 30)}", 'data.clients=[{"train": "x", "test": "y"}]',
+                 f"data.clients.0.train={records('train', 20)}", f"data.clients.0.test={records('test', 6)}"]
+    over = [o for o in tiny_overrides if not o.startswith("data.")] + data_over + ["data.holdout_size=4",
+                                                                                  "rounds=1"]
+    cfg = load_config(overrides=over)
+    model, tok, _ = prepare.prepare_model(cfg.models.slms[0], role="slm0", cfg=cfg, data=prepare.load_data(cfg))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    save_model(model, tok, tmp_path / "chat-slm")
+    res = run(load_config(overrides=over + [f"models.slms.0.source={tmp_path / 'chat-slm'}"]))
+    setup = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["event"] == "setup"
+    assert setup["models"]["client0"]["instruction"].endswith("'Answer: <letter>'.")
+    assert "instruction" not in setup["models"]["llm"]
+    # its export's record holds the keys that apply to a loaded model, not the tiny-model defaults
+    from fedlada.export import export_model
+
+    out = export_model(res.run_dir, "client0", tmp_path / "out")
+    spec = json.loads((out / "fedlada_export.json").read_text())["spec"]
+    assert spec["source"] == str(tmp_path / "chat-slm") and "hidden_size" not in spec and "pretrain_tokens" not in spec

@@ -13,6 +13,7 @@ from fedlada.data import make_benchmark, read_records, write_records
 from fedlada.errors import DataError
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import load_data
+from fedlada.reasoning import grade
 from fedlada.runner import ClientFailure, RunDir, comparable_metrics, run
 
 
@@ -26,7 +27,8 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
     gold_sampler(data.public)
     full = run(cfg)
     rd = full.run_dir
-    for name in ("config.toml", "metrics.jsonl", "selections.jsonl", "audit.jsonl", "summary.json"):
+    for name in ("config.toml", "metrics.jsonl", "selections.jsonl", "audit.jsonl", "predictions.jsonl",
+                 "summary.json"):
         assert (rd / name).is_file(), name
     assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["round_001", "round_002"]
     sel = _rows(rd, "selections.jsonl")
@@ -38,6 +40,13 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
     evals = [r for r in _rows(rd, "metrics.jsonl") if r["event"] == "eval"]
     assert {(r["round"], r["who"]) for r in evals} == {(t, w) for t in range(3) for w in ("client0", "client1", "llm")}
     assert json.loads((rd / "summary.json").read_text())["rounds_done"] == 2
+    # every evaluation's answers, per question: they add up to its accuracy
+    preds = _rows(rd, "predictions.jsonl")
+    for r in evals:
+        mine = [p for p in preds if (p["round"], p["who"]) == (r["round"], r["who"])]
+        assert len(mine) == r["n"] and sum(p["correct"] for p in mine) / r["n"] == pytest.approx(r["accuracy"])
+    assert all(set(p) == {"round", "who", "id", "answer", "gold", "correct", "path"} for p in preds)
+    assert all(p["correct"] == grade(p["path"], p["gold"]) for p in preds)
 
     # interrupted after round 1, then resumed: the same numbers as the uninterrupted run
     cfg2 = load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'resumed'}"])
@@ -50,6 +59,7 @@ def test_run_dir_and_resume_gives_identical_numbers(tiny_overrides, gold_sampler
     assert resumed.resumed_from == 1
     assert comparable_metrics(_rows(resumed.run_dir, "metrics.jsonl")) == comparable_metrics(_rows(rd, "metrics.jsonl"))
     assert _rows(resumed.run_dir, "selections.jsonl") == sel
+    assert _rows(resumed.run_dir, "predictions.jsonl") == preds
 
     # a finished 1-round run extended to 2 rounds ends as the 2-round run
     one = load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'extended'}", "rounds=1"])
@@ -197,6 +207,27 @@ def test_the_summary_lines_name_failed_steps_and_clients_never_evaluated():
     lines = failed_step_lines({"failed_steps": {"client1": [2, 3]}, "missing_clients": ["client2"]})
     assert lines[0].startswith("client1 failed its step in round(s) 2, 3") and "'-' where its evaluation" in lines[0]
     assert lines[1].startswith("client2 has no evaluation at all") and len(lines) == 2
+
+
+def test_the_summary_table_says_how_many_questions_each_accuracy_is_over(caplog):
+    """The table's n column; a client evaluated on a handful of questions is warned about (coarse accuracy that
+    counts fully in the mean)."""
+    from fedlada.data import Record
+    from fedlada.prepare import ClientFiles, warn_small_tests
+    from fedlada.report import _table
+
+    head, rows = _table({"accuracy": {"client0": {"0": 0.5, "1": 1.0}, "llm": {"0": 0.25}},
+                         "eval_questions": {"client0": 2, "llm": 300}})
+    assert head == ["model", "n", "r0", "r1"]
+    assert rows == [["client0", "2", "0.500", "1.000"], ["llm", "300", "0.250", "-"]]
+    cfg = load_config(overrides=["data.eval_limit=5"])
+    tests = [ClientFiles([], [Record(f"t{i}", "q", "1") for i in range(n)]) for n in (2, 40)]
+    with caplog.at_level("WARNING"):
+        said = warn_small_tests(cfg, tests)
+    assert len(said) == 2 and "client 0 is evaluated on 2 question(s) only" in said[0] and "steps of 50" in said[0]
+    assert "client 1 is evaluated on 5 question(s)" in said[1]  # data.eval_limit counts
+    assert said[0] in caplog.text
+    assert warn_small_tests(load_config(overrides=[]), tests[1:]) == []
 
 
 def test_step_counts_say_what_trained(tiny_overrides, gold_sampler):

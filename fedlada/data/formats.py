@@ -27,8 +27,8 @@ from typing import Callable
 
 from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
 from fedlada.errors import ConfigError
-from fedlada.reasoning import (ANSWER_IS_RE, ANSWER_LINE_RE, answer_is_span, boxed_contents, clean_answer_span,
-                               is_correct, last_number)
+from fedlada.reasoning import (ANSWER_IS_RE, ANSWER_LINE_RE, LOOSE_ANSWER_LINE_RE, answer_is_span, boxed_contents,
+                               clean_answer_span, is_correct, last_number)
 
 FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
 
@@ -96,13 +96,21 @@ def _clean_lines(text: str | None) -> str | None:
     return joined or None
 
 
+# A final answer that still carries its marker ("Answer: 5", "#### 5", "The answer is 5"): no path can match it.
+_MARKED_ANSWER_RE = re.compile(r"^[ \t*_]*(?:####|(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*(?::|is\b)"
+                               r"[ \t*_:]*)[ \t]*(?P<rest>\S.*)$", re.IGNORECASE | re.DOTALL)
+
+
 def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) -> None:
     """A final answer is one line (any line break: \\n, \\r, U+2028, ...) with a letter or digit in it (an answer of
-    punctuation alone normalises to nothing and would match any such prediction)."""
+    punctuation alone normalises to nothing and would match any such prediction), without an answer marker."""
     if len(answer.strip().splitlines()) > 1:
         issues.append((key, f"spans several lines; expected the final answer alone on one line ({several})"))
     elif not any(ch.isalnum() for ch in answer):
         issues.append((key, f"{answer.strip()!r} has no letter or digit; expected a final answer"))
+    elif (marked := _MARKED_ANSWER_RE.match(answer.strip())) is not None:
+        issues.append((key, f"{answer.strip()!r} starts with an answer marker; expected the final answer alone "
+                            f"(here {marked.group('rest').strip()!r}: paths end with their own 'Answer:' line)"))
 
 
 def _checked_rationale(rationale: str | None, answer: str, key: str, issues: Issues) -> str | None:
@@ -196,8 +204,9 @@ def convert_gsm8k(obj: dict, *, default_id: str) -> Converted:
 
 
 def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
-    """(rationale, answer) of a MathInstruct ``output``: "the answer is X", else ``\\boxed{X}``, else the last
-    number. The sentence stating the answer is cut from the rationale."""
+    """(rationale, answer) of a MathInstruct ``output``: "the answer is X", else ``\\boxed{X}``, else a final
+    answer line ("Answer: X", "Final answer: X", "**Answer:** X"), else the last number. The sentence or line
+    stating the answer is cut from the rationale."""
     matches = list(ANSWER_IS_RE.finditer(output))
     if matches:
         match = matches[-1]
@@ -209,6 +218,9 @@ def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
     boxed = [b for b in boxed_contents(output) if b]
     if boxed:
         return _clean_lines(output), clean_answer_span(boxed[-1]) or None
+    lines = list(LOOSE_ANSWER_LINE_RE.finditer(output))
+    if lines and clean_answer_span(lines[-1].group(1)):
+        return _clean_lines(output[: lines[-1].start()]), clean_answer_span(lines[-1].group(1))
     return _clean_lines(output), last_number(output)
 
 
@@ -226,7 +238,8 @@ def convert_mathinstruct(obj: dict, *, default_id: str) -> Converted:
     elif output is not None:
         rationale, answer = split_mathinstruct_output(output)
         if not answer:
-            issues.append(("output", "no final answer found (expected 'The answer is X', \\boxed{X} or a number)"))
+            issues.append(("output", "no final answer found (expected 'The answer is X', \\boxed{X}, an 'Answer: X' "
+                                     "line or a number)"))
         else:
             _check_final_answer(answer, "output", issues, several="its final answer")
     if not issues:
@@ -258,6 +271,19 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
     "mathinstruct": convert_mathinstruct,
     "cot": convert_cot,
 }
+
+
+def undetected_format(obj: dict) -> str:
+    """Why a record's format cannot be told from its keys, with a hint where the keys look like one CSV column
+    holding a whole header (a file separated by ';', tabs or '|')."""
+    keys = sorted(obj)
+    text = (f"cannot tell the format from the keys {keys}: expected one of id/question/answer (fedlada), "
+            "question/answer with '####' (gsm8k), instruction/output (mathinstruct), source/rationale/target (cot)")
+    glued = next((sep for sep in (";", "\t", "|") if any(sep in str(k) for k in keys)), None)
+    if glued:
+        text += (f" (a column name holds {glued!r}: a .csv file must be comma-separated; convert it, e.g. with "
+                 f"pandas.read_csv(path, sep={glued!r}).to_csv(...))")
+    return text
 
 
 def detect_format(obj: dict) -> str | None:

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format
+from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format, undetected_format
 from fedlada.data.records import Problem, Record
 from fedlada.data.validate import (DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long,
                                    container_problem, missing_or_bad, not_found, parquet_unreadable)
@@ -128,9 +128,7 @@ def _convert_stream(items: Iterable[Item], *, source: str, stem: str, format: st
             if fmt is None:
                 fmt = "undetected"
                 problems.append(Problem(source, where, None, (
-                    f"{prefix}cannot tell the format from the keys {sorted(obj)}: expected one of "
-                    "id/question/answer (fedlada), question/answer with '####' (gsm8k), "
-                    "instruction/output (mathinstruct), source/rationale/target (cot)")))
+                    prefix + undetected_format(obj))))
         if fmt == "undetected":
             continue
         record, issues = CONVERTERS[fmt](obj, default_id=f"{stem}-{number}")

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fedlada.data.formats import CONVERTERS, FORMATS, describe_value, check_format, detect_format
+from fedlada.data.formats import CONVERTERS, FORMATS, describe_value, check_format, detect_format, undetected_format
 from fedlada.data.records import RECORD_KEYS, Problem, Record
 from fedlada.errors import DataError
 
@@ -254,9 +254,7 @@ def convert_items(items: Iterable[Item], *, source: str, stem: str, format: str)
             if fmt is None:
                 fmt = "undetected"
                 problems.append(Problem(source, where, None, (
-                    f"{prefix}cannot tell the format from the keys {sorted(obj)}: expected one of "
-                    "id/question/answer (fedlada), question/answer with '####' (gsm8k), "
-                    "instruction/output (mathinstruct), source/rationale/target (cot)")))
+                    prefix + undetected_format(obj))))
             else:
                 logger.debug("%s: detected format %s on line %s", source, fmt, line)
         if fmt == "undetected":
@@ -324,6 +322,9 @@ def missing_or_bad(path, problems: list[Problem]) -> DataError:
     return DataError(f"{path}: {len(problems)} problem(s)", problems)
 
 
+_said: set[str] = set()
+
+
 def expand_data_paths(paths) -> list[Path]:
     """The files ``validate_files`` reads: each path, a directory standing for its data files (``manifest.json``
     excepted; a directory without any stays as it is, to be reported)."""
@@ -334,6 +335,13 @@ def expand_data_paths(paths) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*")
                            if f.is_file() and f.suffix.lower() in DATA_SUFFIXES and f.name != MANIFEST_NAME)
+            other = sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file() and f not in found
+                           and f.name != MANIFEST_NAME and not f.name.startswith("."))
+            message = (f"{p}: {len(other)} file(s) left out, not data files by their suffix ("
+                       f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''}; read: {', '.join(DATA_SUFFIXES)})")
+            if other and message not in _said:  # the same directory expanded again: said once
+                _said.add(message)
+                logger.warning("%s", message)
             files.extend(found or [p])
         else:
             files.append(p)
