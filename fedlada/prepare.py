@@ -250,6 +250,7 @@ def _user_data(cfg: RunConfig, files: dict[str, tuple[str, str]], *, what: str) 
                for k in range(len(d.clients))]
     warn_test_overlap(clients, got["data.public"])
     warn_small_tests(cfg, clients)
+    warn_choice_names(got)
     return FederatedData(clients, got["data.public"], got.get("data.general", []),
                          {"clients": [asdict(c) for c in d.clients], "public": d.public, "general": d.general})
 
@@ -269,6 +270,26 @@ def load_server_data(cfg: RunConfig) -> FederatedData:
         log.warning("the LLM is not evaluated on the domain of %s: the test file is not on this machine",
                     ", ".join(missing))
     return data
+
+
+_CHOICE_NAME_RE = re.compile(r"[A-Z][.:][ \t]+\S")  # "B. Paris", "B: Paris": graded as a name, not choice B
+
+
+def warn_choice_names(files: dict[str, list[Record]]) -> list[str]:
+    """Warn (and return the warnings) for each file most of whose gold answers read like a multiple-choice letter
+    with its option after a full stop or colon (``B. Paris``): grading takes such a gold answer as a name (as in
+    ``C. elegans``), so a prediction ``B`` or ``(B)`` is wrong."""
+    out = []
+    for key, records in files.items():
+        like = [r for r in records if _CHOICE_NAME_RE.match(r.answer.strip())]
+        if len(like) >= 3 and 2 * len(like) >= len(records):
+            out.append(f"{key}: {len(like)} of {len(records)} gold answers look like a choice with its option "
+                       f"({like[0].answer.strip()!r}, record {like[0].id!r}), but are graded as names (like "
+                       "'C. elegans'): a prediction naming the letter alone is wrong; for multiple-choice answers "
+                       "write 'B' or '(B) Paris'")
+    for line in out:
+        log.warning(line)
+    return out
 
 
 SMALL_TEST = 20  # fewer evaluated test questions than this: a client's accuracy is warned to be coarse

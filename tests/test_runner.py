@@ -230,6 +230,19 @@ def test_the_summary_table_says_how_many_questions_each_accuracy_is_over(caplog)
     assert warn_small_tests(load_config(overrides=[]), tests[1:]) == []
 
 
+def test_gold_answers_written_like_a_choice_with_its_option_are_warned_about(caplog):
+    from fedlada.data import Record
+    from fedlada.prepare import warn_choice_names
+
+    golds = ["B. Paris", "A: Rome", "C. Lima", "D"]
+    files = {"data.clients.0.train": [Record(f"r{i}", "q", a) for i, a in enumerate(golds)],
+             "data.public": [Record("p", "q", "C. elegans"), Record("p2", "q", "12")]}
+    with caplog.at_level("WARNING"):
+        said = warn_choice_names(files)
+    assert len(said) == 1 and said[0].startswith("data.clients.0.train: 3 of 4 gold answers look like a choice")
+    assert "'B. Paris', record 'r0'" in said[0] and said[0] in caplog.text
+
+
 def test_step_counts_say_what_trained(tiny_overrides, gold_sampler):
     """distill_sft counts the other side's paths SFT trains on: none at mu = 0 (the filter still selects); the server
     reports its listwise groups as the clients do."""
