@@ -18,6 +18,7 @@ default run here builds tiny Llama models from a config so that it runs on a CPU
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -325,10 +326,12 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype = "float32
     _check_vocab(model, tokenizer, where)
     if tokenizer.eos_token is None:
         raise ModelError(f"model {where}: the tokenizer has no eos token; paths are scored with eos appended")
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # batches need one; save_model leaves it out again
         tokenizer.pad_token = tokenizer.eos_token
+        tokenizer._fedlada_pad_from_eos = True
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config._fedlada_pad_from_eos = True
     model = model.to(target).eval()
     _check_causal(model, tokenizer, where)
     _check_round_trip(tokenizer, where)
@@ -448,7 +451,8 @@ def _check_vocab(model, tokenizer, where: str) -> None:
 def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
     """Save ``model`` and ``tokenizer`` to the directory ``path`` (created), loadable with :func:`load_model`.
 
-    A peft model is saved with its adapters merged into a copy of the weights, so the directory is a plain model.
+    A peft model is saved with its adapters merged into a copy of the weights, so the directory is a plain model. A
+    pad token that ``load_model`` borrowed from eos (the model had none) is not written.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,7 +460,18 @@ def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
         model = copy.deepcopy(model).merge_and_unload()
     if getattr(model.config, "quantization_config", None) is not None:
         model = dequantized_copy(model)
-    model.save_pretrained(out)
+    gc = getattr(model, "generation_config", None)
+    borrowed = gc is not None and getattr(gc, "_fedlada_pad_from_eos", False)
+    try:
+        if borrowed:
+            gc.pad_token_id = None
+        model.save_pretrained(out)
+    finally:
+        if borrowed:
+            gc.pad_token_id = tokenizer.pad_token_id
+    if getattr(tokenizer, "_fedlada_pad_from_eos", False):
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = None
     tokenizer.save_pretrained(out)
     return out
 
@@ -595,6 +610,40 @@ def prompt_formatter(tokenizer, spec, public: Iterable = (), info: dict | None =
     return fmt
 
 
+# The day a chat template that prints today's date (``strftime_now``, as Llama 3.2's does) is given: a prompt must not
+# change from one day to the next (a resumed run, the same seed another day). Llama 3.1's own default date.
+TEMPLATE_DATE = (2024, 7, 26)
+
+
+@contextlib.contextmanager
+def _fixed_template_date(tokenizer):
+    """While rendering ``tokenizer``'s chat template, ``strftime_now`` gives ``TEMPLATE_DATE`` (transformers renders
+    it with ``datetime.now()`` of its chat-template module, which is swapped for the call; a template without it, or a
+    transformers that renders it otherwise, is left alone)."""
+    import datetime as _dt
+
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        module = importlib.import_module("transformers.utils.chat_template_utils")
+    except ImportError:
+        module = None
+    if module is None or getattr(module, "datetime", None) is not _dt.datetime or not isinstance(template, str) \
+            or "strftime_now" not in template:
+        yield
+        return
+
+    class _Day(_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(*TEMPLATE_DATE, tzinfo=tz)
+
+    module.datetime = _Day
+    try:
+        yield
+    finally:
+        module.datetime = _dt.datetime
+
+
 class PromptFormatter:
     """Turns a question into the prompt string a model continues with a path.
 
@@ -631,7 +680,8 @@ class PromptFormatter:
         if not self.use_chat_template:
             return self.bos + _plain_prompt(question)
         messages = [{"role": "user", "content": question + self.instruction}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        with _fixed_template_date(self.tokenizer):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def many(self, questions: Iterable[str]) -> list[str]:
         return [self(q) for q in questions]

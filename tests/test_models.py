@@ -544,3 +544,43 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused(tok, tmp_path, m
     with pytest.raises(ModelError, match=rf"tokenizer has {tok.vocab_size} regular tokens but the model's embedding "
                                          r"table only 100 rows"):
         load_model(tmp_path / "m")
+
+
+def test_a_pad_token_borrowed_from_eos_is_not_saved(tok, tmp_path):
+    """A model without a pad token gets eos as one for batching; a saved (exported) model is as it came."""
+    import copy
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                               eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "src")
+    no_pad.save_pretrained(tmp_path / "src")
+    model, loaded = load_model(tmp_path / "src")
+    assert loaded.pad_token == loaded.eos_token and model.generation_config.pad_token_id == loaded.eos_token_id
+    save_model(model, loaded, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("pad_token") is None
+    gc = tmp_path / "out" / "generation_config.json"
+    assert not gc.is_file() or json.loads(gc.read_text()).get("pad_token_id") is None
+    assert loaded.pad_token == loaded.eos_token and model.generation_config.pad_token_id == loaded.eos_token_id
+    _, again = load_model(tmp_path / "out")  # and it loads as before
+    assert again.pad_token == again.eos_token
+
+
+def test_a_chat_template_that_prints_todays_date_gets_a_fixed_one(tok):
+    """Prompts must not change from day to day (resume, the same seed another day): strftime_now gives
+    TEMPLATE_DATE while FedLaDa renders a prompt, and only then."""
+    import copy
+    import datetime
+
+    from fedlada.models import TEMPLATE_DATE
+
+    dated = copy.deepcopy(tok)
+    dated.chat_template = ("{{ strftime_now('%d %b %Y') }}|{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                           "{% if add_generation_prompt %}>{% endif %}")
+    prompt = PromptFormatter(dated, use_chat_template="on", instruction="")("hi")
+    assert prompt == datetime.date(*TEMPLATE_DATE).strftime("%d %b %Y") + "|hi>"
+    today = datetime.datetime.now().strftime("%d %b %Y")
+    assert dated.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith(today)
