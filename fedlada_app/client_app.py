@@ -34,6 +34,7 @@ the fault tests; nothing else reads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -151,7 +152,9 @@ def _checkpoint_root(context: Context, req: records.Request, cfg: RunConfig) -> 
 
 def _check_checkpoint_root(root: Path) -> None:
     """ConfigError (a set-up refusal) where this node could not keep its checkpoints: found at set-up, not as a
-    failed save after every round."""
+    failed save after every round. A folder made for the probe is removed again (made by the first save): a run
+    refused later leaves none behind."""
+    made = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".fedlada-write-test-{os.getpid()}"
@@ -160,6 +163,9 @@ def _check_checkpoint_root(root: Path) -> None:
     except OSError as e:
         raise ConfigError(f"checkpoint directory {root} (node config 'checkpoint-dir', else the run's out_dir) is not "
                           f"writable on this node: {e}") from None
+    if made:
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def _sync(entry: _Entry, context: Context, req: records.Request, cfg: RunConfig, k: int) -> None:

@@ -449,7 +449,10 @@ def test_a_node_that_cannot_keep_checkpoints_refuses_and_a_lost_save_is_a_failed
     with pytest.raises(ConfigError, match=r"checkpoint directory .*a-file/ck .* is not writable on this node"):
         client_app._check_checkpoint_root(blocker / "ck")
     client_app._check_checkpoint_root(tmp_path / "ok" / "ck")
-    assert (tmp_path / "ok" / "ck").is_dir() and not any((tmp_path / "ok" / "ck").iterdir())
+    assert (tmp_path / "ok").is_dir() and not (tmp_path / "ok" / "ck").exists()  # probed, not left behind
+    (tmp_path / "ok" / "ck").mkdir()
+    client_app._check_checkpoint_root(tmp_path / "ok" / "ck")
+    assert (tmp_path / "ok" / "ck").is_dir() and not any((tmp_path / "ok" / "ck").iterdir())  # one it had: kept
 
     cfg = load_config(overrides=["data.num_clients=2", f"out_dir={tmp_path / 'run'}"])
     rd = RunDir(tmp_path / "run")
