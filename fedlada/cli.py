@@ -249,12 +249,17 @@ def cmd_report(args) -> int:
     if not (rd.path / "config.toml").is_file():
         raise FedLadaError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")
+    for name in ("metrics.jsonl", "selections.jsonl"):
+        try:
+            rd.read(name)
+        except FedLadaError as e:  # a damaged line inside: no report from a file that may say anything
+            raise FedLadaError(f"{e}: restore it from a copy, or delete that line to report the rest") from None
+    if not any(r.get("event") == "eval" for r in rd.read("metrics.jsonl")):
+        raise FedLadaError(f"{rd.path}: the run has no evaluation yet (metrics.jsonl holds none); nothing to report")
     try:  # a metrics.jsonl cut short: the report is still written, from what is there, but not silently
         check_metrics_complete(rd, rd.last_complete_round())
     except FedLadaError as e:
         print(f"warning: {e}; the report shows the rounds that are there", file=sys.stderr)
-    if not any(r.get("event") == "eval" for r in rd.read("metrics.jsonl")):
-        raise FedLadaError(f"{rd.path}: the run has no evaluation yet (metrics.jsonl holds none); nothing to report")
     out = write_report(rd.path)
     print_summary(summarize_run(rd, cfg), console=_stdout_console())
     _console().print(f"report: {out}")
@@ -283,12 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run LaDa (default: the built-in benchmark with tiny models, 5 rounds)")
+    r = sub.add_parser("run", help="run LaDa (default: the built-in benchmark with tiny models, 5 rounds)",
+                       description="Run LaDa. The same command again resumes an interrupted run from its last "
+                       "completed round (same config), or extends a finished one (--set rounds=N, more rounds); "
+                       "another config in the same --out is refused.")
     r.add_argument("--config", help="a TOML config file (see configs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--out", help="run directory (same as --set out_dir=...)")
     r.add_argument("--engine", choices=["inprocess", "flower"], help="in-process runner or Flower simulation")
-    r.add_argument("--fresh", action="store_true", help="refuse to resume an existing run directory")
+    r.add_argument("--fresh", action="store_true", help="only start a new run: fail, changing nothing, if --out already holds a run (not to resume or "
+                        "extend it)")
     r.set_defaults(func=cmd_run, interrupted=INTERRUPTED)
 
     d = sub.add_parser("data", help="built-in benchmark and data validation")

@@ -46,7 +46,7 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
 
     from fedlada import config as config_mod
     from fedlada.config import load_config
-    from fedlada.models import save_model
+    from fedlada.models import prompt_formatter, save_model
     from fedlada.prepare import load_data, prepare_model
     from fedlada.runner import RunDir, check_models_unchanged, load_trainable, summarize_run
 
@@ -64,11 +64,30 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     if not (1 <= round <= done) or not (ckpt / "COMPLETE").is_file():
         raise ConfigError(f"--round {round}: {rd.path} holds completed rounds 1..{done}")
     out = Path(out).expanduser()
+    if out.is_dir():  # the work folders of exports killed before they could remove them
+        from fedlada.prepare import _alive
+
+        for p in out.iterdir():
+            m = re.fullmatch(r"\.export-(\d+)", p.name)
+            if m and p.is_dir() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
     if out.exists() and (not out.is_dir() or any(not re.fullmatch(r"\.export-\d+", p.name) for p in out.iterdir())):
-        raise ConfigError(f"--out {out}: expected a new or empty folder (nothing in it was changed)")
+        partial = out.is_dir() and not (out / "fedlada_export.json").exists() and any(
+            (out / n).exists() for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"))
+        raise ConfigError(f"--out {out}: expected a new or empty folder (nothing in it was changed)"
+                          + ("; it holds part of a model but no fedlada_export.json, as an interrupted export leaves "
+                             "it: delete the folder and export again" if partial else ""))
 
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))  # the run's count: the same cached tiny model
-    data = load_data(cfg)
+    quiet = [logging.getLogger(name) for name in ("fedlada.prepare", "fedlada.data")]
+    levels = [q.level for q in quiet]
+    try:  # the data's warnings (overlaps, small test splits) were the run's to say, not the export's
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        data = load_data(cfg)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     spec = cfg.models.llm if k is None else cfg.models.slm_for(k)
     role = "llm" if k is None else cfg.models.slm_role(k)
     model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
@@ -86,6 +105,9 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
         raise ConfigError(f"{e} (was the run's config.toml edited?){other}") from None
     try:
         accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
+        if accuracy is None:
+            log.warning("no accuracy in fedlada_export.json: %s holds no evaluation of %s in round %d (the file was "
+                        "cut short or edited, or that evaluation failed)", rd.path / "metrics.jsonl", who, round)
     except FedLadaError as e:  # a damaged metrics.jsonl: the accuracy note is all it gives here
         log.warning("no accuracy in fedlada_export.json: %s", e)
         accuracy = None
@@ -98,6 +120,9 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
         spec_keys = config_mod.to_dict(spec)
         if not spec.is_tiny:  # a loaded model's shape and tokenizer are its own, not these defaults
             spec_keys = {k: v for k, v in spec_keys.items() if k not in config_mod.TINY_ONLY_KEYS}
+        prompts: dict = {}  # the instruction its chat-template prompts ended with (resolved from "auto")
+        prompt_formatter(tok, spec, data.public, prompts)
+        spec_keys["instruction"] = prompts.get("instruction", "")
         record = {"run_dir": str(rd.path.resolve()), "round": round, "model": who, "spec": spec_keys,
                   "accuracy": accuracy, "merged_lora": bool(spec.lora)}
         (work / "fedlada_export.json").write_text(json.dumps(record, indent=1))

@@ -473,7 +473,19 @@ def save_model(model, tokenizer, path: str | os.PathLike) -> Path:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = None
     tokenizer.save_pretrained(out)
+    _usual_modes(out)
     return out
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give the files of ``folder`` the mode a new file gets here (the umask's): safetensors writes its weight files
+    readable by their owner only, which breaks a model cache or an exported model shared with other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            with contextlib.suppress(OSError):
+                os.chmod(f, 0o666 & ~mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

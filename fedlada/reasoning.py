@@ -18,9 +18,11 @@ lm-evaluation-harness' GSM8K filters:
   ``1,200 kg`` = ``1200 kg``, ``1/2 kg`` = ``0.5 kg``); other text is lower-cased, its punctuation dropped except
   between digits (``3.4``) and a ``+``/``#`` after a letter (``C++``, ``C#``), the articles an/the dropped, and
   a leading "a" dropped only before a longer word (``a cat`` = ``cat``, but ``Vitamin A`` and ``A B`` keep theirs),
-  single letters with full stops read without them (``U.S.A.`` = ``USA``), whitespace collapsed. Before that,
-  superscripts read as powers (``10²`` = ``10^2``), vulgar fractions as fractions (``1½`` = ``1 1/2`` = ``3/2``),
-  ``\\text{B}``-style wrappers and LaTeX-escaped ``\\$`` are undone, ``\\frac{-3}{4}`` and ``\\frac34`` are fractions.
+  single letters with full stops read without them and the blanks between them (``U.S.A.`` = ``USA``, ``J. R. R.``
+  = ``J.R.R.``), whitespace collapsed. Before that, superscripts after a digit read as powers (``10²`` = ``10^2``)
+  and after a letter as a unit's digit (``m²`` = ``m^2`` = ``m2``), vulgar fractions as fractions (``1½`` =
+  ``1 1/2`` = ``3/2``), ``\\text{..}``-style wrappers and LaTeX spacing and escaped ``\\$`` are undone, LaTeX
+  fractions anywhere read as ``a/b`` (``2\\frac{1}{2}`` = ``2 1/2``, ``\\frac{3}{-4}``, ``\\frac34``).
 - ``is_correct(mode="flexible")`` also accepts a number followed by words or punctuation (``18 eggs.``, ``18%``) when
   the gold answer is a number, but not by words that change its value (``18 million``, ``18k``, ``18 dozen``,
   ``18 squared``, ``18x``, ``18 or more``: ``VALUE_WORDS_RE``), a variable's value (``x = 18``), and the gold's
@@ -78,8 +80,9 @@ NUMBER_FULL_RE = re.compile(
 FRACTION_FULL_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)$")
 # Flexible correctness: a number, then words/punctuation only (units, a full stop), no further arithmetic.
 LEADING_NUMBER_RE = re.compile(
-    rf"^(?P<number>[-+]?[ \t]*[$€£]?[ \t]*[-+]?(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?)"
-    r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d))*)$"  # a "/" in a unit (km/h), not a fraction's
+    rf"^(?P<number>[-+]?[ \t]*[$€£]?[ \t]*[-+]?(?:\d+[ \t]+\d+[ \t]*/[ \t]*\d+|(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?))"
+    # a "/" in a unit (km/h), not a fraction's; a power right after a unit's letter (m2, cm^3)
+    r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d)|(?<=[^\W\d_])\^?\d+)*)$"
 )
 # LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
 LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac(?:\{(?P<sign2>-?)(?P<num>\d+)\}\{(?P<den>\d+)\}|"
@@ -89,18 +92,30 @@ MIXED_NUMBER_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<whole>\d+)[ \t]+(?P<num
 # Words right after a number that change its value, so that it is no longer that number with a unit: "12 million",
 # "12k", "12 dozen", "12 squared", "3 or more", "12x" (a variable).
 VALUE_WORDS_RE = re.compile(
-    r"^[ \t]*(?:(?:hundreds?|thousands?|millions?|billions?|trillions?|dozens?|squared|cubed|k|bn|mn)(?![\w])"
-    r"|or[ \t]+(?:more|less|fewer|greater|higher|lower|above|below|over|under)\b)|^[xyz](?![\w])", re.IGNORECASE)
+    r"^[ \t]*(?i:(?:hundreds?|thousands?|millions?|billions?|trillions?|dozens?|squared|cubed|lakhs?|crores?|tenths?"
+    r"|hundredths?|thousandths?|millones?|millionen|milliarden?|milliards?|pi|π|万|亿)(?![^\W\d_])"
+    r"|and[ \t]+(?:a[ \t]+)?(?:half|quarter|third)s?\b"
+    r"|or[ \t]+(?:more|less|fewer|greater|higher|lower|above|below|over|under)\b"
+    r"|[xyz][ \t]*$)"  # "12 x": a variable
+    r"|^[ \t]*(?:k|bn|mn)(?![^\W\d_])"  # 12 k (but "300 K" is kelvin, "12 M" molar)
+    # attached only: 12k and $12K, 12M, 12B (thousand, million, billion), 12x, 12i, 12n
+    r"|^(?:[kKMB]|[xyzin])(?![^\W\d_])")
 # A variable's value, "x = -5": the value is the answer (flexible mode).
-VARIABLE_VALUE_RE = re.compile(r"^[ \t]*[A-Za-z][ \t]*=[ \t]*(?P<value>[^=]+)$")
-# LaTeX text wrappers around an answer: \text{B}, \textbf{(B)}, \mathrm{cm}.
-LATEX_TEXT_RE = re.compile(r"^\\(?:text|textbf|textit|mathrm|mathbf|mbox)\s*\{(?P<inner>[^{}]*)\}$")
+VARIABLE_VALUE_RE = re.compile(r"^[ \t]*([A-Za-z])[ \t]*=[ \t]*(?P<value>[^=,;]+)$")
+# LaTeX text wrappers, around an answer or in it: \text{B}, \textbf{(B)}, 12\,\mathrm{cm}; LaTeX spacing; \pi.
+LATEX_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{(?P<inner>[^{}]*)\}")
+_LATEX_SPACE_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
+# LaTeX fractions anywhere, \frac{1}{2} cup, 2\frac{1}{2}, \frac34, \frac{3}{-4}: written as 1/2 (2 1/2).
+_LATEX_FRAC_ANY_RE = re.compile(r"(\d?)[ \t]*\\[dt]?frac[ \t]*(?:\{[ \t]*(-?)[ \t]*(\d+)[ \t]*\}[ \t]*\{[ \t]*(-?)[ \t]*(\d+)[ \t]*\}"
+                                r"|(\d)[ \t]*(\d))")
 # Superscript digits (10², m³), read as ^2, and vulgar fractions (½, 1½), read as 1/2 and 1 1/2.
 _SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
-_SUPERSCRIPT_RE = re.compile(r"[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+")
+_SUPERSCRIPT_RE = re.compile(r"(.?)([⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+)")
+_UNIT_POWER_RE = re.compile(r"(?<=[^\W\d_])\^(?=\d)")
 _VULGAR_RE = re.compile(r"(\d?)([\u00bc-\u00be\u2150-\u215e])")
-# Single letters with full stops, U.S. and B.C.: an abbreviation, compared without its dots.
-_DOTTED_RE = re.compile(r"(?<![\w.])([^\W\d_](?:\.[^\W\d_])+\.?)(?![\w])")
+# Single letters with full stops, U.S., B.C., J. R. R.: initials or an abbreviation, compared without dots and the
+# blanks between them (J.R.R. Tolkien = J. R. R. Tolkien).
+_DOTTED_RE = re.compile(r"(?<![\w.])([^\W\d_]\.(?:[ \t]?[^\W\d_](?:\.|(?![\w.])))+)")
 ARTICLES_RE = re.compile(r"\b(?:an|the)\b")
 LEADING_A_RE = re.compile(r"^a (?!and\b|or\b)(?=\w\w)")
 # A multiple-choice answer: "C", "(C)", "(C) Paris", "C) Paris", "option C", "choice (C)"; in a prediction also
@@ -295,7 +310,7 @@ def _is_punct(ch: str) -> bool:
 
 
 def _normalize_text(text: str) -> str:
-    text = _DOTTED_RE.sub(lambda m: m.group(1).replace(".", ""), text.lower())  # U.S. = US
+    text = _DOTTED_RE.sub(lambda m: re.sub(r"[.\s]", "", m.group(1)) + " ", text.lower())  # U.S. = US
     chars = []
     for i, ch in enumerate(text):
         prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
@@ -319,16 +334,28 @@ def _normalize_text(text: str) -> str:
 def _prepared(ans: str) -> str:
     """An answer as the comparisons read it: superscripts as ``^`` powers (``10²`` = ``10^2``), vulgar fractions as
     ``1/2`` (``1½`` = ``1 1/2``), NFKC (full-width letters and digits), U+2212 as ``-``, cleaned."""
-    ans = _SUPERSCRIPT_RE.sub(lambda m: "^" + m.group(0).translate(_SUPERSCRIPTS), ans)  # before NFKC makes ² a 2
+    # before NFKC makes ² a 2: a power of a number (10² = 10^2), a unit's digit after a letter (m² = m2)
+    ans = _SUPERSCRIPT_RE.sub(lambda m: m.group(1) + ("^" if m.group(1).isdigit() or m.group(1) in ")}" else "")
+                              + m.group(2).translate(_SUPERSCRIPTS), ans)
     ans = _VULGAR_RE.sub(lambda m: (m.group(1) + " " if m.group(1) else "")
                          + unicodedata.normalize("NFKC", m.group(2)).replace("\u2044", "/"), ans)
-    return clean_answer_span(unicodedata.normalize("NFKC", ans).replace("\u2212", "-").replace("\u2044", "/"))
+    ans = LATEX_TEXT_RE.sub(lambda m: " " + m.group("inner") + " ", _LATEX_SPACE_RE.sub(" ", ans)).replace("\\pi", "π")
+    ans = _LATEX_FRAC_ANY_RE.sub(_latex_fraction, ans)
+    ans = _UNIT_POWER_RE.sub("", ans)  # m^2 = m2 = m²
+    return clean_answer_span(" ".join(unicodedata.normalize("NFKC", ans).replace("\u2212", "-")
+                                      .replace("\u2044", "/").split(" ")).strip())
+
+
+def _latex_fraction(m: re.Match) -> str:
+    whole, s1, num, s2, den = m.group(1), m.group(2), m.group(3) or m.group(6), m.group(4), m.group(5) or m.group(7)
+    sign = "-" if (s1 == "-") != (s2 == "-") else ""
+    return f"{whole} {sign}{num}/{den}" if whole else f"{sign}{num}/{den}"
 
 
 def _number_and_unit(span: str) -> tuple[Fraction, str] | None:
     """``(value, normalised unit)`` of a number followed by words (``-5 °C``, ``12kg``, ``$3.50 each``), else None."""
     match = LEADING_NUMBER_RE.match(span)
-    if not match or VALUE_WORDS_RE.match(match.group("rest")):
+    if not match:
         return None
     value, unit = parse_number(match.group("number")), _PERCENT_RE.sub("%", _normalize_text(match.group("rest")))
     return (value, unit) if value is not None and unit else None
@@ -385,15 +412,17 @@ def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
     if gold_letter is not None:
         return choice_letter(pred) == gold_letter
     pred_span, gold_span = _prepared(pred), _prepared(gold)
+    variables = [VARIABLE_VALUE_RE.match(s) for s in (pred_span, gold_span)]  # "x = -5": its value
+    if variables[0] and variables[1] and variables[0].group(1).lower() != variables[1].group(1).lower():
+        return False  # y = 5 is not x = 5
+    pred_span, gold_span = (v.group("value").strip() if v else s for v, s in zip(variables, (pred_span, gold_span)))
     gold_value = parse_number(gold_span)
     if gold_value is None:  # gold "12 kg": its number alone ("12") is accepted, another unit ("12 lb") is not
+        match = LEADING_NUMBER_RE.match(gold_span)
+        if not match or VALUE_WORDS_RE.match(match.group("rest")):  # gold "3 thousand", "12π": not 3, 12
+            return normalize_answer(pred_span) == normalize_answer(gold_span)
         gold_unit = _number_and_unit(gold_span)
         return gold_unit is not None and parse_number(pred_span) == gold_unit[0]
-    variable = VARIABLE_VALUE_RE.match(pred_span)  # "x = -5"
-    if variable:
-        pred_span = variable.group("value").strip()
-        if parse_number(pred_span) == gold_value:
-            return True
     match = LEADING_NUMBER_RE.match(pred_span)
     if not match or VALUE_WORDS_RE.match(match.group("rest")):  # "12 million" is not 12
         return False

@@ -337,11 +337,21 @@ def check_metrics_complete(rd: RunDir, start: int) -> None:
         raise ConfigError(f"run directory {rd.path}: metrics.jsonl lacks the rows of round(s) "
                           f"{', '.join(map(str, missing))}, although the checkpoints hold rounds 1..{start} (the file "
                           f"was cut short or edited); restore it from a copy, or start a new run in another out_dir")
-    audited = {r.get("round") for r in rd.read("audit.jsonl")}
-    if audited and (gone := [t for t in range(1, start + 1) if t not in audited]):
+    audited = {r.get("round") for r in rd.read("audit.jsonl")}  # every completed round: >= 1 client reported
+    if gone := [t for t in range(1, start + 1) if t not in audited]:
         raise ConfigError(f"run directory {rd.path}: audit.jsonl lacks round(s) {', '.join(map(str, gone))}, although "
-                          f"the checkpoints hold rounds 1..{start} (the file was cut short or edited); restore it from "
-                          f"a copy, or start a new run in another out_dir")
+                          f"the checkpoints hold rounds 1..{start} (the file was lost, cut short or edited); restore it "
+                          f"from a copy, or start a new run in another out_dir")
+    counted = {r.get("round"): r["selections"] for r in rows
+               if r.get("event") == "round_time" and isinstance(r.get("selections"), int)}
+    held: dict = {}
+    for r in rd.read("selections.jsonl"):
+        held[r.get("round")] = held.get(r.get("round"), 0) + 1
+    if short := [t for t in range(1, start + 1) if t in counted and held.get(t, 0) != counted[t]]:
+        raise ConfigError(f"run directory {rd.path}: selections.jsonl holds "
+                          + ", ".join(f"{held.get(t, 0)} of round {t}'s {counted[t]} filter decisions" for t in short)
+                          + f" (the file was lost, cut short or edited), although the checkpoints hold rounds "
+                          f"1..{start}; restore it from a copy, or start a new run in another out_dir")
 
 
 def check_clients_unchanged(rd: RunDir, digests: dict[int, str | None]) -> None:
@@ -439,8 +449,7 @@ def check_models_unchanged(rd: RunDir, cfg: RunConfig, infos: dict,
             name = "the LLM" if who == "llm" else f"{who}'s SLM"
             raise ConfigError(f"run directory {rd.path}: the prompts of {name} now end with the instruction "
                               f"{now['instruction']!r}, but this run started with "
-                              f"{was.get('instruction', DEFAULT_INSTRUCTION)!r} and was trained on those: set its "
-                              f"instruction to that text, or {remedy}")
+                              f"{was.get('instruction', DEFAULT_INSTRUCTION)!r} and was trained on those: {remedy}")
         old = was.get("weights_fingerprint")
         new = now.get("weights_fingerprint")
         if spec.lora and old and new and old != new:
@@ -665,7 +674,8 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
     rd, start, data = begun.rd, begun.start, begun.data
     with begun.setting_up():
         server, clients, infos = build_states(cfg, data, events)
-    pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
+        pool = InProcessClients(clients, server.public, cfg, fail_hook, events)
+        load_resumed(rd, cfg, start, server, pool, infos, events)
     llm_test = [rec for c in clients for rec in c.test]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
              **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
@@ -673,6 +683,19 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
                           "data_digest": client_digest(files)} for c, files in zip(clients, data.clients)]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, stop_after_round=stop_after_round,
                  t_start=t_start)
+
+
+def load_resumed(rd: RunDir, cfg: RunConfig, start: int, server: ServerState, pool, models: dict,
+                 events: Events) -> None:
+    """A resumed (or extended) run's state after round ``start``: its models checked against the run's start, the
+    server's checkpoint loaded, the clients' loaded by ``pool``. Part of the set-up (``RunStart.setting_up``), so a
+    refusal leaves a finished run as it was. Nothing for a new run (``start`` 0)."""
+    if not start:
+        return
+    events.stage(f"resuming after round {start}")
+    check_models_unchanged(rd, cfg, models)
+    load_checkpoint(rd, start, server, cfg)
+    pool.load(rd.ckpt / f"round_{start:03d}")
 
 
 def drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, llm_test: list, events: Events, *,
@@ -692,12 +715,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
     from fedlada.messages import MessageError
 
     t_start = t_start if t_start is not None else time.perf_counter()
-    if start:
-        events.stage(f"resuming after round {start}")
-        check_models_unchanged(rd, cfg, setup.get("models") or {})
-        load_checkpoint(rd, start, server, cfg)
-        pool.load(rd.ckpt / f"round_{start:03d}")
-    else:
+    if not start:  # a resumed run's state was loaded during its set-up (load_resumed)
         rd.append("metrics.jsonl", [{"round": 0, "event": "setup", **setup}])
         events.stage("evaluating before round 1")
         _append_evaluations(rd, pool.evaluate(0) + [_llm_eval(server, llm_test, cfg, 0)])
@@ -708,7 +726,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
         teach, slog = server_teach(server, cfg=cfg, round=t, progress=events.progress)
         teach_bytes = teach.to_bytes()
         rows = [{"round": t, "event": "server_teach", **slog.metrics}]
-        reports, audit = [], []
+        reports, audit, decisions = [], [], 0
         for res in pool.step(teach_bytes, t):
             who = f"client{res.client_id}"
             if res.error is None:
@@ -729,6 +747,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
                          "client_to_server": len(res.report)})
             audit.append({"round": t, "client": res.client_id, **rep.audit()})
             rd.append("selections.jsonl", res.selections)
+            decisions += len(res.selections)
         if len(reports) < cfg.min_clients:
             rd.append("metrics.jsonl", rows)
             kept = (f"rounds 1..{t - 1} are checkpointed in {rd.ckpt}; the same command resumes after round {t - 1}"
@@ -739,9 +758,11 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
         llog = server_learn(server, reports, cfg=cfg, round=t, progress=events.progress)
         rows.append({"round": t, "event": "server_learn", **llog.metrics})
         rd.append("selections.jsonl", llog.selections)
+        decisions += len(llog.selections)
         events.stage(f"round {t}/{cfg.rounds}: evaluation")
         rows += pool.evaluate(t) + [_llm_eval(server, llm_test, cfg, t)]
-        rows.append({"round": t, "event": "round_time", "seconds": _secs(t_round)})
+        # the round's selections.jsonl lines, counted: a resume checks the file still holds them
+        rows.append({"round": t, "event": "round_time", "seconds": _secs(t_round), "selections": decisions})
         _append_evaluations(rd, rows)
         rd.append("audit.jsonl", audit)
         save_checkpoint(rd, t, server, pool)

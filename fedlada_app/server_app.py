@@ -322,7 +322,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
     from fedlada.models import prompt_formatter
     from fedlada.prepare import data_source, eval_split, load_server_data, prepare_model, public_digest
     from fedlada.rounds import ServerState, Side, check_prompts_fit
-    from fedlada.runner import begin_run, check_clients_unchanged, drive
+    from fedlada.runner import begin_run, check_clients_unchanged, drive, load_resumed
     from fedlada.selection import check_method, plugin_fingerprints
 
     events = events or Events()
@@ -351,6 +351,8 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         pool.connect(evaluate=not start, resume_round=start)
         if start:  # the server has no client's train file: each node vouches for its own records
             check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
+        load_resumed(rd, cfg, start, server, pool,
+                     {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}, events)
     llm_test = [rec for files in data.clients for rec in eval_split(files.test, cfg)]
     infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),

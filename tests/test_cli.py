@@ -65,7 +65,20 @@ def test_report_of_a_run_that_never_evaluated_is_an_error(tmp_path, capsys):
 
     (tmp_path / "config.toml").write_text(dump_toml(load_config()))
     assert main(["report", str(tmp_path)]) == 2
-    assert "no evaluation yet" in _err(capsys) and not (tmp_path / "report.html").exists()
+    err = _err(capsys)
+    assert "no evaluation yet" in err and "warning" not in err and not (tmp_path / "report.html").exists()
+
+
+def test_report_of_a_run_with_a_damaged_line_says_what_to_do(tmp_path, capsys):
+    from fedlada.config import dump_toml, load_config
+
+    (tmp_path / "config.toml").write_text(dump_toml(load_config()))
+    row = json.dumps({"round": 0, "event": "eval", "who": "llm", "accuracy": 0.1, "n": 1})
+    (tmp_path / "metrics.jsonl").write_text(f"{row}\n{{torn\n{row}\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = _err(capsys)
+    assert "metrics.jsonl:2: not a JSON object" in err and "delete that line to report the rest" in err
+    assert "warning" not in err and not (tmp_path / "report.html").exists()
 
 
 def test_report_of_a_run_whose_metrics_were_cut_short_says_so(tmp_path, capsys):

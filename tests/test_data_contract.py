@@ -478,10 +478,13 @@ def test_a_gold_answer_with_its_marker_is_a_problem(tmp_path):
     rows = [{"id": "a", "question": "q", "answer": "Answer: 5"}, {"id": "b", "question": "q", "answer": "#### 5"},
             {"id": "c", "question": "q", "answer": "The answer is 5"},
             {"id": "d", "question": "q", "answer": "answers vary"},
-            {"id": "e", "question": "q", "answer": "**Final Answer:** B"}]
+            {"id": "e", "question": "q", "answer": "**Final Answer:** B"},
+            {"id": "f", "question": "q", "answer": "The answer is blowin' in the wind"},  # a title, not a marker
+            {"id": "g", "question": "q", "answer": "Ans: 5"}, {"id": "h", "question": "q", "answer": "Answer - 5"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     problems = validate_files(path)
-    assert [(p.line, p.key) for p in problems] == [(1, "answer"), (2, "answer"), (3, "answer"), (5, "answer")]
+    assert [(p.line, p.key) for p in problems] == [(1, "answer"), (2, "answer"), (3, "answer"), (5, "answer"),
+                                                   (7, "answer"), (8, "answer")]
     assert "starts with an answer marker" in problems[0].message and "'5'" in problems[0].message
     assert "'B'" in problems[3].message
 

@@ -584,3 +584,18 @@ def test_a_chat_template_that_prints_todays_date_gets_a_fixed_one(tok):
     assert prompt == datetime.date(*TEMPLATE_DATE).strftime("%d %b %Y") + "|hi>"
     today = datetime.datetime.now().strftime("%d %b %Y")
     assert dated.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith(today)
+
+
+def test_saved_weights_get_the_usual_file_mode(tok, tmp_path):
+    """safetensors writes weights readable by their owner only; a cache or an export shared with other users needs
+    the mode any new file gets (the umask's)."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        save_model(build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2), tok, tmp_path / "m")
+    finally:
+        os.umask(mask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}

@@ -305,6 +305,25 @@ def test_is_correct_keeps_signs_operators_and_single_choices(pred, gold, flexibl
         # mixed numbers; abbreviations
         ("1 1/2", "3/2", True), ("-2 1/4", "-2.25", True), ("2 3", "23", False), ("U.S.", "US", True),
         ("B.C.", "BC", True), ("U.S. Grant", "US Grant", True),
+        # value words still compare by value between two answers that have them; kelvin is not thousand
+        ("1200 million", "1,200 million", True), ("1.5 million", "1.50 million", True), ("12 k", "12k", True),
+        ("1/2 dozen", "0.5 dozen", True), ("300 K", "300", True), ("300", "300 K", True), ("12 k", "12", False),
+        ("12π", "12", False), ("12\\pi", "12", False), ("12 pi", "12", False), ("12i", "12", False),
+        ("12 x", "12", False), ("$12M", "12", False), ("12B", "12", False), ("12 and a half", "12", False),
+        ("12 tenths", "12", False), ("12 lakh", "12", False), ("12万", "12", False), ("12 millones", "12", False),
+        ("\\boxed{12\\text{ million}}", "12", False), ("\\boxed{12\\,\\text{k}}", "12", False),
+        ("12", "12\\pi", False), ("12", "12i", False), ("12", "12 x", False), ("12 M", "12", True),
+        # initials with or without blanks; unit powers
+        ("J.R.R. Tolkien", "J. R. R. Tolkien", True), ("Washington, D.C.", "Washington D. C.", True),
+        ("U.S.", "U. S.", True), ("The answer is J.R.R. Tolkien.", "J. R. R. Tolkien", True),
+        ("5 m2", "5 m²", True), ("E = mc2", "E = mc²", True), ("25 m²", "25", True), ("25 cm^2", "25", True),
+        ("25", "25 m²", True),
+        # mixed numbers and LaTeX inside an answer; a variable on either side
+        ("1½ cups", "1.5", True), ("1 1/2 hours", "1.5", True), ("1½ cups", "1.5 cups", True),
+        ("12½%", "12.5%", True), ("2\\frac{1}{2}", "2.5", True), ("\\frac{1}{2} cup", "0.5 cup", True),
+        ("\\frac 34", "0.75", True), ("\\frac{3}{-4}", "-0.75", True), ("\\boxed{12\\text{ cm}}", "12 cm", True),
+        ("12\\,\\mathrm{km}", "12 km", True), ("-5", "x = -5", True), ("y = 5", "x = 5", False),
+        ("x = 3, y = 4", "3", False),
     ],
 )
 def test_is_correct_reads_values_not_look_alikes(pred, gold, flexible):

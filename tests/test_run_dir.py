@@ -506,6 +506,15 @@ def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sa
     (empty / "fedlada_export.json").unlink()
     monkeypatch.setattr(models_mod, "save_model", real_save)
     assert (export_model(res.run_dir, "client1", empty) / "fedlada_export.json").is_file()  # the same command again
+    # an export killed (-9) while moving its files leaves part of a model and its work folder: the work folder of a
+    # dead process is cleared, and the refusal says what the folder holds
+    killed = tmp_path / "killed"
+    (killed / ".export-999999999").mkdir(parents=True)
+    (killed / ".export-999999999" / "model.safetensors").write_bytes(b"x")
+    assert export_model(res.run_dir, "client1", killed) == killed and not (killed / ".export-999999999").exists()
+    (killed / "fedlada_export.json").unlink()
+    with pytest.raises(ConfigError, match=r"holds part of a model but no fedlada_export.json.*delete the folder"):
+        export_model(res.run_dir, "client1", killed)
     # a damaged checkpoint: export names it (resuming advice does not apply here)
     (ckpt / "client_0.pt").write_bytes(b"\0" * 64)
     with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is unreadable") as err:
@@ -633,6 +642,13 @@ def test_an_extension_whose_set_up_fails_leaves_the_finished_run_as_it_was(tiny_
         run(load_config(overrides=tiny_overrides + ["rounds=2"]))
     assert {n: (rd / n).read_text() for n in before} == before
     assert run(cfg).summary["rounds_done"] == 1  # still the finished 1-round run (the folder's lock released)
+    monkeypatch.undo()
+    # refused while loading its checkpoint (a damaged file): the same
+    ckpt = rd / "checkpoints" / "round_001" / "client_1.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(FedLadaError, match=r"client_1.pt"):
+        run(load_config(overrides=tiny_overrides + ["rounds=2"]))
+    assert {n: (rd / n).read_text() for n in before} == before
 
 
 def test_a_run_trained_with_other_prompts_is_not_resumed_with_these(tmp_path):
@@ -670,7 +686,7 @@ def test_a_run_prompted_with_another_instruction_is_not_resumed_with_this_one(tm
         runner.check_models_unchanged(rd, cfg, {"client0": {"instruction": ""}})
 
 
-def test_a_chat_model_on_multiple_choice_data_is_asked_for_a_letter(tiny_overrides, tmp_path):
+def test_a_chat_model_on_multiple_choice_data_is_asked_for_a_letter(tiny_overrides, tmp_path, caplog):
     """Own data whose answers are choice letters and an SLM with a chat template: the SLM's prompts ask for
     'Answer: <letter>' (instruction = "auto", from the public pool's answers), recorded in the setup line; the LLM,
     prompted plainly, records none."""
@@ -701,6 +717,30 @@ def test_a_chat_model_on_multiple_choice_data_is_asked_for_a_letter(tiny_overrid
     # its export's record holds the keys that apply to a loaded model, not the tiny-model defaults
     from fedlada.export import export_model
 
-    out = export_model(res.run_dir, "client0", tmp_path / "out")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = export_model(res.run_dir, "client0", tmp_path / "out")
+    assert "evaluated on 6 question(s) only" not in caplog.text  # the run said it; its export does not again
     spec = json.loads((out / "fedlada_export.json").read_text())["spec"]
     assert spec["source"] == str(tmp_path / "chat-slm") and "hidden_size" not in spec and "pretrain_tokens" not in spec
+    assert spec["instruction"] == setup["models"]["client0"]["instruction"]  # as resolved, not "auto"
+
+
+def test_a_resume_notices_a_lost_audit_or_selections_file(tmp_path):
+    """Every completed round has audit lines (>= 1 client reported) and as many selections lines as its round_time
+    row counted: a file lost or cut short is refused on resume (the report would silently miss those rounds)."""
+    rd = RunDir(tmp_path)
+    rd.append("metrics.jsonl", [{"round": t, "event": e, "who": "llm"} for t in (0, 1, 2) for e in ("eval",)]
+              + [{"round": t, "event": "client_step", "who": "client0"} for t in (1, 2)]
+              + [{"round": 1, "event": "round_time", "seconds": 1.0, "selections": 2},
+                 {"round": 2, "event": "round_time", "seconds": 1.0, "selections": 0}])
+    rd.append("audit.jsonl", [{"round": t, "client": 0} for t in (1, 2)])
+    rd.append("selections.jsonl", [{"round": 1, "pair": "llm->client0", "selected": s} for s in (True, False)])
+    runner.check_metrics_complete(rd, 2)
+    (tmp_path / "selections.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"selections.jsonl holds 0 of round 1's 2 filter decisions"):
+        runner.check_metrics_complete(rd, 2)
+    rd.append("selections.jsonl", [{"round": 1, "pair": "llm->client0", "selected": s} for s in (True, False)])
+    (tmp_path / "audit.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"audit.jsonl lacks round\(s\) 1, 2, .*lost"):
+        runner.check_metrics_complete(rd, 2)

@@ -97,8 +97,11 @@ def _clean_lines(text: str | None) -> str | None:
 
 
 # A final answer that still carries its marker ("Answer: 5", "#### 5", "The answer is 5"): no path can match it.
-_MARKED_ANSWER_RE = re.compile(r"^[ \t*_]*(?:####|(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*(?::|is\b)"
-                               r"[ \t*_:]*)[ \t]*(?P<rest>\S.*)$", re.IGNORECASE | re.DOTALL)
+# ("The answer is X" only where X is a number or a choice letter: "The answer is blowin' in the wind" is a title.)
+_MARKED_ANSWER_RE = re.compile(r"^[ \t*_]*(?:####|(?:the[ \t]+)?(?:final[ \t]+)?(?:answer|ans\.?)[ \t]*[*_]*[ \t]*(?::|-(?=[ \t]))"
+                               r"[ \t*_:]*|(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*"
+                               r"(?=[-+$€£(]?[ \t]*(?:\d|[A-Za-z]\b\)?\.?$)))[ \t]*(?P<rest>\S.*)$",
+                               re.IGNORECASE | re.DOTALL)
 
 
 def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) -> None:
