@@ -558,6 +558,7 @@ def test_resuming_needs_the_metrics_of_every_checkpointed_round(tiny_overrides):
         run(cfg)
     assert (out / "checkpoints" / "round_002" / "COMPLETE").is_file()  # nothing changed
     RunDir(out).append("metrics.jsonl", rows[-2:])
+    RunDir(out).append("audit.jsonl", [{"round": t, "client": 0} for t in (1, 2)])
     runner.check_metrics_complete(RunDir(out), 2)  # complete now
 
 
