@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -47,10 +48,17 @@ def mark_complete(folder: str | os.PathLike, round: int) -> None:
 
 
 def load(path: str | os.PathLike, *, weights_only: bool = True):
+    """What ``save`` wrote to ``path``; a ConfigError naming the file when it is missing or damaged (a torch zip
+    whose stored checksums do not match its bytes too: ``torch.load`` does not check them)."""
     path = Path(path)
     try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                raise ValueError(f"its entry {bad} fails its CRC check")
         return torch.load(path, weights_only=weights_only)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
         reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
         raise ConfigError(f"checkpoint file {path} is {reason}: the checkpoint of that round is damaged; delete "
                           f"{path.parent} to resume from the round before it") from None

@@ -75,14 +75,14 @@ NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+(?!\.\d)
 # A whole string that is one number, with an optional sign and currency symbol.
 _NUM_CORE = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 NUMBER_FULL_RE = re.compile(
-    rf"^(?P<sign1>[-+]?)[ \t]*[$€£]?[ \t]*(?P<sign2>[-+]?)(?P<num>{_NUM_CORE})(?:[ \t]*[€£$])?$"
+    rf"^(?P<sign1>[-+]?)[ \t]*[$€£¥₹]?[ \t]*(?P<sign2>[-+]?)(?P<num>{_NUM_CORE})(?:[ \t]*[€£$¥₹])?$"
 )
 FRACTION_FULL_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)$")
 # Flexible correctness: a number, then words/punctuation only (units, a full stop), no further arithmetic.
 LEADING_NUMBER_RE = re.compile(
-    rf"^(?P<number>[-+]?[ \t]*[$€£]?[ \t]*[-+]?(?:\d+[ \t]+\d+[ \t]*/[ \t]*\d+|(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?))"
-    # a "/" in a unit (km/h), not a fraction's; a power right after a unit's letter (m2, cm^3)
-    r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d)|(?<=[^\W\d_])\^?\d+)*)$"
+    rf"^(?P<number>[-+]?[ \t]*[$€£¥₹]?[ \t]*[-+]?(?:\d+[ \t]+\d+[ \t]*/[ \t]*\d+|(?:{_NUM_CORE})(?:[ \t]*/[ \t]*\d+)?))"
+    # a "/" in a unit (km/h), not a fraction's; a unit's power right after its letter (m2, cm3, s^-1; not 12h30)
+    r"(?P<rest>(?:[^\d=+*/×÷^<>]|/(?![ \t]*\d)|(?<=[^\W\d_])(?:\^-?\d|-?[23](?!\d)))*)$"
 )
 # LaTeX fractions of integers, \frac{3}{4} (also \dfrac, \tfrac), read as 3/4.
 LATEX_FRACTION_RE = re.compile(r"^(?P<sign>-?)\\[dt]?frac(?:\{(?P<sign2>-?)(?P<num>\d+)\}\{(?P<den>\d+)\}|"
@@ -92,14 +92,30 @@ MIXED_NUMBER_RE = re.compile(r"^(?P<sign>[-+]?)[ \t]*(?P<whole>\d+)[ \t]+(?P<num
 # Words right after a number that change its value, so that it is no longer that number with a unit: "12 million",
 # "12k", "12 dozen", "12 squared", "3 or more", "12x" (a variable).
 VALUE_WORDS_RE = re.compile(
-    r"^[ \t]*(?i:(?:hundreds?|thousands?|millions?|billions?|trillions?|dozens?|squared|cubed|lakhs?|crores?|tenths?"
-    r"|hundredths?|thousandths?|millones?|millionen|milliarden?|milliards?|pi|π|万|亿)(?![^\W\d_])"
-    r"|and[ \t]+(?:a[ \t]+)?(?:half|quarter|third)s?\b"
+    r"^[ \t]*(?i:(?:hundreds?|thousands?|millions?|billions?|trillions?|dozens?|squared|cubed|lakhs?|lacs?|crores?"
+    r"|tenths?|hundredths?|thousandths?|millones?|millionen|milliarden?|milliards?|mio|mrd|grand|thou|pi|π|万|亿"
+    r"|halves|half|thirds?|quarters?|fourths?|fifths?|sixths?|sevenths?|eighths?|ninths?|bce?)(?![^\W\d_])"
+    r"|and[ \t]+(?:a|one|two|three)?[ \t]*(?:half|quarters?|thirds?)\b"
+    r"|e[-+]?\d"  # 12e3
+    r"|i[ \t]*$"  # 3 i
     r"|or[ \t]+(?:more|less|fewer|greater|higher|lower|above|below|over|under)\b"
     r"|[xyz][ \t]*$)"  # "12 x": a variable
     r"|^[ \t]*(?:k|bn|mn)(?![^\W\d_])"  # 12 k (but "300 K" is kelvin, "12 M" molar)
     # attached only: 12k and $12K, 12M, 12B (thousand, million, billion), 12x, 12i, 12n
     r"|^(?:[kKMB]|[xyzin])(?![^\W\d_])")
+# last_number's numbers: a mixed number (2 1/2) whole; not a unit's power (m2) or a word's digit
+_RUNNING_NUMBER_RE = re.compile(r"(?<![^\W\d_])(?:(?:(?<![\w)])-)?\d+[ \t]+\d+/\d+(?![\d.])|" + NUMBER_RE.pattern + ")")
+_MONEY_SCALE_RE = re.compile(r"[ \t]*[MBK](?![^\W\d_])")  # $12 M, $12 B: money, a million and a billion
+
+
+def _changes_value(match: re.Match) -> bool:
+    """Whether what follows the number of a ``LEADING_NUMBER_RE`` match changes its value (``VALUE_WORDS_RE``; after
+    a currency amount also a spaced M, B or K)."""
+    rest = match.group("rest")
+    return VALUE_WORDS_RE.match(rest) is not None or (
+        any(c in match.group("number") for c in "$€£¥₹") and _MONEY_SCALE_RE.match(rest) is not None)
+
+
 # A variable's value, "x = -5": the value is the answer (flexible mode).
 VARIABLE_VALUE_RE = re.compile(r"^[ \t]*([A-Za-z])[ \t]*=[ \t]*(?P<value>[^=,;]+)$")
 # LaTeX text wrappers, around an answer or in it: \text{B}, \textbf{(B)}, 12\,\mathrm{cm}; LaTeX spacing; \pi.
@@ -111,7 +127,11 @@ _LATEX_FRAC_ANY_RE = re.compile(r"(\d?)[ \t]*\\[dt]?frac[ \t]*(?:\{[ \t]*(-?)[ \
 # Superscript digits (10², m³), read as ^2, and vulgar fractions (½, 1½), read as 1/2 and 1 1/2.
 _SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
 _SUPERSCRIPT_RE = re.compile(r"(.?)([⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+)")
-_UNIT_POWER_RE = re.compile(r"(?<=[^\W\d_])\^(?=\d)")
+_UNIT_POWER_RE = re.compile(r"(?<=[^\W\d_])\^(?=-?\d)")
+_BRACED_POWER_RE = re.compile(r"\^\{[ \t]*(-?\d+)[ \t]*\}")
+_LATEX_GROUPED_RE = re.compile(r"(?<=\d)\\,(?=\d{3}(?!\d))")
+_PI_WORD_RE = re.compile(r"(?<![^\W\d_])pi(?![^\W\d_])", re.IGNORECASE)
+_DASHES = str.maketrans({"\u2212": "-", "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-"})
 _VULGAR_RE = re.compile(r"(\d?)([\u00bc-\u00be\u2150-\u215e])")
 # Single letters with full stops, U.S., B.C., J. R. R.: initials or an abbreviation, compared without dots and the
 # blanks between them (J.R.R. Tolkien = J. R. R. Tolkien).
@@ -125,7 +145,7 @@ CHOICE_RE = re.compile(r"^(?:(?:option|choice)[ \t]+)?(?:\((?P<p>[A-Za-z])\)(?:\
 # Choice markers anywhere in a prediction: "(A) or (B)" and "A) Rome B) Paris" name several
 CHOICE_MARK_RE = re.compile(r"\(([A-Za-z])\)|(?:^|\s)([A-Za-z])\)")
 _PARENS_RE = re.compile(r"^\((.*)\)$", re.DOTALL)
-_CURRENCY = set("$€£¥")
+_CURRENCY = set("$€£¥₹")
 _PERCENT_RE = re.compile(r"\bper ?cent\b")
 _WRAPPERS = (("$", "$"), ("\\(", "\\)"), ("**", "**"))
 _PUNCT = set(string.punctuation)
@@ -214,9 +234,15 @@ def answer_is_span(match: re.Match) -> str:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in running text (``NUMBER_RE``; a U+2212 minus reads as ``-``), or None."""
-    numbers = NUMBER_RE.findall(text.replace("\u2212", "-"))
-    return numbers[-1] if numbers else None
+    """The last number in running text (``NUMBER_RE``, after ``_plain_math``: ``$\\frac{3}{4}$`` is 3/4, a U+2212
+    minus reads as ``-``), with a word after it that changes its value (``12 million``), or None."""
+    text = _plain_math(text)
+    numbers = list(_RUNNING_NUMBER_RE.finditer(text))
+    if not numbers:
+        return None
+    last = numbers[-1]
+    scale = VALUE_WORDS_RE.match(text[last.end():])
+    return last.group(0) + (scale.group(0).rstrip() if scale else "")
 
 
 def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
@@ -310,40 +336,59 @@ def _is_punct(ch: str) -> bool:
 
 
 def _normalize_text(text: str) -> str:
+    initial_a = re.match(r"[ \t]*a\.", text, re.IGNORECASE) is not None  # "A. Lincoln": an initial, not "a"
     text = _DOTTED_RE.sub(lambda m: re.sub(r"[.\s]", "", m.group(1)) + " ", text.lower())  # U.S. = US
     chars = []
+    bracketed = text.lstrip()[:1] in ("(", "[", "{")
     for i, ch in enumerate(text):
         prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
-        if prev.isdigit() and nxt.isdigit() and _is_punct(ch):
+        if ch == "," and prev.isdigit() and (re.match(r"\d(?!\d)", text[i + 1:i + 3])
+                                             or bracketed and not re.match(r"\d{3}(?!\d)", text[i + 1:i + 5])):
+            chars.append(" ")  # a list, (3,4) = (3, 4), 1,2,3 = 1, 2, 3; 1,200 and 1,00 keep their comma
+        elif prev.isdigit() and nxt.isdigit() and _is_punct(ch):
             chars.append(ch)  # inside a number or a date: 3.4, 1,200, 3/4, 10:30, 2020-03-05
         elif ch in _CURRENCY or ch.isspace():
             chars.append(" ")
         elif ch in "%+#<>=^|~" or unicodedata.category(ch)[0] == "S":
             chars.append(f" {ch} ")  # a sign that means something: 50 %, c++, c#, x > 5, 10^3, °c
-        elif ch == "-" and ((not prev.isalnum() and nxt.isdigit()) or (prev.isalnum() and not nxt.isalnum())):
-            chars.append(f" {ch} ")  # a minus sign (x = -5) or a grade's minus (A-); "north-east" is two words
+        elif ch == "-" and ((not prev.isalnum() and nxt.strip() and nxt != "-")
+                            or (prev.isalnum() and not nxt.isalnum()) or (prev.isdigit() or nxt.isdigit())):
+            chars.append(f" {ch} ")  # a minus sign (x = -5, -x, -\\infty, x-1) or a grade's minus (A-); "north-east"
+        elif ch in "*/" and (prev.isalnum() or prev in ")}") and (nxt.isalnum() or nxt in "({\\"):
+            chars.append(f" {ch} ")  # an operator between terms: 1/x is not 1-x
         elif _is_punct(ch):
             chars.append(" ")
         else:
             chars.append(ch)
     words = " ".join("".join(chars).split())
-    without_articles = LEADING_A_RE.sub("", " ".join(ARTICLES_RE.sub(" ", words).split()))
+    without_articles = " ".join(ARTICLES_RE.sub(" ", words).split())
+    if not initial_a:
+        without_articles = LEADING_A_RE.sub("", without_articles)
     return without_articles or words
 
 
 def _prepared(ans: str) -> str:
-    """An answer as the comparisons read it: superscripts as ``^`` powers (``10²`` = ``10^2``), vulgar fractions as
-    ``1/2`` (``1½`` = ``1 1/2``), NFKC (full-width letters and digits), U+2212 as ``-``, cleaned."""
+    """An answer as the comparisons read it (``_plain_math``), cleaned (``clean_answer_span``)."""
+    return clean_answer_span(_plain_math(ans))
+
+
+def _plain_math(ans: str) -> str:
+    """Text with its math written one way: superscripts as ``^`` powers (``10²`` = ``10^2``) or a unit's digit
+    (``m²`` = ``m2``), vulgar fractions as ``1/2`` (``1½`` = ``1 1/2``), LaTeX text wrappers, spacing, thousands
+    separators (``10,\\!000``, ``12\\,000``) and fractions undone, ``\\pi`` and the word pi as π, NFKC (full-width
+    letters and digits), U+2212 and the dashes U+2010-U+2013 as ``-``."""
+    ans = _LATEX_GROUPED_RE.sub("", ans.replace("{,}", ",").replace("\\!", ""))  # 12\,000 = 12000
+    ans = _BRACED_POWER_RE.sub(r"^\1", ans)  # x^{2} = x^2
     # before NFKC makes ² a 2: a power of a number (10² = 10^2), a unit's digit after a letter (m² = m2)
     ans = _SUPERSCRIPT_RE.sub(lambda m: m.group(1) + ("^" if m.group(1).isdigit() or m.group(1) in ")}" else "")
                               + m.group(2).translate(_SUPERSCRIPTS), ans)
     ans = _VULGAR_RE.sub(lambda m: (m.group(1) + " " if m.group(1) else "")
                          + unicodedata.normalize("NFKC", m.group(2)).replace("\u2044", "/"), ans)
     ans = LATEX_TEXT_RE.sub(lambda m: " " + m.group("inner") + " ", _LATEX_SPACE_RE.sub(" ", ans)).replace("\\pi", "π")
-    ans = _LATEX_FRAC_ANY_RE.sub(_latex_fraction, ans)
-    ans = _UNIT_POWER_RE.sub("", ans)  # m^2 = m2 = m²
-    return clean_answer_span(" ".join(unicodedata.normalize("NFKC", ans).replace("\u2212", "-")
-                                      .replace("\u2044", "/").split(" ")).strip())
+    ans = _PI_WORD_RE.sub("π", _LATEX_FRAC_ANY_RE.sub(_latex_fraction, ans))
+    ans = _UNIT_POWER_RE.sub("", re.sub(r"[ \t]+\^", "^", ans))  # m^2 = m ^2 = m2 = m²
+    ans = unicodedata.normalize("NFKC", ans).replace("\u2044", "/").translate(_DASHES)
+    return " ".join(ans.split(" ")).strip()
 
 
 def _latex_fraction(m: re.Match) -> str:
@@ -418,13 +463,15 @@ def is_correct(pred: str | None, gold: str, *, mode: Mode = "flexible") -> bool:
     pred_span, gold_span = (v.group("value").strip() if v else s for v, s in zip(variables, (pred_span, gold_span)))
     gold_value = parse_number(gold_span)
     if gold_value is None:  # gold "12 kg": its number alone ("12") is accepted, another unit ("12 lb") is not
+        if any(variables) and normalize_answer(pred_span) == normalize_answer(gold_span):
+            return True  # x = 3 cm
         match = LEADING_NUMBER_RE.match(gold_span)
-        if not match or VALUE_WORDS_RE.match(match.group("rest")):  # gold "3 thousand", "12π": not 3, 12
+        if not match or _changes_value(match):  # gold "3 thousand", "12π": not 3, 12
             return normalize_answer(pred_span) == normalize_answer(gold_span)
         gold_unit = _number_and_unit(gold_span)
         return gold_unit is not None and parse_number(pred_span) == gold_unit[0]
     match = LEADING_NUMBER_RE.match(pred_span)
-    if not match or VALUE_WORDS_RE.match(match.group("rest")):  # "12 million" is not 12
+    if not match or _changes_value(match):  # "12 million" is not 12
         return False
     value = parse_number(match.group("number"))
     return value is not None and value == gold_value

@@ -337,7 +337,20 @@ def check_metrics_complete(rd: RunDir, start: int) -> None:
         raise ConfigError(f"run directory {rd.path}: metrics.jsonl lacks the rows of round(s) "
                           f"{', '.join(map(str, missing))}, although the checkpoints hold rounds 1..{start} (the file "
                           f"was cut short or edited); restore it from a copy, or start a new run in another out_dir")
-    audited = {r.get("round") for r in rd.read("audit.jsonl")}  # every completed round: >= 1 client reported
+    audit_rows = rd.read("audit.jsonl")
+    audited = {r.get("round") for r in audit_rows}  # every completed round: >= 1 client reported
+    # per client: each report of a round has its audit line and its client's evaluation of that round
+    reported = {(r.get("round"), r.get("who")) for r in rows if r.get("event") == "client_step"}
+    evals = {(r.get("round"), r.get("who")) for r in rows if r.get("event") in ("eval", "eval_failed")}
+    lines = {(r.get("round"), f"client{r.get('client')}") for r in audit_rows}
+    lost = sorted((t, who) for t, who in reported if isinstance(t, int) and 1 <= t <= start
+                  and (who not in {w for (u, w) in evals if u == t} or (t, who) not in lines))
+    if lost:
+        t, who = lost[0]
+        where = "metrics.jsonl has no evaluation" if (t, who) not in evals else "audit.jsonl has no line"
+        raise ConfigError(f"run directory {rd.path}: {where} of {who} in round {t}, although it reported that round "
+                          f"({len(lost)} such client-round(s); the file was cut short or edited); restore it from a "
+                          "copy, or start a new run in another out_dir")
     if gone := [t for t in range(1, start + 1) if t not in audited]:
         raise ConfigError(f"run directory {rd.path}: audit.jsonl lacks round(s) {', '.join(map(str, gone))}, although "
                           f"the checkpoints hold rounds 1..{start} (the file was lost, cut short or edited); restore it "

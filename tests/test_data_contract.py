@@ -502,3 +502,15 @@ def test_a_directory_says_which_files_it_leaves_out_and_a_semicolon_csv_gets_a_h
     assert "1 file(s) left out, not data files by their suffix (more.jsonl.gz;" in caplog.text
     [problem] = validate_files(tmp_path / "d" / "semi.csv")
     assert "cannot tell the format" in problem.message and "must be comma-separated" in problem.message
+
+
+@pytest.mark.parametrize("answer, marked", [
+    ("The answer is yes", True), ("The answer is: no", True), ("Ans. 5", True), ("Answers: 5", True),
+    ("Answer – 5", True), ("The answer is −5", True), ("The answer is ½", True), ("The answer is \\frac{1}{2}", True),
+    ("The answer is \\boxed{5}", True), ("The answer is no longer relevant", False), ("Answer to life", False),
+    ("Ansel Adams", False), ("Answers vary by region", False)])
+def test_answer_markers_in_gold_answers(tmp_path, answer, marked):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"id": "a", "question": "q", "answer": answer}) + "\n")
+    problems = validate_files(path)
+    assert bool(problems) is marked and all("answer marker" in p.message for p in problems)

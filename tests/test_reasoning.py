@@ -12,6 +12,7 @@ from fedlada.reasoning import (
     format_prompt,
     grade,
     is_correct,
+    last_number,
     normalize_answer,
     parse_number,
 )
@@ -324,9 +325,31 @@ def test_is_correct_keeps_signs_operators_and_single_choices(pred, gold, flexibl
         ("\\frac 34", "0.75", True), ("\\frac{3}{-4}", "-0.75", True), ("\\boxed{12\\text{ cm}}", "12 cm", True),
         ("12\\,\\mathrm{km}", "12 km", True), ("-5", "x = -5", True), ("y = 5", "x = 5", False),
         ("x = 3, y = 4", "3", False),
+        # signs and operators in text answers are kept
+        ("-x", "x", False), ("-∞", "∞", False), ("-\\sqrt{3}", "\\sqrt{3}", False), ("1/x", "1-x", False),
+        ("a/b", "a-b", False), ("2/x", "2*x", False), ("x-1", "x 1", False), ("north-east", "north east", True),
+        # more value words, not units; a unit's power is 2 or 3 (12h30 is not 12 h)
+        ("$12 M", "12", False), ("$12 B", "12", False), ("12 Mio", "12", False), ("12 grand", "12", False),
+        ("2 and one half", "2", False), ("3 halves", "3", False), ("3 i", "3", False), ("12e3", "12", False),
+        ("1999 BC", "1999", False), ("12h30", "12", False), ("5ft6in", "5", False), ("12kg500", "12", False),
+        ("–5", "5", False), ("–5", "-5", True),
+        # braced and negative powers, LaTeX thousands separators, pi, other currencies, lists, initials
+        ("25 m^{2}", "25 m²", True), ("25\\text{ m}^2", "25 m²", True), ("10^{2}", "10^2", True),
+        ("5 s⁻¹", "5 s^-1", True), ("9.8 m s⁻²", "9.8", True), ("\\boxed{10,\\!000}", "10000", True),
+        ("10{,}000", "10000", True), ("12\\,000", "12000", True), ("3 pi", "3π", True), ("pi", "π", True),
+        ("x = 3 cm", "3 cm", True), ("(3,4)", "(3, 4)", True), ("1,2,3", "1, 2, 3", True), ("¥1,000", "1000", True),
+        ("₹500", "500", True), ("A. Lincoln", "Lincoln", False), ("1,00", "1,00", True),
     ],
 )
 def test_is_correct_reads_values_not_look_alikes(pred, gold, flexible):
     """A number followed by a word that changes its value ("12 million") is not that number; ``10²`` is not ``102``;
     fractions, LaTeX wrappers and a variable's value read as what they say."""
     assert is_correct(pred, gold) is flexible
+
+
+@pytest.mark.parametrize("text, number", [
+    ("So the probability is $\\frac{3}{4}$.", "3/4"), ("Thus the area is $25\\text{ m}^2$.", "25"),
+    ("It costs 12 million dollars.", "12 million"), ("12k a year", "12k"), ("2½ pizzas", "2 1/2"),
+    ("The total is 42.", "42"), ("-7 degrees", "-7"), ("step2 gives 9", "9")])
+def test_the_last_number_fallback_reads_math_as_the_comparisons_do(text, number):
+    assert last_number(text) == number

@@ -731,7 +731,7 @@ def test_a_resume_notices_a_lost_audit_or_selections_file(tmp_path):
     """Every completed round has audit lines (>= 1 client reported) and as many selections lines as its round_time
     row counted: a file lost or cut short is refused on resume (the report would silently miss those rounds)."""
     rd = RunDir(tmp_path)
-    rd.append("metrics.jsonl", [{"round": t, "event": e, "who": "llm"} for t in (0, 1, 2) for e in ("eval",)]
+    rd.append("metrics.jsonl", [{"round": t, "event": "eval", "who": w} for t in (0, 1, 2) for w in ("llm", "client0")]
               + [{"round": t, "event": "client_step", "who": "client0"} for t in (1, 2)]
               + [{"round": 1, "event": "round_time", "seconds": 1.0, "selections": 2},
                  {"round": 2, "event": "round_time", "seconds": 1.0, "selections": 0}])
@@ -742,6 +742,37 @@ def test_a_resume_notices_a_lost_audit_or_selections_file(tmp_path):
     with pytest.raises(ConfigError, match=r"selections.jsonl holds 0 of round 1's 2 filter decisions"):
         runner.check_metrics_complete(rd, 2)
     rd.append("selections.jsonl", [{"round": 1, "pair": "llm->client0", "selected": s} for s in (True, False)])
-    (tmp_path / "audit.jsonl").unlink()
-    with pytest.raises(ConfigError, match=r"audit.jsonl lacks round\(s\) 1, 2, .*lost"):
+    # one client's line of one round
+    full = (tmp_path / "audit.jsonl").read_text()
+    (tmp_path / "audit.jsonl").write_text(full.splitlines()[1] + "\n")
+    with pytest.raises(ConfigError, match=r"audit.jsonl has no line of client0 in round 1, although it reported"):
         runner.check_metrics_complete(rd, 2)
+    (tmp_path / "audit.jsonl").write_text(full)
+    metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(m for m in metrics if not ('"client0"' in m and '"eval"' in m
+                                                                              and '"round": 2' in m)) + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl has no evaluation of client0 in round 2"):
+        runner.check_metrics_complete(rd, 2)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    (tmp_path / "audit.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"audit.jsonl has no line of client0 in round 1"):
+        runner.check_metrics_complete(rd, 2)
+
+
+def test_a_checkpoint_whose_bytes_were_changed_is_refused(tmp_path):
+    """torch.load does not check a torch zip's CRCs: bytes flipped inside a tensor loaded silently (a resumed run
+    then differed from an uninterrupted one). The stored checksums are checked, naming the file."""
+    import torch
+
+    from fedlada import checkpoints
+
+    path = tmp_path / "round_002" / "client_0.pt"
+    path.parent.mkdir()
+    checkpoints.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    assert torch.equal(checkpoints.load(path)["w"], torch.arange(4096, dtype=torch.float32))
+    data = bytearray(path.read_bytes())
+    at = data.index(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[4000:4064])
+    data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is unreadable .*CRC check.*delete .*round_002"):
+        checkpoints.load(path)

@@ -98,10 +98,12 @@ def _clean_lines(text: str | None) -> str | None:
 
 # A final answer that still carries its marker ("Answer: 5", "#### 5", "The answer is 5"): no path can match it.
 # ("The answer is X" only where X is a number or a choice letter: "The answer is blowin' in the wind" is a title.)
-_MARKED_ANSWER_RE = re.compile(r"^[ \t*_]*(?:####|(?:the[ \t]+)?(?:final[ \t]+)?(?:answer|ans\.?)[ \t]*[*_]*[ \t]*(?::|-(?=[ \t]))"
-                               r"[ \t*_:]*|(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*"
-                               r"(?=[-+$€£(]?[ \t]*(?:\d|[A-Za-z]\b\)?\.?$)))[ \t]*(?P<rest>\S.*)$",
-                               re.IGNORECASE | re.DOTALL)
+_MARKED_ANSWER_RE = re.compile(
+    r"^[ \t*_]*(?:####"
+    r"|(?:the[ \t]+)?(?:final[ \t]+)?(?:answers?|ans\.?)[ \t]*[*_]*[ \t]*(?::|[-–—](?=[ \t])|(?<=\.)(?=[ \t]))[ \t*_:]*"
+    r"|(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]+is[ \t]*:?[ \t]*"
+    r"(?=[-+−$€£¥₹(\\]?[ \t]*(?:\d|[½¼¾⅓⅔⅛]|frac|boxed|[A-Za-z]\b\)?\.?$|(?:yes|no|true|false)\b\.?$))"
+    r")[ \t]*(?P<rest>\S.*)$", re.IGNORECASE | re.DOTALL)
 
 
 def _check_final_answer(answer: str, key: str, issues: Issues, *, several: str) -> None:
