@@ -293,17 +293,23 @@ def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> dict[str, str | None
         for name in ("summary.json", "config.toml", "flower.jsonl"):
             p = rd.path / name
             previous[name] = p.read_text(encoding="utf-8") if p.is_file() else None
+    try:
+        if start:
+            for name in RUN_LOGS:
+                rd.truncate_after(name, start)
+            (rd.path / "summary.json").unlink(missing_ok=True)  # an extended run is unfinished until its last round
+        else:
+            for name in RUN_LOGS:
+                (rd.path / name).unlink(missing_ok=True)
+            (rd.path / "summary.json").unlink(missing_ok=True)
+            shutil.rmtree(rd.ckpt, ignore_errors=True)
         for name in RUN_LOGS:
-            rd.truncate_after(name, start)
-        (rd.path / "summary.json").unlink(missing_ok=True)  # an extended run is unfinished until its last round
-    else:
-        for name in RUN_LOGS:
-            (rd.path / name).unlink(missing_ok=True)
-        (rd.path / "summary.json").unlink(missing_ok=True)
-        shutil.rmtree(rd.ckpt, ignore_errors=True)
-    for name in RUN_LOGS:
-        (rd.path / name).touch()  # present even when a run makes no filter decision
-    rd.write_atomic("config.toml", config_mod.dump_toml(cfg))
+            (rd.path / name).touch()  # present even when a run makes no filter decision
+        rd.write_atomic("config.toml", config_mod.dump_toml(cfg))
+    except BaseException:  # a Ctrl-C (or a full disk) right here: a finished run stays finished
+        if start:
+            _put_back_files(rd, previous)
+        raise
     return previous
 
 

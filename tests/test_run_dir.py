@@ -776,3 +776,18 @@ def test_a_checkpoint_whose_bytes_were_changed_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=r"checkpoint file .*client_0.pt is unreadable .*CRC check.*delete .*round_002"):
         checkpoints.load(path)
+
+
+def test_an_interrupt_while_an_extension_rewrites_its_config_leaves_the_finished_run(tiny_overrides, monkeypatch):
+    cfg = load_config(overrides=tiny_overrides + ["rounds=1"])
+    rd = run(cfg).run_dir
+    before = {n: (rd / n).read_text() for n in ("summary.json", "config.toml")}
+
+    def interrupted(self, name, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "write_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(overrides=tiny_overrides + ["rounds=2"]))
+    monkeypatch.undo()
+    assert {n: (rd / n).read_text() for n in before} == before
