@@ -340,6 +340,7 @@ def _normalize_text(text: str) -> str:
     text = _DOTTED_RE.sub(lambda m: re.sub(r"[.\s]", "", m.group(1)) + " ", text.lower())  # U.S. = US
     chars = []
     bracketed = text.lstrip()[:1] in ("(", "[", "{")
+    interval = "[" in text or "]" in text  # [2, 3) is not (2, 3]: brackets kept where a square one is written
     for i, ch in enumerate(text):
         prev, nxt = text[i - 1] if i else "", text[i + 1] if i + 1 < len(text) else ""
         if ch == "," and prev.isdigit() and (re.match(r"\d(?!\d)", text[i + 1:i + 3])
@@ -354,6 +355,8 @@ def _normalize_text(text: str) -> str:
         elif ch == "-" and ((not prev.isalnum() and nxt.strip() and nxt != "-")
                             or (prev.isalnum() and not nxt.isalnum()) or (prev.isdigit() or nxt.isdigit())):
             chars.append(f" {ch} ")  # a minus sign (x = -5, -x, -\\infty, x-1) or a grade's minus (A-); "north-east"
+        elif interval and ch in "()[]":
+            chars.append(f" {ch} ")
         elif ch in "*/" and (prev.isalnum() or prev in ")}") and (nxt.isalnum() or nxt in "({\\"):
             chars.append(f" {ch} ")  # an operator between terms: 1/x is not 1-x
         elif _is_punct(ch):

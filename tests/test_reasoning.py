@@ -339,6 +339,8 @@ def test_is_correct_keeps_signs_operators_and_single_choices(pred, gold, flexibl
         ("10{,}000", "10000", True), ("12\\,000", "12000", True), ("3 pi", "3π", True), ("pi", "π", True),
         ("x = 3 cm", "3 cm", True), ("(3,4)", "(3, 4)", True), ("1,2,3", "1, 2, 3", True), ("¥1,000", "1000", True),
         ("₹500", "500", True), ("A. Lincoln", "Lincoln", False), ("1,00", "1,00", True),
+        # intervals: a square bracket keeps every bracket
+        ("(2, 3)", "[2, 3]", False), ("[2, 3)", "[2, 3]", False), ("[2,3]", "[2, 3]", True), ("(2,3)", "(2, 3)", True),
     ],
 )
 def test_is_correct_reads_values_not_look_alikes(pred, gold, flexible):
