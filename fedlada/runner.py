@@ -357,6 +357,22 @@ def check_metrics_complete(rd: RunDir, start: int) -> None:
         raise ConfigError(f"run directory {rd.path}: {where} of {who} in round {t}, although it reported that round "
                           f"({len(lost)} such client-round(s); the file was cut short or edited); restore it from a "
                           "copy, or start a new run in another out_dir")
+    # predictions.jsonl: an evaluation with lines there has all of its n; one model with lines in round 0 (a run
+    # started since the file exists) has them every round
+    predicted: dict = {}
+    for r in rd.read("predictions.jsonl"):
+        predicted[(r.get("round"), r.get("who"))] = predicted.get((r.get("round"), r.get("who")), 0) + 1
+    evaluated_n = {(r.get("round"), r.get("who")): r.get("n") for r in rows
+                   if r.get("event") == "eval" and isinstance(r.get("n"), int) and r.get("round", 0) <= start}
+    since = {who for (t, who) in predicted if t == 0}
+    short = sorted(k for k, n in evaluated_n.items()
+                   if (k in predicted or k[1] in since) and predicted.get(k, 0) != n and n)
+    if short:
+        (t, who) = short[0]
+        raise ConfigError(f"run directory {rd.path}: predictions.jsonl holds {predicted.get(short[0], 0)} of the "
+                          f"{evaluated_n[short[0]]} answers of {who}'s evaluation in round {t} ({len(short)} such "
+                          "evaluation(s); the file was lost, cut short or edited); restore it from a copy, or start a "
+                          "new run in another out_dir")
     if gone := [t for t in range(1, start + 1) if t not in audited]:
         raise ConfigError(f"run directory {rd.path}: audit.jsonl lacks round(s) {', '.join(map(str, gone))}, although "
                           f"the checkpoints hold rounds 1..{start} (the file was lost, cut short or edited); restore it "

@@ -791,3 +791,21 @@ def test_an_interrupt_while_an_extension_rewrites_its_config_leaves_the_finished
         run(load_config(overrides=tiny_overrides + ["rounds=2"]))
     monkeypatch.undo()
     assert {n: (rd / n).read_text() for n in before} == before
+
+
+def test_a_resume_notices_lost_prediction_lines(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.append("metrics.jsonl", [{"round": t, "event": "eval", "who": "llm", "n": 2} for t in (0, 1)]
+              + [{"round": 1, "event": "round_time", "seconds": 1.0, "selections": 0}])
+    rd.append("audit.jsonl", [{"round": 1, "client": 0}])
+    rows = [{"round": t, "who": "llm", "id": f"q{i}", "correct": False} for t in (0, 1) for i in (0, 1)]
+    rd.append("predictions.jsonl", rows)
+    runner.check_metrics_complete(rd, 1)
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with pytest.raises(ConfigError, match=r"predictions.jsonl holds 1 of the 2 answers of llm's evaluation in round 1"):
+        runner.check_metrics_complete(rd, 1)
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    with pytest.raises(ConfigError, match=r"holds 0 of the 2 answers of llm's evaluation in round 1"):
+        runner.check_metrics_complete(rd, 1)
+    (tmp_path / "predictions.jsonl").write_text("")  # a run from before the file: nothing to check
+    runner.check_metrics_complete(rd, 1)
