@@ -190,7 +190,7 @@ def clean_answer_span(span: str) -> str:
     changed = True
     while changed and span:
         changed = False
-        text = LATEX_TEXT_RE.match(span)
+        text = LATEX_TEXT_RE.fullmatch(span)  # a wrapper around the whole span
         if text:
             span, changed = text.group("inner").strip(), True
         for left, right in _WRAPPERS:

@@ -351,10 +351,9 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         pool.connect(evaluate=not start, resume_round=start)
         if start:  # the server has no client's train file: each node vouches for its own records
             check_clients_unchanged(rd, {k: sizes.get("data_digest") for k, (_info, sizes) in pool.setup.items()})
-        load_resumed(rd, cfg, start, server, pool,
-                     {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}, events)
+        infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
+        load_resumed(rd, cfg, start, server, pool, infos, events)
     llm_test = [rec for files in data.clients for rec in eval_split(files.test, cfg)]
-    infos = {"llm": llm_info, **{f"client{k}": pool.setup[k][0] for k in sorted(pool.setup)}}
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
              **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
              "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}
