@@ -9,6 +9,7 @@ round before.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -19,17 +20,41 @@ import torch
 from fedlada.errors import ConfigError, FedLadaError
 
 
+class _Recorder(io.RawIOBase):
+    """A write-only file around ``f`` that keeps the first OSError a write raised: torch's zip writer turns it into
+    a RuntimeError about stream positions, which says nothing to a user whose disk is full."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+
 def save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
+    recorder = None
     try:
         with open(path, "wb") as f:
-            torch.save(obj, f)
+            recorder = _Recorder(f)
+            torch.save(obj, recorder)
             f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:
-        raise FedLadaError(f"cannot write checkpoint file {path}: {e.strerror if isinstance(e, OSError) else e} "
-                           "(a full disk or a file-size limit?); the rounds checkpointed before are kept, and the "
-                           "same command resumes after the last of them") from e
+        cause = recorder.error if recorder is not None and recorder.error is not None else e
+        reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(cause)
+        raise FedLadaError(f"cannot write checkpoint file {path}: {reason} (a full disk or a file-size limit?); the "
+                           "rounds checkpointed before are kept, and the same command resumes after the last of "
+                           "them") from e
 
 
 def mark_complete(folder: str | os.PathLike, round: int) -> None:

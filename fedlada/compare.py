@@ -1,7 +1,9 @@
 """The experiment table: several methods x seeds on the same data and budget, resumable, as Markdown/CSV/plot.
 
 Each (method, seed) is an ordinary run in ``OUT/<method>/seed<k>/``; a run whose ``summary.json`` exists is
-reused, and a partly finished run resumes from its last completed round, so a table can be completed later.
+reused, and a partly finished run resumes from its last completed round, so a table can be completed later. A cell
+another process is running (a second ``fedlada compare`` into the same folder) is left for later: this one runs the
+other cells first, then waits for that run to end and takes its result.
 Only the method and the seed differ between the runs of a table; everything else comes from the one
 config, so all methods see the same data, models and round budget.
 """
@@ -12,12 +14,15 @@ import csv
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from fedlada.config import RunConfig
 from fedlada.report import who_key
 
 log = logging.getLogger(__name__)
+
+BUSY_POLL_SECONDS = 10.0  # how often a cell another process runs is tried again, once the others are done
 
 DEFAULT_METHODS = ("local", "all", "random", "lada-sft", "lada")
 
@@ -64,7 +69,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     from fedlada import runner
     from fedlada.report import write_report
     from fedlada.config import config_diff, same_config, with_overrides
-    from fedlada.errors import ConfigError
+    from fedlada.errors import ConfigError, RunDirBusy
 
     out = Path(out)
     parsed = [parse_method(m, base.host.name, base.lada.plugins, load=not finished_only) for m in methods]
@@ -78,42 +83,67 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     for host, method, _name in parsed:  # a pairing the host cannot run fails before any run starts
         check_host_config(with_overrides(base, {"host.name": host, "lada.method": method}))
     digest = None  # of the table's data, computed once when a finished run is first reused
+
+    def cell(host: str, method: str, name: str, seed: int) -> dict | None:
+        nonlocal digest
+        extra = (overrides_per_method or {}).get(method, [])
+        cfg = with_overrides(with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
+                                                   "out_dir": str(out / name / f"seed{seed}")}), extra)
+        summ = Path(cfg.out_dir) / "summary.json"
+        try:  # a damaged summary.json: the run is resumed, which writes it again from the metrics
+            finished = summ.is_file() and isinstance(json.loads(summ.read_text()), dict)
+        except ValueError:
+            finished = False
+        if finished:
+            if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
+                keys = config_diff(Path(cfg.out_dir) / "config.toml", cfg)
+                raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config (differs in: "
+                                  f"{', '.join(keys)}); use another --out for a table with other settings")
+            if digest is None:
+                from fedlada.prepare import data_digest, load_data
+
+                digest = data_digest(load_data(base))
+            runner.check_data_unchanged(runner.RunDir(cfg.out_dir), digest)
+            if not finished_only:  # a finished run of an edited rule is not this rule's result
+                runner.check_plugins_unchanged(runner.RunDir(cfg.out_dir), cfg)
+            s = json.loads(summ.read_text())
+            log.info("reusing %s", summ)
+            if not (Path(cfg.out_dir) / "report.html").is_file() and not finished_only:
+                write_report(cfg.out_dir)  # an earlier table stopped between the run's end and its report
+            return s
+        if finished_only:
+            log.warning("no finished run in %s: left out of the table", cfg.out_dir)
+            return None
+        if events:
+            events.stage(f"{name}, seed {seed}")
+        res = runner.run(cfg, resume=True, events=events)
+        write_report(res.run_dir)  # every run of the table is a full run directory
+        return res.summary
+
     rows = {}
+    busy = []  # cells another process is running: taken after the others
     for host, method, name in parsed:
         for seed in seeds:
-            extra = (overrides_per_method or {}).get(method, [])
-            cfg = with_overrides(with_overrides(base, {"host.name": host, "lada.method": method, "seed": seed,
-                                                       "out_dir": str(out / name / f"seed{seed}")}), extra)
-            summ = Path(cfg.out_dir) / "summary.json"
-            try:  # a damaged summary.json: the run is resumed, which writes it again from the metrics
-                finished = summ.is_file() and isinstance(json.loads(summ.read_text()), dict)
-            except ValueError:
-                finished = False
-            if finished:
-                if not same_config(Path(cfg.out_dir) / "config.toml", cfg):
-                    keys = config_diff(Path(cfg.out_dir) / "config.toml", cfg)
-                    raise ConfigError(f"{cfg.out_dir} holds a finished run with a different config (differs in: "
-                                      f"{', '.join(keys)}); use another --out for a table with other settings")
-                if digest is None:
-                    from fedlada.prepare import data_digest, load_data
-
-                    digest = data_digest(load_data(base))
-                runner.check_data_unchanged(runner.RunDir(cfg.out_dir), digest)
-                if not finished_only:  # a finished run of an edited rule is not this rule's result
-                    runner.check_plugins_unchanged(runner.RunDir(cfg.out_dir), cfg)
-                s = json.loads(summ.read_text())
-                log.info("reusing %s", summ)
-                if not (Path(cfg.out_dir) / "report.html").is_file() and not finished_only:
-                    write_report(cfg.out_dir)  # an earlier table stopped between the run's end and its report
-            elif finished_only:
-                log.warning("no finished run in %s: left out of the table", cfg.out_dir)
+            try:
+                s = cell(host, method, name, seed)
+            except RunDirBusy as e:
+                log.warning("%s; this table runs its other cells first and comes back to it", e)
+                busy.append((host, method, name, seed))
                 continue
-            else:
-                if events:
-                    events.stage(f"{name}, seed {seed}")
-                res = runner.run(cfg, resume=True, events=events)
-                write_report(res.run_dir)  # every run of the table is a full run directory
-                s = res.summary
+            if s is not None:
+                rows[(name, seed)] = s
+    for host, method, name, seed in busy:
+        waiting = False
+        while True:
+            try:
+                s = cell(host, method, name, seed)
+                break
+            except RunDirBusy:
+                if not waiting and events:
+                    events.stage(f"{name}, seed {seed}: waiting for the other process running it to end")
+                waiting = True
+                time.sleep(BUSY_POLL_SECONDS)
+        if s is not None:
             rows[(name, seed)] = s
     if not rows:
         raise ConfigError(f"{out}: no finished run of {', '.join(labels)} at seeds {list(seeds)} to tabulate")

@@ -15,6 +15,10 @@ class ConfigError(FedLadaError):
     """A bad config key or value."""
 
 
+class RunDirBusy(ConfigError):
+    """A run folder another process is running in (or ran in while this one was starting)."""
+
+
 class ModelError(FedLadaError):
     """A model that cannot be found or loaded."""
 

@@ -41,7 +41,7 @@ import torch
 from fedlada import checkpoints
 from fedlada import config as config_mod
 from fedlada.config import RunConfig, method_label
-from fedlada.errors import ConfigError, DataError, FedLadaError
+from fedlada.errors import ConfigError, DataError, FedLadaError, RunDirBusy
 from fedlada.generation import check_generation, llm_backend
 from fedlada.selection import check_method, is_custom, load_plugins, plugin_fingerprints
 from fedlada.models import DEFAULT_INSTRUCTION, check_devices, check_sources
@@ -112,8 +112,8 @@ class RunDir:
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ConfigError(f"run directory {self.path} is in use by another process (pid {holder}); wait for it to "
-                              "end, or use another out_dir") from None
+            raise RunDirBusy(f"run directory {self.path} is in use by another process (pid {holder}); wait for it to "
+                             "end, or use another out_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -577,8 +577,8 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
     try:
         # the folder was checked before the data loaded: another process may have run in it since (and finished)
         if check_run_dir(cfg, resume=resume)[1] != start or _finished_summary(rd, cfg, start) is not None:
-            raise ConfigError(f"run directory {rd.path} changed while this run loaded its data (another process ran "
-                              f"in it); nothing was changed: run the command again")
+            raise RunDirBusy(f"run directory {rd.path} changed while this run loaded its data (another process ran "
+                             f"in it); nothing was changed: run the command again")
         previous = init_run_dir(rd, cfg, start)
     except BaseException:
         rd.unlock(remove=start == 0)

@@ -124,3 +124,34 @@ def test_compare_counts_its_seeds_from_the_configured_seed(tmp_path, monkeypatch
     assert main(["compare", "--finished-only", "--seeds", "2", "--methods", "local", "--set", "rounds=1",
                  "--set", "seed=7", "--out", str(tmp_path)]) == 0
     assert "| local | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_cell_another_process_runs_is_taken_after_the_others(tmp_path, monkeypatch):
+    """Two tables into one folder: a cell the other process holds is not where this one stops; it runs the other
+    cells first, then waits for that cell and takes its result."""
+    from fedlada import compare, runner
+    from fedlada.compare import run_table
+    from fedlada.config import load_config
+    from fedlada.errors import RunDirBusy
+
+    calls, busy_left = [], [2]
+
+    class Done:
+        run_dir = tmp_path
+        summary = {"final": {"client0": 0.1, "llm": 0.0}, "mean_slm_accuracy": 0.1, "accuracy": {
+            "client0": {"0": 0.0}, "llm": {"0": 0.0}}, "bytes_client_to_server": 1, "bytes_server_to_client": 1,
+            "train_tokens_federated": 1}
+
+    def fake_run(cfg, **kw):
+        calls.append((cfg.lada.method, cfg.seed))
+        if (cfg.lada.method, cfg.seed) == ("local", 0) and busy_left[0]:
+            busy_left[0] -= 1
+            raise RunDirBusy(f"run directory {cfg.out_dir} is in use by another process (pid 1)")
+        return Done()
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr("fedlada.report.write_report", lambda d: None)
+    monkeypatch.setattr(compare, "BUSY_POLL_SECONDS", 0.0)
+    res = run_table(load_config(None, ["rounds=1"]), methods=("local", "lada"), seeds=(0, 1), out=tmp_path)
+    assert calls == [("local", 0), ("local", 1), ("lada", 0), ("lada", 1), ("local", 0), ("local", 0)]
+    assert {e["method"]: e["seeds"] for e in res["table"]} == {"local": 2, "lada": 2}

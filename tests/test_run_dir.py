@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -378,6 +380,26 @@ def test_checkpoint_files_are_written_durably_and_a_damaged_one_is_named_with_th
         checkpoints.save({"w": torch.ones(3)}, tmp_path / "nowhere" / "x.pt")
     checkpoints.mark_complete(d, 2)
     assert (d / "COMPLETE").read_text() == "2"
+
+
+def test_a_checkpoint_write_that_fails_midway_names_the_os_reason(tmp_path):
+    """torch's zip writer turns a failed write into a RuntimeError about stream positions: the message keeps the
+    operating system's reason instead (here a file-size limit, as a full disk would give 'No space left')."""
+    script = (
+        "import resource, signal, sys, torch\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
+        "from fedlada import checkpoints\n"
+        "try:\n"
+        "    checkpoints.save({'w': torch.zeros(100_000)}, sys.argv[1])\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("FedLadaError cannot write checkpoint file"), out.stdout
+    assert "File too large" in out.stdout and "enforce fail" not in out.stdout, out.stdout
 
 
 def test_a_changed_cached_benchmark_is_generated_again(tmp_path, caplog):
