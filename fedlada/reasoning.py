@@ -10,7 +10,8 @@ lm-evaluation-harness' GSM8K filters:
 - ``extract_answer(mode="strict")``: the first ``Answer: X`` line (the format our paths are trained on).
 - ``extract_answer(mode="flexible")``: strict; else the last answer line in another spelling (``answer: X``,
   ``**Answer:** X``, ``Final Answer: X``); else ``#### X`` (GSM8K); else the last ``\\boxed{X}``; else the last
-  "the answer is X"; else the last number in the text. The contract names only strict and the last number; the
+  "the answer is X"; else an answer marker ending its line with the answer alone on the last line
+  (``Final answer:\\nC``, version "4"); else the last number in the text. The contract names only strict and the last number; the
   others make instruct models that answer in their own style gradable and never change a strict hit.
 - ``normalize_answer`` (after Unicode NFKC, so a full-width ``Ｂ`` is ``B``): numbers compare by value (``1,000`` =
   ``1000`` = ``1000.0``, ``3/4`` = ``0.75``, ``$5`` = ``5``, ``\\frac{3}{4}`` = ``3/4``), exact rational arithmetic,
@@ -43,7 +44,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
-ANSWER_EXTRACTION_VERSION = "3"
+ANSWER_EXTRACTION_VERSION = "4"
 
 Mode = Literal["strict", "flexible"]
 
@@ -54,8 +55,14 @@ ANSWER_PREFIX = "Answer:"
 ANSWER_LINE_RE = re.compile(r"^[ \t]*Answer:[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 # An answer line in another spelling (flexible mode only): any case, markdown bold or a list dash around it, "Final".
 LOOSE_ANSWER_LINE_RE = re.compile(
-    r"^[ \t>*_#-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*(\S[^\n]*?)[ \t]*$",
+    r"^[ \t>*_#-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*((?![*_]+[ \t]*$)\S[^\n]*?)"
+    r"[ \t]*$",
     re.MULTILINE | re.IGNORECASE)
+# An answer marker ending its line and the answer alone on the text's last line ("Final answer:\nC"; flexible only);
+# a last line with an equation is working ("Answer:\n1 + 1 = 2"), left to the last-number rule.
+ANSWER_BELOW_RE = re.compile(
+    r"^[ \t>*_#-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*\n(?:[ \t]*\n)?"
+    r"[ \t]*((?![^\n]*=)\S[^\n]*?)[ \t]*\s*\Z", re.MULTILINE | re.IGNORECASE)
 # GSM8K's final-answer marker.
 HASHES_RE = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
 # Where a \boxed{...} begins; the braces are matched by hand (they nest: \boxed{\frac{1}{2}}).
@@ -250,7 +257,8 @@ def extract_answer(text: str, *, mode: Mode = "flexible") -> str | None:
 
     strict: the first ``Answer: X`` line, X returned as written (stripped).
     flexible: strict; else the last answer line in another spelling (``LOOSE_ANSWER_LINE_RE``); else ``#### X``;
-    else the last ``\\boxed{X}``; else the last "the answer is X"; else the last number. A span found by the
+    else the last ``\\boxed{X}``; else the last "the answer is X"; else a bare answer marker with the answer alone on
+    the last line (``ANSWER_BELOW_RE``); else the last number. A span found by the
     others than strict is cleaned with ``clean_answer_span``.
     """
     return _extract(text, mode)[0]
@@ -279,6 +287,9 @@ def _extract(text: str, mode: Mode) -> tuple[str | None, re.Match | None]:
     spans = [(s, m) for s, m in spans if s]
     if spans:
         return spans[-1]
+    below = ANSWER_BELOW_RE.search(text)
+    if below and clean_answer_span(below.group(1)):
+        return clean_answer_span(below.group(1)), None
     return last_number(text), None
 
 

@@ -90,7 +90,11 @@ def test_mathinstruct_answers_come_from_the_output():
     ("7 = 2*3 + 1.\n**Answer:** yes", "yes", "7 = 2*3 + 1."),
     ("It has 20 arrondissements.\nThe final answer: Paris", "Paris", "It has 20 arrondissements."),
     ("2 + 3 = 5 and 5 * 4 = 20.\nAnswer: 20", "20", "2 + 3 = 5 and 5 * 4 = 20."),
-    ("There are 2 cities: 7 and 9 km apart.", "9", "There are 2 cities: 7 and 9 km apart.")])
+    ("There are 2 cities: 7 and 9 km apart.", "9", "There are 2 cities: 7 and 9 km apart."),
+    ("Options listed 1 to 4.\n3 is prime.\nFinal answer:\nC", "C", "Options listed 1 to 4.\n3 is prime."),
+    ("3 is prime.\n**Final Answer:**\n\nC\n", "C", "3 is prime."),  # "*" was read as the answer
+    ("Step 1: 2 + 3 = 5.\nAnswer: 5\nStep 2 checks it: 5 - 3 = 2.", "5",
+     "Step 1: 2 + 3 = 5.\nStep 2 checks it: 5 - 3 = 2.")])  # reasoning after the answer line is kept
 def test_mathinstruct_final_answer_lines_win_over_the_last_number(output, answer, rationale):
     """An output ending with an answer line ("Final answer: C") has that answer, not the last number of its text
     (which stays the fallback); the line is cut from the rationale."""

@@ -246,6 +246,10 @@ def test_flexible_extraction_of_other_answer_spellings(text, answer):
         ("The answer is C. Paris is the capital.", "C", True),
         ("The answer is C. Paris is the capital.", "Paris", False),
         ("It dropped to −5 degrees", "-5", True),  # U+2212 in the last-number fallback
+        ("Options 1 to 4; 3 is prime.\nFinal answer:\nC", "C", True),  # the answer alone below its marker
+        ("Options 1 to 4; 3 is prime.\n**Final Answer:**\n\nC\n", "C", True),
+        ("Options 1 to 4; 3 is prime.\nFinal answer:\nC", "3", False),  # not the last number before it
+        ("Answer:\nIt is 7, I think, or\nmaybe 8", "8", True),  # only a last line right below the marker counts
     ],
 )
 def test_grade_reads_whole_paths(text, gold, correct):

@@ -27,7 +27,7 @@ from typing import Callable
 
 from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
 from fedlada.errors import ConfigError
-from fedlada.reasoning import (ANSWER_IS_RE, ANSWER_LINE_RE, LOOSE_ANSWER_LINE_RE, answer_is_span, boxed_contents,
+from fedlada.reasoning import (ANSWER_BELOW_RE, ANSWER_IS_RE, ANSWER_LINE_RE, LOOSE_ANSWER_LINE_RE, answer_is_span, boxed_contents,
                                clean_answer_span, is_correct, last_number)
 
 FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
@@ -210,8 +210,9 @@ def convert_gsm8k(obj: dict, *, default_id: str) -> Converted:
 
 def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
     """(rationale, answer) of a MathInstruct ``output``: "the answer is X", else ``\\boxed{X}``, else a final
-    answer line ("Answer: X", "Final answer: X", "**Answer:** X"), else the last number. The sentence or line
-    stating the answer is cut from the rationale."""
+    answer line ("Answer: X", "Final answer: X", "**Answer:** X"; text after it stays in the rationale), else a
+    final answer marker with the answer alone on the last line ("Final answer:\\nC"), else the last number. The
+    sentence or line stating the answer is cut from the rationale."""
     matches = list(ANSWER_IS_RE.finditer(output))
     if matches:
         match = matches[-1]
@@ -225,7 +226,13 @@ def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
         return _clean_lines(output), clean_answer_span(boxed[-1]) or None
     lines = list(LOOSE_ANSWER_LINE_RE.finditer(output))
     if lines and clean_answer_span(lines[-1].group(1)):
-        return _clean_lines(output[: lines[-1].start()]), clean_answer_span(lines[-1].group(1))
+        line = lines[-1]  # text after the answer line is reasoning too: kept, before the answer
+        rest = _clean_lines(output[line.end():])
+        before = _clean_lines(output[: line.start()])
+        return "\n".join(t for t in (before, rest) if t) or None, clean_answer_span(line.group(1))
+    below = ANSWER_BELOW_RE.search(output)  # "Final answer:" with the answer alone on the last line
+    if below and clean_answer_span(below.group(1)):
+        return _clean_lines(output[: below.start()]), clean_answer_span(below.group(1))
     return _clean_lines(output), last_number(output)
 
 
