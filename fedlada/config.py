@@ -255,9 +255,10 @@ class ModelsConfig:
         return self.slms[client % len(self.slms)]
 
     def slm_role(self, client: int) -> str:
-        """The cache and LoRA-seed role of client k's SLM: ``slm<i>`` for the spec it uses (clients sharing a spec
-        share the prepared model)."""
-        return f"slm{client % len(self.slms)}"
+        """The cache and LoRA-seed role of client k's SLM: ``slm<i>`` for the first spec equal to the one it uses
+        (clients sharing a spec share the prepared model, and a spec written out again, as a flwr run config file
+        does for every client slot, is the same model as the spec it repeats)."""
+        return f"slm{self.slms.index(self.slm_for(client))}"
 
 
 @dataclass(frozen=True)

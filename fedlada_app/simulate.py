@@ -4,8 +4,8 @@ One virtual SuperNode per client (``partition-id`` = client index); the ServerAp
 the ClientApps in Ray workers with ``flower.client_cpus`` CPUs each (so ``cores / client_cpus`` clients work in
 parallel, each with ``cfg.threads`` torch threads; by default as many CPUs as threads, so they take turns). ``flwr.simulation.run_simulation`` passes no run config, so the
 ServerApp is bound to ``cfg`` here and sends the config to the clients with every message (see ``records``).
-Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run`` (it logs a warning); ``flwr run . local``
-runs the same apps from ``pyproject.toml`` (docs/deployment.md).
+Flower 1.42 marks ``run_simulation`` deprecated in favour of ``flwr run`` (its warning is shown with ``verbose``
+only); ``flwr run . local`` runs the same apps from ``pyproject.toml`` (docs/deployment.md).
 
 Start-up costs what Ray costs: on a 2-core machine about 8-10 s to start Ray and a few seconds for each worker's
 first import of torch/transformers and its first SLM; models then stay loaded in the workers (``flower.model_cache``).
@@ -38,6 +38,12 @@ def backend_config(fcfg: FlowerConfig, cfg: RunConfig) -> dict:
             "init_args": {"include_dashboard": False, "logging_level": "ERROR", "_node_ip_address": "127.0.0.1"}}
 
 
+def _not_our_deprecation(record: logging.LogRecord) -> bool:
+    """Flower's warning that ``run_simulation`` is deprecated is this module's concern, not the user's: dropped
+    (``verbose`` keeps it)."""
+    return not (str(record.msg).startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
 def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
                    flower: FlowerConfig | None = None, verbose: bool = False) -> RunResult:
     """Run (or resume) ``cfg`` in Flower's simulation engine; the RunResult is read back from the run directory.
@@ -64,12 +70,14 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
     level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(_not_our_deprecation)
     pythonpath = os.environ.get("PYTHONPATH")  # Flower's Ray backend rewrites it for its workers
     try:
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.n_clients,
                             backend_config=backend_config(fcfg, cfg), verbose_logging=verbose)
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(_not_our_deprecation)
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:

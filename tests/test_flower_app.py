@@ -481,6 +481,10 @@ def test_a_fedlada_config_file_becomes_a_flwr_run_config_file(tmp_path):
     one_spec = load_config(overrides=["data.num_clients=3", 'models.slms=[{"hidden_size": 32}]'])
     flat = run_config_file(one_spec)  # shared in turn: spelled out per client
     assert all(f"models.slms.{k}.hidden_size = 32" in flat for k in range(3))
+    path.write_text(flat)  # the spelled-out specs are the same model as the shared one: same roles, same LoRA init
+    back, _ = split_run_config(get_fused_config_from_dir(REPO, parse_config_args([str(path)])))
+    assert [back.models.slm_role(k) for k in range(3)] == [one_spec.models.slm_role(k) for k in range(3)] == \
+        ["slm0"] * 3
     with pytest.raises(ConfigError, match="1 SLM spec\\(s\\) are shared by 4 clients in turn"):
         run_config_file(load_config(overrides=["data.num_clients=4", 'models.slms=[{"hidden_size": 32}]']))
     # plug-in selection rules travel too
@@ -685,3 +689,24 @@ def test_a_user_error_in_a_client_step_stops_the_run_as_in_process(tmp_path, mon
                   run_config={})
     assert records.stop_reason(client_app.train(msg, ctx)) == ("selection rule 'oops' (round 1, pair llm->client0) "
                                                                "raised KeyError: 'x'")
+
+
+def test_flowers_deprecation_of_run_simulation_is_not_shown_to_users(caplog):
+    """``fedlada run --engine flower`` calls Flower's run_simulation, which Flower 1.42 warns is deprecated: that
+    is the framework's concern, so the warning is dropped (other Flower warnings stay)."""
+    import logging
+
+    from flwr.supercore.logger import warn_deprecated_feature
+
+    from fedlada_app.simulate import _not_our_deprecation
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_not_our_deprecation)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
+            warn_deprecated_feature("something else")
+    finally:
+        flwr_logger.removeFilter(_not_our_deprecation)
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 1 and "something else" in shown[0]
