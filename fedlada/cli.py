@@ -110,13 +110,19 @@ def _load_cfg(args, sets=None):
     return load_config(args.config, overrides)
 
 
+def _quiet_library_bars() -> None:
+    """The command shows its own stages and bars: the libraries' tqdm bars (hub downloads, transformers' GGUF
+    de-quantisation) would interleave with them. An environment that sets these variables keeps its choice."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def cmd_run(args) -> int:
     from fedlada.errors import ConfigError, FedLadaError
 
     sets, flower_sets = _split_flower_sets(args.set)
     cfg = _load_cfg(args, sets)
     console = _console()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if flower_sets and cfg.engine != "flower":
         raise ConfigError(f"config keys {', '.join('flower.' + k for k in flower_sets)} configure the Flower engine; "
                           f"add --engine flower (or drop them)")
@@ -226,7 +232,6 @@ def cmd_compare(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     seeds = tuple(range(cfg.seed, cfg.seed + args.seeds))  # counted from the config's seed (0 unless set)
     console = _console()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _RichEvents(console) as ev:
         result = run_table(cfg, methods=methods, seeds=seeds, out=args.out, events=ev,
                            finished_only=args.finished_only)
@@ -269,7 +274,6 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from fedlada.export import export_model
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     out = export_model(args.run_dir, args.model, args.out, round=args.round)
     _console().print(f"{args.model} written to {out} (a plain Hugging Face model folder; see fedlada_export.json)")
@@ -345,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_library_bars()  # before any library that reads them is imported
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _signalled.clear()

@@ -242,3 +242,24 @@ def test_sigterm_while_preparing_models_stops_like_ctrl_c_and_leaves_no_folder(t
     assert proc.returncode == 143, err
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # neither the run folder nor the parent this start made
+
+
+def test_the_command_turns_off_the_libraries_own_progress_bars_unless_the_environment_sets_them(tmp_path,
+                                                                                                monkeypatch):
+    """The command shows its own stages: transformers' tqdm bars (GGUF de-quantisation) and the hub's would
+    interleave with them. They are turned off before any library reads the variables; a user's setting stays."""
+    import subprocess
+    import sys
+
+    good = tmp_path / "ok.jsonl"
+    good.write_text(json.dumps({"id": "x", "question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main(["data", "validate", str(good)]) == 0
+    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert main(["data", "validate", str(good)]) == 0 and os.environ["TQDM_DISABLE"] == "0"
+    # as a command, no library that reads them is imported before they are set
+    probe = ("import sys; import fedlada.cli as c; c.build_parser().parse_args(['run']); "
+             "print(sorted(m for m in ('tqdm', 'transformers', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
