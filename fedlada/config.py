@@ -595,7 +595,7 @@ def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
                                       f"files{hint}")
                 node.append(json.loads(json.dumps(node[-1])))
             if last:
-                node[idx] = value
+                node[idx] = _merged(node[idx], value)
                 return
             dnode = dnode[min(idx, len(dnode) - 1)] if isinstance(dnode, list) and dnode else None
             node = node[idx]
@@ -606,11 +606,19 @@ def _set_path(tree: dict, key: str, value: Any, defaults: dict) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{key}': '{'.'.join(parts[:i])}' is not a table")
         if last:
-            node[part] = value
+            node[part] = _merged(node.get(part), value)
             return
         if part not in node or node[part] is None:
             node[part] = json.loads(json.dumps(dnode[part])) if dnode is not None else {}
         node, dnode = node[part], (dnode[part] if dnode is not None else None)
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """A table given as JSON for a table (``--set 'models.llm={"source": "x"}'``) changes the keys it names and keeps
+    the others, as a config file's table does; anything else (a list, a scalar) replaces what was there."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+    return new
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -210,3 +210,16 @@ def test_quoted_command_line_strings_are_their_text():
     assert (cfg.models.llm.source, cfg.out_dir) == ("/tmp/x y", "runs/q")
     assert cfg.lada.plugins == ("a.py", "b.py") and cfg.models.llm.lora_target_modules == ("q_proj", "v_proj")
     assert load_config(overrides=['out_dir="a\\d"']).out_dir == '"a\\d"'  # not a valid TOML string: as given
+
+
+def test_a_json_table_changes_the_keys_it_names_as_a_config_files_table_does():
+    """``--set 'models.llm={"num_layers": 2}'`` keeps the LLM's other defaults (LoRA, width), as ``[models.llm]`` in
+    a file does; one slot's JSON table edits that slot; a whole list still replaces the list."""
+    cfg = load_config(None, ['models.llm={"num_layers": 2}', 'models.slms.1={"lora": true}'])
+    assert (cfg.models.llm.num_layers, cfg.models.llm.hidden_size, cfg.models.llm.lora) == (2, 256, True)
+    assert (cfg.models.slms[1].lora, cfg.models.slms[1].hidden_size) == (True, RunConfig().models.slms[1].hidden_size)
+    assert load_config(None, ['models.llm={"num_layers": 2}']) == load_config(None, ["models.llm.num_layers=2"])
+    whole = load_config(None, ['models.slms=[{"hidden_size": 32}]']).models.slms
+    assert len(whole) == 1 and whole[0].hidden_size == 32 and whole[0].lora is False
+    with pytest.raises(ConfigError, match="unknown config key|models.llm"):
+        load_config(None, ['models.llm={"num_layer": 2}'])
