@@ -124,8 +124,8 @@ def _same_tokenizer(a: ModelSpec, b: ModelSpec) -> bool | None:
     """True / False when the config decides it, None when only the loaded tokenizers can tell."""
     if a.is_tiny and b.is_tiny:  # "own" tokenizers are trained per role, so two of them always differ
         return a.tokenizer == b.tokenizer == "shared" and a.tokenizer_vocab == b.tokenizer_vocab
-    if a.is_tiny != b.is_tiny:
-        return False
+    if a.is_tiny != b.is_tiny:  # a loaded model may carry a tiny model's tokenizer (an exported SLM): checked loaded
+        return None
     return True if (a.source, a.gguf_file) == (b.source, b.gguf_file) else None
 
 
@@ -168,13 +168,7 @@ def check_host_config(cfg: RunConfig) -> None:
     for k in range(n):
         spec = cfg.models.slm_for(k)
         if _tokenizers_match(llm, spec) is False:
-            why = (" (a tiny model's tokenizer is trained here from the benchmark text, so it is never a loaded "
-                   "model's)" if llm.is_tiny != spec.is_tiny else "")
-            raise ConfigError(
-                f"config key 'host.name': '{h}' exchanges token-level logits and needs the LLM and every SLM to share "
-                f"one tokenizer, but client {k}'s SLM ({describe(spec)}) and the LLM ({describe(llm)}) use different "
-                f"tokenizers{why}. No host here supports mixed tokenizers (token alignment is not implemented); LaDa "
-                f"alone (host.name='none') works with any tokenizers because it exchanges text only.")
+            raise _mixed_tokenizers(cfg, k)
     if h == "fedcollm":
         first = cfg.models.slm_for(0)
         for k in range(1, n):
@@ -190,6 +184,49 @@ def check_host_config(cfg: RunConfig) -> None:
                     f"the same SLM, but client {k}'s SLM differs from client 0's in {', '.join(diff)}. Use identical "
                     f"SLMs (models.slms), or host.name='fedmkt', which supports different SLM architectures "
                     f"sharing the LLM's tokenizer.")
+
+
+def _mixed_tokenizers(cfg: RunConfig, k: int, detail: str = "") -> ConfigError:
+    h, llm, spec = cfg.host.name, cfg.models.llm, cfg.models.slm_for(k)
+    what = ("exchanges token-level logits" if h == "fedmkt" else
+            "distils between the LLM and the aggregated SLM token by token (mutual KD)")
+    return ConfigError(
+        f"config key 'host.name': '{h}' {what} and needs the LLM and every SLM to share one tokenizer, but client "
+        f"{k}'s SLM ({describe(spec)}) and the LLM ({describe(llm)}) use different tokenizers{detail}. No host here "
+        f"supports mixed tokenizers (token alignment is not implemented); LaDa alone (host.name='none') works with "
+        f"any tokenizers because it exchanges text only.")
+
+
+def check_loaded_tokenizers(cfg: RunConfig, k: int, llm_tokenizer, slm_tokenizer) -> None:
+    """Once both models are loaded, before any round: the check ``check_host_config`` could not settle from the
+    config (a tiny model's tokenizer against a loaded model's, which may be the same, as for an exported SLM)."""
+    if cfg.host.name == "none" or cfg.lada.method == "local":
+        return
+    if tokenizer_fingerprint(llm_tokenizer) != tokenizer_fingerprint(slm_tokenizer):
+        raise _mixed_tokenizers(cfg, k, _token_difference(llm_tokenizer, slm_tokenizer))
+    if cfg.host.name == "fedmkt" and llm_tokenizer.eos_token != slm_tokenizer.eos_token:
+        log.warning("host 'fedmkt': the LLM ends its paths with %r and client %d's SLM with %r (one vocabulary, two "
+                    "eos tokens, as an instruct model and its base model have): the top-k targets at a path's end "
+                    "teach the other side's eos token, which it does not stop on", llm_tokenizer.eos_token, k,
+                    slm_tokenizer.eos_token)
+
+
+def _token_difference(a, b) -> str:
+    """A few tokens one vocabulary has and the other lacks (or holds at another id), for the refusal."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    only_a = sorted(t for t in va if t not in vb)[:3]
+    only_b = sorted(t for t in vb if t not in va)[:3]
+    moved = sorted(t for t in va if t in vb and va[t] != vb[t])[:3]
+    parts = [f"{len(va)} vs {len(vb)} tokens"]
+    if only_a:
+        parts.append(f"only the LLM's has {', '.join(map(repr, only_a))}")
+    if only_b:
+        parts.append(f"only the SLM's has {', '.join(map(repr, only_b))}")
+    if moved:
+        parts.append(f"{', '.join(map(repr, moved))} at other ids")
+    if a.eos_token != b.eos_token:
+        parts.append(f"eos {a.eos_token!r} vs {b.eos_token!r}")
+    return f" ({'; '.join(parts)})"
 
 
 def _check_fingerprint(meta: dict, tokenizer, *, sender: str, receiver: str) -> None:
@@ -395,7 +432,7 @@ def _topk_payload(side: Side, paths: Sequence[PathItem], public: dict[str, Recor
     entries = topk_targets(side.model, side.tokenizer, prompts, [paths[i].text for i in idx], k=cfg.host.topk,
                            max_length=cfg.train.max_length)
     entries = [replace(e, path_index=i) for e, i in zip(entries, idx)]
-    k = min(cfg.host.topk, _vocab(side.model))
+    k = min(cfg.host.topk, len(side.tokenizer), _vocab(side.model))  # as topk_targets caps it
     return encode_topk(entries, k=k, meta={"host": "fedmkt", "tokenizer": tokenizer_fingerprint(side.tokenizer),
                                            "model": model_desc})
 

@@ -48,8 +48,8 @@ from fedlada.models import DEFAULT_INSTRUCTION, check_devices, check_sources
 from fedlada.messages import ReportMessage, TeachMessage
 from fedlada.prepare import (FederatedData, client_digest, data_digest, data_source, eval_split, load_data,
                              prepare_model, split_holdout)
-from fedlada.host_rounds import (check_host_config, client_step, describe, load_host_state, save_host_state,
-                                 server_learn, server_teach)
+from fedlada.host_rounds import (check_host_config, check_loaded_tokenizers, client_step, describe, load_host_state,
+                                 save_host_state, server_learn, server_teach)
 from fedlada.report import read_jsonl
 from fedlada.rounds import ClientState, ServerState, Side, check_prompts_fit, derive_seed, evaluate
 
@@ -612,6 +612,7 @@ def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[S
         events.stage(f"preparing SLM of client {k}")
         m, tok, infos[f"client{k}"] = prepare_model(spec, role=cfg.models.slm_role(k), cfg=cfg, data=data,
                                                     progress=events.progress)
+        check_loaded_tokenizers(cfg, k, ltok, tok)
         side = Side(m, tok, prompt_formatter(tok, spec, data.public, infos[f"client{k}"]))
         try:  # every client's too-long questions are named at once
             check_prompts_fit(side, {data_source(cfg, data, k, "train"): files.train,

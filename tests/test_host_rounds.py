@@ -137,6 +137,28 @@ def test_a_teacher_with_a_padded_vocabulary_names_only_real_token_ids(tiny_pair)
         host_rounds.kd_train(student, tok, bad, lr=1e-12, max_length=64)
 
 
+def test_a_padded_table_with_top_k_above_the_tokenizers_size_sends_every_real_token(tiny_pair):
+    """host.topk larger than the tokenizer (a character-level tokenizer under the default 128, or a large topk) on a
+    model whose table is padded past it: the payload holds the tokenizer's ids only, and says so in its k (it was
+    declared with the table's size and refused by its own encoder)."""
+    from fedlada.data import Record
+    from fedlada.messages import PathItem
+    from fedlada.models import PromptFormatter, build_tiny_model
+    from fedlada.rounds import Side
+
+    tok, student, teacher, prompts, paths = tiny_pair
+    padded = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, seed=2)
+    padded.resize_token_embeddings(len(tok) + 60)
+    side = Side(padded, tok, PromptFormatter(tok, use_chat_template="off"))
+    public = {f"q{i}": Record(f"q{i}", f"{a} boxes hold 3 pens each. How many pens?", str(3 * a), None, None)
+              for i, a in enumerate(range(2, 5))}
+    items = [PathItem(f"q{i}", format_path_text, -3.0, 5) for i, format_path_text in enumerate(paths[:3])]
+    cfg = load_config(None, ["host.name=fedmkt", f"host.topk={len(tok) + 30}"])
+    entries, meta = decode_topk(host_rounds._topk_payload(side, items, public, cfg, model_desc="padded"))
+    assert meta["k"] == len(tok) and all(e.indices.shape[1] == len(tok) and e.indices.max() < len(tok)
+                                         for e in entries)
+
+
 def test_kd_step_toward_own_targets_costs_nothing_and_toward_a_teacher_trains_adapters_only(tiny_pair):
     tok, student, teacher, prompts, paths = tiny_pair
     V = student.get_output_embeddings().weight.shape[0]
@@ -419,8 +441,30 @@ def test_fedcollm_compares_loaded_slms_by_source_not_by_tiny_shape_fields():
     with pytest.raises(ConfigError, match=r"differs from client 0's in lora_r \(4 vs 8\)"):
         host_rounds.check_host_config(load_config(None, same + [f"models.slms.{k}.lora=true" for k in range(3)]
                                                   + ["models.slms.1.lora_r=4"]))
-    with pytest.raises(ConfigError, match="a tiny model's tokenizer is trained here"):
-        host_rounds.check_host_config(load_config(None, same[:1] + ["models.llm.source=/models/llm"]))
+    # tiny SLMs beside a loaded LLM: settled once both are loaded (an exported SLM carries the tiny tokenizer)
+    host_rounds.check_host_config(load_config(None, ["host.name=fedmkt", "models.llm.source=/models/llm"]))
+
+
+def test_loaded_tokenizers_are_compared_before_any_round(tiny_pair, tmp_path, caplog):
+    """A tiny model beside a loaded one: the same tokenizer (an exported SLM) runs; another is refused naming what
+    differs; one vocabulary with two eos tokens (an instruct LLM, a base SLM) is warned about under FedMKT."""
+    import copy
+    import logging
+
+    from fedlada.models import train_tokenizer
+
+    tok = tiny_pair[0]
+    cfg = load_config(None, ["host.name=fedmkt", "models.llm.source=/models/llm"])
+    host_rounds.check_loaded_tokenizers(cfg, 0, tok, copy.deepcopy(tok))
+    other = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(100)], vocab_size=120)
+    with pytest.raises(ConfigError, match=r"client 1's SLM .* use different tokenizers \(\d+ vs \d+ tokens; only "):
+        host_rounds.check_loaded_tokenizers(cfg, 1, tok, other)
+    host_rounds.check_loaded_tokenizers(load_config(None, ["host.name=none"]), 1, tok, other)  # LaDa alone: text
+    base = copy.deepcopy(tok)
+    base.eos_token = base.pad_token  # a token both vocabularies hold: the same fingerprint, another eos
+    with caplog.at_level(logging.WARNING, logger="fedlada.host_rounds"):
+        host_rounds.check_loaded_tokenizers(cfg, 2, tok, base)
+    assert "two eos tokens" in caplog.text and "client 2's SLM" in caplog.text
 
 
 def test_loaded_models_with_different_tokenizers_are_refused_before_any_work(tmp_path):
