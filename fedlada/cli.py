@@ -52,7 +52,10 @@ def _console():
 
 
 class _RichEvents:
-    """Progress display for long steps: one line per stage, a bar inside steps that report progress."""
+    """Progress display for long steps: one line per stage, a bar inside steps that report progress (a line every
+    ``NOTE_SECONDS`` instead where the output is no terminal)."""
+
+    NOTE_SECONDS = 30.0
 
     def __init__(self, console):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -80,7 +83,13 @@ class _RichEvents:
     def progress(self, done: int, total: int) -> None:
         if self.task is None:
             self.task = self.bar.add_task(getattr(self, "_desc", "working"), total=total)
+            self._noted = time.perf_counter()
         self.bar.update(self.task, completed=done, total=total)
+        # output to a file or a pipe (nohup, a cluster job) shows no bar: a line every NOTE_SECONDS instead
+        if not self.console.is_terminal and time.perf_counter() - self._noted >= self.NOTE_SECONDS and done < total:
+            self._noted = time.perf_counter()
+            self.console.log(f"[{time.perf_counter() - self.t0:6.1f}s] {getattr(self, '_desc', 'working')}: "
+                             f"{done}/{total}")
 
 
 def _split_flower_sets(sets) -> tuple[list[str], dict[str, str]]:

@@ -61,6 +61,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def stopped_round_line(summary: dict) -> str:
+    """What the report and the terminal say of a round that did not complete (``summary["stopped_round"]``)."""
+    stop = summary["stopped_round"]
+    failed = f" ({', '.join(stop['failed'])} failed: see the client_failed lines of metrics.jsonl)" \
+        if stop["failed"] else ""
+    return (f"round {stop['round']} did not complete{failed}; nothing of it is counted here, and running the same "
+            f"command again resumes there")
+
+
 def failed_step_lines(summary: dict) -> list[str]:
     """One line per client that failed a step (``summary["failed_steps"]``), for the report and the terminal."""
     lines = [f"{who} failed its step in round(s) {', '.join(map(str, rounds))} (reasons: the client_failed lines "
@@ -170,8 +179,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     rd = RunDir(run_dir)
     cfg = load_config(rd.path / "config.toml")
-    metrics = read_jsonl(rd.path / "metrics.jsonl")
     summary = summarize_run(rd, cfg)
+    metrics = [r for r in read_jsonl(rd.path / "metrics.jsonl")  # completed rounds only, as the summary counts
+               if not isinstance(r.get("round"), int) or r["round"] <= summary["rounds_done"]]
     # an interrupted round's decisions stay in the file until a resume redoes that round: completed rounds only
     selections = [s for s in read_jsonl(rd.path / "selections.jsonl") if s.get("round", 0) <= summary["rounds_done"]]
     figs = _plots(metrics, selections, rd.path / "plots")
@@ -189,6 +199,8 @@ def write_report(run_dir: str | Path) -> Path:
                                       for k, v in summary.get("models", {}).items()) + ".</p>",
             "<h2>Accuracy</h2>", tbl]
     body += [f"<p><b>{html.escape(line)}</b></p>" for line in failed_step_lines(summary)]
+    if summary.get("stopped_round"):
+        body.append(f"<p><b>{html.escape(stopped_round_line(summary))}</b></p>")
     if not selections:
         body.append("<p>No filter decision was recorded (the method selects nothing, or no candidate had a usable "
                     "path), so there is no gap distribution to plot.</p>")
@@ -228,5 +240,5 @@ def print_summary(summary: dict, *, console=None, wall_seconds: float | None = N
     if wall_seconds is not None:
         line += f" | wall {wall_seconds:.0f}s"
     console.print(line)
-    for line in failed_step_lines(summary):
+    for line in failed_step_lines(summary) + ([stopped_round_line(summary)] if summary.get("stopped_round") else []):
         console.print(line, style="red", markup=False, highlight=False)

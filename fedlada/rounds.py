@@ -322,7 +322,8 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     state.own_paths = {}
     if lc.method == "local":  # no exchange: an empty message (the clients only train locally)
         return TeachMessage(round=round, question_ids=()), StepLog(
-            {"llm_paths_sampled": 0, "llm_paths_correct": 0, "llm_questions_with_correct_path": 0,
+            {"llm_paths_sampled": 0, "llm_paths_correct_sampled": 0, "llm_paths_correct": 0,
+             "llm_questions_with_correct_path": 0,
              "llm_pass_rate": None, "teach_seconds": 0.0})  # the other methods' keys: one schema per event
     t0 = time.perf_counter()
     side = state.side
@@ -341,7 +342,7 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
     sc = score_paths(side.model, side.tokenizer, flat_p, flat_y, batch_size=64, max_length=cfg.train.max_length)
     if progress:
         progress(2, 2)
-    items, i, n_correct_q = [], 0, 0
+    items, i, n_correct_q, n_correct = [], 0, 0, 0
     for qid, paths in zip(qids, sampled):
         gold = state.public[qid].answer
         seen: set[str] = set()
@@ -349,6 +350,7 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
         for y in paths:
             ok = reasoning.is_correct(reasoning.extract_answer(y, mode="strict"), gold)
             rows.append((y, float(sc.logprob[i]), int(sc.num_tokens[i]), ok))
+            n_correct += ok
             if ok and y not in seen:
                 seen.add(y)
                 items.append(PathItem(qid, y, float(sc.logprob[i]), int(sc.num_tokens[i])))
@@ -356,7 +358,9 @@ def server_teach(state: ServerState, *, cfg: RunConfig, round: int, progress: Pr
         state.own_paths[qid] = rows
         n_correct_q += bool(seen)
     msg = TeachMessage(round=round, question_ids=tuple(qids), paths=tuple(items))
-    m = {"llm_paths_sampled": len(flat_y), "llm_paths_correct": len(items),
+    # llm_paths_correct counts the distinct correct paths (what is sent), llm_paths_correct_sampled every correct
+    # sample; llm_pass_rate is the share of candidates with at least one correct path
+    m = {"llm_paths_sampled": len(flat_y), "llm_paths_correct_sampled": n_correct, "llm_paths_correct": len(items),
          "llm_questions_with_correct_path": n_correct_q, "llm_pass_rate": n_correct_q / max(len(qids), 1),
          "teach_seconds": _secs(t0)}
     return msg, StepLog(m)

@@ -567,6 +567,7 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
         return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
     if start:
         check_metrics_complete(rd, start)
+        check_threads_unchanged(rd, cfg)
     created = next((p for p in reversed((rd.path.absolute(), *rd.path.absolute().parents)) if not p.exists()), None)
     try:
         rd.lock()  # before anything in the folder changes: a second process is refused here
@@ -584,6 +585,20 @@ def begin_run(cfg: RunConfig, *, resume: bool, events: Events, t_start: float,
         rd.unlock(remove=start == 0)
         raise
     return RunStart(rd, start, data, digest, created, previous)
+
+
+def check_threads_unchanged(rd: RunDir, cfg: RunConfig) -> None:
+    """A resumed run gets the torch thread count it started with (recorded in its setup line): ``threads = 0``
+    resolves to the cores a process may use, and another count prepares other tiny models (float sums split
+    otherwise) and gives other numbers, so a resume under another count is refused before any model is prepared."""
+    started = _setup_row(rd).get("threads")
+    now = config_mod.resolve_threads(cfg.threads)
+    if isinstance(started, int) and started != now:
+        how = (f"threads = 0 resolved to the {started} core(s) that process could use; this one can use {now}"
+               if cfg.threads == 0 else f"threads = {cfg.threads} now gives {now}")
+        raise ConfigError(f"run directory {rd.path} started with {started} torch thread(s) ({how}): another count "
+                          f"prepares other tiny models and gives other numbers. Resume it in a process with "
+                          f"{started} core(s) (e.g. taskset -c 0-{started - 1} ...), or start a new run (--out)")
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
@@ -714,6 +729,7 @@ def run(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
         load_resumed(rd, cfg, start, server, pool, infos, events)
     llm_test = [rec for c in clients for rec in c.test]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
+             "threads": torch.get_num_threads(),
              **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
              "clients": [{"train": len(c.train), "holdout": len(c.holdout), "test": len(c.test),
                           "data_digest": client_digest(files)} for c, files in zip(clients, data.clients)]}
@@ -829,14 +845,19 @@ def _append_evaluations(rd: RunDir, rows: list[dict]) -> None:
 
 def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
     """Accuracy per round for every model, bytes and training tokens: the numbers the report and CLI show."""
-    rows = rd.read("metrics.jsonl")
+    every = rd.read("metrics.jsonl")
     acc: dict[str, dict[int, float]] = {}
     n_eval: dict[str, int] = {}  # questions each model is evaluated on (its latest evaluation's)
-    for r in rows:
+    for r in every:
         if r.get("event") == "eval":
             acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
             if isinstance(r.get("n"), int):
                 n_eval[r["who"]] = r["n"]
+    final_round = max((max(v) for v in acc.values()), default=0)
+    # a round stopped short (fewer than min_clients reported) logged its steps for diagnosis, but nothing of it
+    # counts: a resume redoes it
+    rows = [r for r in every if not isinstance(r.get("round"), int) or r["round"] <= final_round]
+    stopped = sorted({r["round"] for r in every if isinstance(r.get("round"), int) and r["round"] > final_round})
     bytes_up = sum(r.get("client_to_server", 0) for r in rows if r.get("event") == "bytes")
     bytes_down = sum(r.get("server_to_client", 0) for r in rows if r.get("event") == "bytes")
     tokens = sum(r.get("train_tokens", 0) or 0 for r in rows if r.get("event") == "client_step") + \
@@ -845,7 +866,6 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
     for r in rows:
         if r.get("event") == "client_failed":
             failed.setdefault(r["who"], []).append(r["round"])
-    final_round = max((max(v) for v in acc.values()), default=0)
     slm_final = [v[final_round] for k, v in acc.items() if k.startswith("client") and final_round in v]
     from fedlada.report import who_key
 
@@ -859,6 +879,9 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
             "train_tokens_federated": tokens,
             "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())},
+            "stopped_round": ({"round": stopped[0], "failed": sorted(
+                {r["who"] for r in every if r.get("round") == stopped[0] and r.get("event") == "client_failed"},
+                key=lambda w: int(w[6:]) if w[6:].isdigit() else 0)} if stopped else None),
             "missing_clients": [f"client{k}" for k in range(cfg.data.n_clients) if f"client{k}" not in acc],
             "models": {"llm": _model_words(cfg.models.llm),
                        **{f"client{k}": _model_words(cfg.models.slm_for(k)) for k in range(cfg.data.n_clients)}}}

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
@@ -355,6 +356,7 @@ def serve(grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, *, resume: bool = True
         load_resumed(rd, cfg, start, server, pool, infos, events)
     llm_test = [rec for files in data.clients for rec in eval_split(files.test, cfg)]
     setup = {"models": infos, "data": data.source, "data_digest": begun.digest, "public": len(data.public),
+             "threads": torch.get_num_threads(),
              **({"plugins": plugin_fingerprints(cfg.lada.plugins)} if cfg.lada.plugins else {}),
              "clients": [pool.setup[k][1] if k in pool.setup else None for k in pool.ids]}
     return drive(cfg, rd, start, server, pool, llm_test, events, setup=setup, t_start=t_start)

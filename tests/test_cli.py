@@ -263,3 +263,23 @@ def test_the_command_turns_off_the_libraries_own_progress_bars_unless_the_enviro
              "print(sorted(m for m in ('tqdm', 'transformers', 'huggingface_hub') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_progress_written_to_a_file_is_a_line_every_so_often():
+    """A bar is not drawn where the output is no terminal (nohup, a job's log): a plain line every NOTE_SECONDS says
+    how far a long step is."""
+    import io
+
+    from rich.console import Console
+
+    from fedlada.cli import _RichEvents
+
+    out = io.StringIO()
+    with _RichEvents(Console(file=out, width=120)) as ev:
+        ev.NOTE_SECONDS = 0.0
+        ev.stage("pretraining the LLM")
+        for step in range(1, 4):
+            ev.progress(step, 3)
+    text = out.getvalue()
+    assert "pretraining the LLM: 1/3" in text and "pretraining the LLM: 2/3" in text
+    assert "3/3" not in text  # the end is the next stage's line

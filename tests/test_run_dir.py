@@ -831,3 +831,21 @@ def test_a_resume_notices_lost_prediction_lines(tmp_path):
         runner.check_metrics_complete(rd, 1)
     (tmp_path / "predictions.jsonl").write_text("")  # a run from before the file: nothing to check
     runner.check_metrics_complete(rd, 1)
+
+
+def test_a_resume_under_another_thread_count_is_refused_before_any_model_is_prepared(tiny_overrides, tmp_path,
+                                                                                       monkeypatch):
+    """threads = 0 resolves to the cores a process may use; another count prepares other tiny models and gives other
+    numbers: the setup line records the count, and a resume under another is refused naming both (it used to
+    pretrain new models, then fail on a LoRA model's changed base weights)."""
+    cfg = load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'r'}", "rounds=1", "threads=1"])
+    run(cfg)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert rows[0]["event"] == "setup" and rows[0]["threads"] == 1
+    rows[0]["threads"] = 3  # as if it had started in a process with three cores and threads = 0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(runner, "prepare_model", lambda *a, **k: pytest.fail("prepared a model"))
+    with pytest.raises(ConfigError, match=r"started with 3 torch thread\(s\) \(threads = 1 now gives 1\).*taskset "
+                                          r"-c 0-2"):
+        run(load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'r'}", "rounds=2", "threads=1"]))

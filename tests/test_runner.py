@@ -98,6 +98,37 @@ def test_too_few_clients_fails_the_round_after_checkpointing(tiny_overrides):
     assert (Path(cfg.out_dir) / "checkpoints" / "round_001" / "COMPLETE").is_file()
 
 
+def test_a_round_stopped_short_is_not_counted_in_the_summary_or_the_report(tiny_overrides, tmp_path):
+    """client0 reports in round 2, client1 fails, min_clients=2: round 2's logged steps (client0's bytes and
+    tokens) stay in metrics.jsonl for diagnosis, but the summary and the report count completed rounds only and
+    say which round stopped."""
+    from fedlada.report import write_report
+    from fedlada.runner import RoundFailed, RunDir, summarize_run
+
+    def fail(round, client):
+        if round == 2 and client == 1:
+            raise ClientFailure("down")
+
+    cfg = load_config(overrides=tiny_overrides + ["min_clients=2", f"out_dir={tmp_path / 'stopped'}"])
+    with pytest.raises(RoundFailed, match="only 1 client"):
+        run(cfg, fail_hook=fail)
+    rows = _rows(tmp_path / "stopped", "metrics.jsonl")
+    assert any(r["event"] == "bytes" and r["round"] == 2 for r in rows)  # logged ...
+    summary = summarize_run(RunDir(cfg.out_dir), cfg)
+    one = [r for r in rows if r["round"] == 1]
+    assert summary["rounds_done"] == 1 and summary["failed_steps"] == {}
+    assert summary["bytes_client_to_server"] == sum(r["client_to_server"] for r in one if r["event"] == "bytes")
+    assert summary["train_tokens_federated"] == sum(r.get("train_tokens", 0) for r in one if r["event"] ==
+                                                    "client_step") + sum(r.get("server_train_tokens", 0) for r in
+                                                                         one if r["event"] == "server_learn")
+    assert summary["stopped_round"] == {"round": 2, "failed": ["client1"]}  # ... and named, not counted
+    html = write_report(cfg.out_dir).read_text()
+    assert "1 round(s) completed" in html and "round 2 did not complete (client1 failed" in html
+    assert "failed its step" not in html
+    finished = run(cfg)  # resumed, no failure this time
+    assert finished.summary["stopped_round"] is None and finished.summary["rounds_done"] == 2
+
+
 def _canary_data(tmp_path: Path) -> tuple[list[str], list[str]]:
     """A user-data layout whose client files carry a unique canary string in every record."""
     layout = make_benchmark(tmp_path / "bench", num_clients=2, train_per_client=40, test_per_client=12,
