@@ -81,7 +81,7 @@ class DataConfig:
     public_format: str = "auto"
     general: str = ""  # optional pretraining corpus for the default tiny models (server side)
     general_format: str = "auto"
-    # built-in benchmark (used when `clients` is empty); its own seed, so run seeds vary training, not data
+    # built-in benchmark (used when `clients` is empty); its own seed, so run seeds vary training, not the files
     seed: int = 0
     num_clients: int = 3
     train_per_client: int = 1000
@@ -233,7 +233,8 @@ class ModelsConfig:
     pretrain_warmup: float = 0.05  # fraction of pretraining steps spent warming up (cosine only)
     pretrain_bf16: bool = False  # bf16 autocast in pretraining (for GPUs; slower here at batch 8)
     # tiny models' init and pretraining order, and every LoRA adapter's initialisation: fixed, so the run seeds of a
-    # comparison share one starting point (the run seed varies sampling, selection and training order)
+    # comparison share one starting point (the run seed varies sampling, selection, training order and which of
+    # a client's train records are held out for the reward slice)
     pretrain_seed: int = 0
 
     def __post_init__(self):

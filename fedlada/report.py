@@ -61,6 +61,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def _left_out(summary: dict) -> str:
+    """" (over 19 of 20 clients: client7 has no evaluation in the last round)" where the mean leaves clients out."""
+    out = summary.get("mean_slm_left_out") or []
+    n = len(summary.get("models", {})) - 1
+    if not out or n <= 0:
+        return ""
+    return (f" (over {n - len(out)} of {n} clients: {', '.join(out)} "
+            f"{'has' if len(out) == 1 else 'have'} no evaluation in round {summary['rounds_done']})")
+
+
 def stopped_round_line(summary: dict) -> str:
     """What the report and the terminal say of a round that did not complete (``summary["stopped_round"]``)."""
     stop = summary["stopped_round"]
@@ -85,6 +95,9 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+ACCURACY_LINES = 10  # clients drawn one line each in the accuracy plot; beyond: their mean and range
+
+
 def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -99,15 +112,30 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
         if r.get("event") == "eval" and r.get("accuracy") is not None:
             acc.setdefault(r["who"], {})[r["round"]] = r["accuracy"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for who, v in sorted(acc.items(), key=lambda kv: who_key(kv[0])):
-        xs = sorted(v)
-        ax.plot(xs, [v[x] for x in xs], marker="o", label=who, lw=2.5 if who == "llm" else 1.5)
+    slms = [(who, v) for who, v in sorted(acc.items(), key=lambda kv: who_key(kv[0])) if who != "llm"]
+    many = len(slms) > ACCURACY_LINES  # one line per client stops being readable: their mean and range instead
+    if many:
+        for _who, v in slms:
+            xs = sorted(v)
+            ax.plot(xs, [v[x] for x in xs], color="0.75", lw=0.8)
+        rounds = sorted({t for _w, v in slms for t in v})
+        vals = [[v[t] for _w, v in slms if t in v] for t in rounds]
+        ax.fill_between(rounds, [min(x) for x in vals], [max(x) for x in vals], color="C0", alpha=0.15,
+                        label=f"SLMs: range ({len(slms)} clients)")
+        ax.plot(rounds, [sum(x) / len(x) for x in vals], marker="o", color="C0", lw=2, label="SLMs: mean")
+    else:
+        for who, v in slms:
+            xs = sorted(v)
+            ax.plot(xs, [v[x] for x in xs], marker="o", label=who, lw=1.5)
+    if "llm" in acc:  # drawn last, in black: never the colour of a client
+        xs = sorted(acc["llm"])
+        ax.plot(xs, [acc["llm"][x] for x in xs], marker="s", color="black", label="llm", lw=2.5)
     ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
     ax.set_xlabel("round (0 = before training)")
     ax.set_ylabel("answer accuracy")
-    ax.set_title("Accuracy per round")
+    ax.set_title("Accuracy per round" + (" (grey: each client)" if many else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over the lines
     fig.savefig(plots_dir / "accuracy.png", dpi=90, bbox_inches="tight")
     out.append(("Accuracy per round (each SLM on its client's test split; the LLM on their union)", _png(fig)))
     plt.close(fig)
@@ -191,7 +219,9 @@ def write_report(run_dir: str | Path) -> Path:
     n_sel = sum(1 for s in selections if s["selected"])
     body = [f"<h1>FedLaDa run: {html.escape(str(rd.path))}</h1>",
             f"<p>method <b>{html.escape(summary.get('label', summary['method']))}</b>, seed {summary['seed']}, "
-            f"{summary['rounds_done']} round(s) completed. Bytes clients&rarr;server: "
+            f"{summary['rounds_done']} round(s) completed. Mean SLM accuracy: "
+            f"{'-' if summary.get('mean_slm_accuracy') is None else format(summary['mean_slm_accuracy'], '.3f')}"
+            f"{html.escape(_left_out(summary))}. Bytes clients&rarr;server: "
             f"{summary['bytes_client_to_server']:,}; server&rarr;clients: {summary['bytes_server_to_client']:,}. "
             f"Training tokens (federated rounds): {summary['train_tokens_federated']:,}. "
             f"Filter decisions recorded: {len(selections):,} ({n_sel:,} selected).</p>",
@@ -234,7 +264,7 @@ def print_summary(summary: dict, *, console=None, wall_seconds: float | None = N
         t.add_row(*row)
     console.print(t)
     msl = summary.get("mean_slm_accuracy")
-    line = (f"mean SLM accuracy: {msl:.3f}" if msl is not None else "mean SLM accuracy: -") + \
+    line = (f"mean SLM accuracy: {msl:.3f}" if msl is not None else "mean SLM accuracy: -") + _left_out(summary) + \
         f" | bytes up {summary['bytes_client_to_server']:,} down {summary['bytes_server_to_client']:,}" + \
         f" | training tokens {summary['train_tokens_federated']:,}"
     if wall_seconds is not None:

@@ -176,8 +176,13 @@ def _check_positions(model, *, max_length: int, sampling: int, who: str,
     msg = (f"{who} takes at most {limit} positions (its config's position limit) but this run needs {needed} "
            f"(train.max_length={max_length}; {what.format(sampling)})")
     if hard:
-        fix = ("shorten or drop that test question, lower data.eval_max_new_tokens" if test_question else
-               "lower train.max_length, lada.max_new_tokens or data.eval_max_new_tokens")
+        if max_length > limit and sampling <= limit:  # train.max_length alone is beyond the model
+            fix = f"lower train.max_length to at most {limit}"
+        elif test_question:
+            fix = "shorten or drop that test question, lower data.eval_max_new_tokens" + \
+                (f", and train.max_length to at most {limit}" if max_length > limit else "")
+        else:
+            fix = "lower train.max_length, lada.max_new_tokens or data.eval_max_new_tokens"
         raise ModelError(f"{msg}: {fix}, or use a model with a longer context")
     log.warning("%s; its positions past %d were not trained, expect worse paths", msg, limit)
 

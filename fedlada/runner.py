@@ -820,7 +820,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
         save_checkpoint(rd, t, server, pool)
     summary = summarize_run(rd, cfg)
     if last == cfg.rounds:
-        rd.write_atomic("summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        rd.write_atomic("summary.json", json.dumps(summary, indent=1))
     return RunResult(rd.path, summary, time.perf_counter() - t_start, resumed_from=start)
 
 
@@ -876,6 +876,10 @@ def summarize_run(rd: RunDir, cfg: RunConfig) -> dict:
             "final": {k: acc[k].get(final_round) for k in models},
             "eval_questions": {k: n_eval[k] for k in models if k in n_eval},
             "mean_slm_accuracy": (sum(slm_final) / len(slm_final)) if slm_final else None,
+            # clients without an evaluation in the last round (a failed evaluation, a node that never answered):
+            # not in the mean, which is then over fewer clients than the run has
+            "mean_slm_left_out": [f"client{k}" for k in range(cfg.data.n_clients)
+                                  if final_round not in acc.get(f"client{k}", {})],
             "bytes_client_to_server": bytes_up, "bytes_server_to_client": bytes_down,
             "train_tokens_federated": tokens,
             "failed_steps": {k: sorted(set(v)) for k, v in sorted(failed.items())},

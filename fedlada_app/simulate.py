@@ -63,6 +63,15 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
         raise ConfigError(f"config key 'flower.client_cpus': a ClientApp asking for {fcfg.client_cpus:g} CPUs can "
                           f"never be placed on this machine ({cores} usable cores); use at most {cores}, or 0 (the "
                           f"run's threads)")
+    cpus = backend_config(fcfg, cfg)["client_resources"]["num_cpus"]
+    workers = max(1, int(cores // cpus)) if cpus else 1
+    if fcfg.model_cache and cfg.data.n_clients > fcfg.model_cache * workers:
+        # the workers serve the clients in the same order every round: least-recently-used entries are always the
+        # ones needed next, so every client is prepared again for every message
+        log.warning("flower.model_cache=%d prepared clients per worker x %d worker(s) hold fewer than the run's %d "
+                    "clients: each client is prepared again (model, data) for every step; --set "
+                    "flower.model_cache=%d keeps them all, if memory allows", fcfg.model_cache, workers,
+                    cfg.data.n_clients, -(-cfg.data.n_clients // workers))
     t0 = time.perf_counter()
     done: list[RunResult] = []
     server_app = make_server_app(cfg, fcfg, resume=resume, events=events, t_start=t0, done=done.append)

@@ -237,3 +237,27 @@ def test_an_interrupted_make_leaves_the_folder_as_it_was_and_can_be_run_again(tm
     assert [p.name for p in out.iterdir()] == []  # nothing half-written, no work folder
     monkeypatch.setattr(benchmark, "write_records", real)
     assert validate_files(make_benchmark(out, **SMALL).out_dir) == []
+
+
+def test_sizes_beyond_what_a_domain_can_draw_are_one_warning_per_domain(tmp_path, caplog):
+    """One-step questions of small values run out: the repeats are kept, counted and said once per domain (it was
+    one warning per repeated record, tens of thousands of lines at scale), and the files stay reproducible."""
+    import logging
+
+    from fedlada.data.benchmark import MIN_MAX_VALUE
+
+    kw = dict(num_clients=1, train_per_client=4000, test_per_client=50, public_size=50, general_size=0, max_steps=1,
+              max_value=MIN_MAX_VALUE)
+    with caplog.at_level(logging.WARNING, logger="fedlada.data.benchmark"):
+        layout = make_benchmark(tmp_path / "a", **kw)
+    said = [r.getMessage() for r in caplog.records if "too few distinct questions" in r.getMessage()]
+    named = [re.search(r"benchmark's (\S+) domain", m).group(1) for m in said]
+    assert said and len(named) == len(set(named))  # one line per domain
+    files = [p for c in layout.clients for p in (c.train, c.test)] + [layout.public]
+    questions = [r.question for p in files for r in read_records(p)]
+    assert sum(int(re.search(r": (\d+) of its questions", m).group(1)) for m in said) == \
+        len(questions) - len(set(questions)) > 0
+    assert not [r for r in caplog.records if "repeated question after" in r.getMessage()]
+    make_benchmark(tmp_path / "b", **kw)
+    for rel in ("client_0/train.jsonl", "client_0/test.jsonl", "public.jsonl"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()

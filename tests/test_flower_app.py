@@ -710,3 +710,28 @@ def test_flowers_deprecation_of_run_simulation_is_not_shown_to_users(caplog):
         flwr_logger.removeFilter(_not_our_deprecation)
     shown = [r.getMessage() for r in caplog.records]
     assert len(shown) == 1 and "something else" in shown[0]
+
+
+def test_a_model_cache_smaller_than_the_clients_per_worker_is_warned_about(monkeypatch, caplog):
+    """Ray's workers serve the clients in the same order every round, so an LRU cache of fewer entries than a
+    worker's clients never hits: every client is prepared again for every message. Said up front, with the value
+    that keeps them all."""
+    import logging
+
+    import flwr.simulation
+
+    from fedlada_app import simulate
+    from fedlada_app.settings import FlowerConfig
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)  # nothing runs
+    monkeypatch.setattr(simulate, "resolve_threads", lambda n: 2 if n == 0 else n)  # a 2-core machine
+    cfg = load_config(None, ["data.num_clients=20", "threads=1"])
+    with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"), \
+            pytest.raises(RuntimeError, match="ended without finishing"):
+        simulate.run_simulation(cfg, flower=FlowerConfig(model_cache=8))
+    assert "flower.model_cache=8 prepared clients per worker x 2 worker(s) hold fewer than the run's 20" in caplog.text
+    assert "--set flower.model_cache=10" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"), pytest.raises(RuntimeError):
+        simulate.run_simulation(cfg, flower=FlowerConfig(model_cache=10))
+    assert "model_cache" not in caplog.text

@@ -488,8 +488,13 @@ def test_a_model_too_short_for_the_run_is_refused_where_its_positions_are_learne
     recs = {"data.public (p.jsonl)": [Record("q1", "What is 2 + 3?", "5")]}
     fmt = PromptFormatter(tok, use_chat_template="off")
     check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=64, who="the LLM", max_new_tokens=8)  # fits
-    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .* needs 256 \(train.max_length=256"):
+    with pytest.raises(ModelError, match=r"the LLM takes at most 64 positions .* needs 256 \(train.max_length=256.*"
+                                         r": lower train.max_length to at most 64, or"):
         check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=256, who="the LLM", max_new_tokens=8)
+    short_test = [Record("t0", "What is 1 + 1?", "2")]  # train.max_length alone is too long: not the test's fault
+    with pytest.raises(ModelError, match=r": lower train.max_length to at most 64, or use a model"):
+        check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=256, who="the LLM", max_new_tokens=8,
+                          evaluated=short_test)
     with pytest.raises(ModelError, match=r"longest prompt \+ lada.max_new_tokens = \d+\)"):
         check_prompts_fit(Side(gpt2, tok, fmt), recs, max_length=32, who="the LLM", max_new_tokens=60)
     with caplog.at_level("WARNING"):  # rotary positions go further, untrained: a warning

@@ -240,6 +240,29 @@ def test_the_summary_lines_name_failed_steps_and_clients_never_evaluated():
     assert lines[1].startswith("client2 has no evaluation at all") and len(lines) == 2
 
 
+def test_a_mean_over_fewer_clients_than_the_run_has_says_so(tmp_path):
+    """A client with no evaluation in the last round is not in the mean SLM accuracy: the summary lists it and
+    the terminal line says over how many clients the mean is."""
+    import io
+
+    from rich.console import Console
+
+    from fedlada.config import load_config
+    from fedlada.report import print_summary
+    from fedlada.runner import RunDir, summarize_run
+
+    rd = RunDir(tmp_path)
+    rows = [{"round": t, "event": "eval", "who": w, "accuracy": a, "n": 10}
+            for t in (0, 1) for w, a in (("client0", 0.2), ("client1", 0.4), ("llm", 0.1))]
+    rows.append({"round": 0, "event": "eval", "who": "client2", "accuracy": 0.5, "n": 10})  # none in round 1
+    rd.append("metrics.jsonl", rows)
+    summary = summarize_run(rd, load_config(None, ["data.num_clients=3"]))
+    assert summary["mean_slm_left_out"] == ["client2"] and summary["mean_slm_accuracy"] == pytest.approx(0.3)
+    out = io.StringIO()
+    print_summary(summary, console=Console(file=out, width=200))
+    assert "mean SLM accuracy: 0.300 (over 2 of 3 clients: client2 has no evaluation in round 1)" in out.getvalue()
+
+
 def test_the_summary_table_says_how_many_questions_each_accuracy_is_over(caplog):
     """The table's n column; a client evaluated on a handful of questions is warned about (coarse accuracy that
     counts fully in the mean)."""

@@ -14,8 +14,10 @@ amounts added 2..``ADD_MAX``, every intermediate and final result in 1..``max_va
 Layout (``make_benchmark``): client k holds domain ``domains[k % len(domains)]`` (train + test); the public pool
 spans every listed domain in equal shares, a domain that no client holds included; the general corpus uses the same
 operations with generic containers of stated size and never a domain unit. Step counts are balanced over
-``min_steps..max_steps`` within each split. Questions are unique across all files (a repeat is redrawn, up to
-``_MAX_REDRAWS`` times), so no test question is in any train file or in the public pool. Same seed, same bytes.
+``min_steps..max_steps`` within each split. Questions are unique across all files as far as a domain allows (a
+repeat is redrawn, up to ``_MAX_REDRAWS`` times), so no test question is in any train file or in the public pool;
+sizes beyond what a domain can draw (tens of thousands of short problems) keep the repeats, counted in one warning
+per domain. Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -180,8 +182,10 @@ def _problem(rng: random.Random, domain: Domain, steps: int, max_value: int) -> 
 
 
 def _generate(rng: random.Random, domain: Domain, steps_list: list[int], max_value: int,
-              seen: set[str]) -> list[tuple[int, str, str, str]]:
-    """(steps, question, rationale, answer) for each entry of ``steps_list``, questions unique within ``seen``."""
+              seen: set[str], repeats: dict[str, int] | None = None) -> list[tuple[int, str, str, str]]:
+    """(steps, question, rationale, answer) for each entry of ``steps_list``, questions unique within ``seen`` as
+    far as the domain allows: a question still repeated after ``_MAX_REDRAWS`` redraws is kept and counted in
+    ``repeats[domain name]`` (said once per domain by ``make_benchmark``)."""
     out = []
     for steps in steps_list:
         for attempt in range(_MAX_REDRAWS + 1):
@@ -192,7 +196,10 @@ def _generate(rng: random.Random, domain: Domain, steps_list: list[int], max_val
             raise ConfigError(f"cannot draw a {steps}-step {domain.name} problem with max_value={max_value}")
         question, lines, answer = drawn
         if question in seen:
-            logger.warning("%s: repeated question after %d redraws: %s", domain.name, _MAX_REDRAWS, question)
+            if repeats is None:
+                logger.warning("%s: repeated question after %d redraws: %s", domain.name, _MAX_REDRAWS, question)
+            else:
+                repeats[domain.name] = repeats.get(domain.name, 0) + 1
         seen.add(question)
         out.append((steps, question, "\n".join(lines), str(answer)))
     return out
@@ -282,13 +289,15 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
                           "nothing was written: choose a new or empty folder")
     warn_shared_domains(num_clients, domains)
     seen: set[str] = set()
+    repeats: dict[str, int] = {}
     files: dict[str, list[Record]] = {}
     clients = []
     for k in range(num_clients):
         domain = domains[k % len(domains)]
         for split, count in (("test", test_per_client), ("train", train_per_client)):
             rng = _rng(seed, f"client-{k}-{split}")
-            rows = _generate(rng, DOMAINS[domain], _balanced_steps(rng, count, min_steps, max_steps), max_value, seen)
+            rows = _generate(rng, DOMAINS[domain], _balanced_steps(rng, count, min_steps, max_steps), max_value, seen,
+                             repeats)
             files[f"client_{k}/{split}.jsonl"] = _records(rows, domain, f"c{k}-{split}-{domain}")
         clients.append({"client": k, "domain": domain,
                         "train": f"client_{k}/train.jsonl", "test": f"client_{k}/test.jsonl"})
@@ -297,14 +306,20 @@ def make_benchmark(out_dir: str | os.PathLike, *, seed: int = 0, num_clients: in
     for j, domain in enumerate(domains):
         share = public_size // len(domains) + (1 if j < public_size % len(domains) else 0)
         steps = _balanced_steps(rng, share, min_steps, max_steps)
-        public += [(*row, domain) for row in _generate(rng, DOMAINS[domain], steps, max_value, seen)]
+        public += [(*row, domain) for row in _generate(rng, DOMAINS[domain], steps, max_value, seen, repeats)]
     rng.shuffle(public)
     files["public.jsonl"] = [Record(f"public-{d}-s{s}-{i:05d}", q, a, r, d) for i, (s, q, r, a, d) in enumerate(public)]
     if general_size:
         rng = _rng(seed, "general")
-        rows = _generate(rng, GENERAL, _balanced_steps(rng, general_size, min_steps, max_steps), max_value, seen)
+        rows = _generate(rng, GENERAL, _balanced_steps(rng, general_size, min_steps, max_steps), max_value, seen,
+                         repeats)
         files["general.jsonl"] = _records(rows, GENERAL.name, "general", width=6)
 
+    for name, n in repeats.items():
+        logger.warning("the built-in benchmark's %s domain has too few distinct questions for these sizes: %d of its "
+                       "questions repeat an earlier one (after %d redraws each), so some test questions also sit in a "
+                       "train file or the public pool (a run warns per client); use smaller sizes, or a larger "
+                       "data.max_value or data.max_steps", name, n, _MAX_REDRAWS)
     stale = _previous_files(out_dir) - set(files)
     # the files are written into a work folder inside out_dir (the same file system, whatever is mounted where)
     # and moved into place at the end, so an interrupted run leaves out_dir as it was (empty, or the earlier
