@@ -81,8 +81,8 @@ def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
     scenario's runs are counted from its config's seed, as ``fedlada compare`` counts them)."""
     lines = ["# The paper's claim checked per scenario", "",
              "Mean SLM accuracy (%, mean ± std over seeds) of treatment and control, their paired difference per "
-             "seed (mean ± std), how many seeds the treatment won, and the LLM's paired difference.", "",
-             "| scenario | comparison | treatment | control | paired diff (pts) | wins/seeds | LLM diff (pts) |",
+             "seed (mean ± std), how many seeds the treatment won and tied, and the LLM's paired difference.", "",
+             "| scenario | comparison | treatment | control | paired diff (pts) | wins/ties/seeds | LLM diff (pts) |",
              "|---|---|---|---|---|---|---|"]
     res = {}
 
@@ -98,7 +98,7 @@ def claims(root: Path, scenarios, seeds) -> tuple[str, dict]:
                 continue
             res[f"{sc}: {label}"] = p
             lines.append(f"| {sc} | {label} | {f(p['treatment'])} | {f(p['control'])} | {f(p['diff'])} | "
-                         f"{p['wins']}/{p['seeds']} | {f(p['diff_llm'])} |")
+                         f"{p['wins']}/{p['ties']}/{p['seeds']} | {f(p['diff_llm'])} |")
     return "\n".join(lines) + "\n", res
 
 

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)")
     ex.add_argument("run_dir")
-    ex.add_argument("--model", required=True, help="llm or client<K> (e.g. client0)")
+    ex.add_argument("--model", required=True,
+                    help="llm, client<K> (e.g. client0), or slm: a FedCoLLM run's aggregated SLM")
     ex.add_argument("--out", type=_folder, required=True, help="a new or empty folder")
     ex.add_argument("--round", type=int, help="after which round (default: the last completed one)")
     ex.set_defaults(func=cmd_export, interrupted="interrupted; nothing was exported (the same command starts over)")

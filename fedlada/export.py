@@ -25,13 +25,20 @@ from fedlada.errors import ConfigError, FedLadaError, is_write_failure
 log = logging.getLogger(__name__)
 
 
-def _parse_who(who: str, n_clients: int) -> int | None:
-    """``"llm"`` -> None; ``"client<K>"`` or ``"<K>"`` -> K (checked against the run's clients)."""
+def _parse_who(who: str, n_clients: int, host: str = "none") -> int | str | None:
+    """``"llm"`` -> None; ``"client<K>"`` or ``"<K>"`` -> K (checked against the run's clients); ``"slm"`` -> "slm",
+    the server's aggregated SLM of a FedCoLLM run."""
     if who == "llm":
         return None
+    if who == "slm":
+        if host != "fedcollm":
+            raise ConfigError(f"--model slm: the server's aggregated SLM exists in runs with host.name='fedcollm' "
+                              f"only; this run's host is {host!r} (export 'llm' or 'client<K>')")
+        return "slm"
     digits = who.removeprefix("client")
     if not digits.isdigit():
-        raise ConfigError(f"--model: expected 'llm' or 'client<K>' (e.g. client0), found {who!r}")
+        raise ConfigError(f"--model: expected 'llm', 'client<K>' (e.g. client0) or, for a FedCoLLM run, 'slm', "
+                          f"found {who!r}")
     k = int(digits)
     if k >= n_clients:
         raise ConfigError(f"--model: {who!r}, but the run has {n_clients} client(s) (client0..client{n_clients - 1})")
@@ -39,7 +46,7 @@ def _parse_who(who: str, n_clients: int) -> int | None:
 
 
 def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int | None = None) -> Path:
-    """Write ``who``'s model (``"llm"`` or ``"client<K>"``) after ``round`` (default: the last completed one) of the
+    """Write ``who``'s model (``"llm"``, ``"client<K>"`` or a FedCoLLM run's aggregated ``"slm"``) after ``round`` (default: the last completed one) of the
     run in ``run_dir`` to the new or empty folder ``out``; return ``out``. ConfigError for a folder that is not a run,
     a round that is not complete, an unknown model, a non-empty ``out`` or changed base weights."""
     import torch
@@ -47,15 +54,15 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
     from fedlada import config as config_mod
     from fedlada.config import load_config
     from fedlada.models import prompt_formatter, save_model
-    from fedlada.prepare import load_data, prepare_model
+    from fedlada.prepare import load_data, prepare_model, quiet_data_warnings
     from fedlada.runner import RunDir, check_models_unchanged, load_trainable, summarize_run
 
     rd = RunDir(run_dir)
     if not (rd.path / "config.toml").is_file():
         raise ConfigError(f"{rd.path} is not a run directory (no config.toml)")
     cfg = load_config(rd.path / "config.toml")
-    k = _parse_who(who, cfg.data.n_clients)
-    who = "llm" if k is None else f"client{k}"
+    k = _parse_who(who, cfg.data.n_clients, cfg.host.name)
+    who = "llm" if k is None else "slm" if k == "slm" else f"client{k}"
     done = rd.last_complete_round()
     if done == 0:
         raise ConfigError(f"{rd.path} has no completed round yet: nothing trained to export")
@@ -79,24 +86,21 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
                              "it: delete the folder and export again" if partial else ""))
 
     torch.set_num_threads(config_mod.resolve_threads(cfg.threads))  # the run's count: the same cached tiny model
-    quiet = [logging.getLogger(name) for name in ("fedlada.prepare", "fedlada.data")]
-    levels = [q.level for q in quiet]
-    try:  # the data's warnings (overlaps, small test splits) were the run's to say, not the export's
-        for q in quiet:
-            q.setLevel(logging.ERROR)
+    with quiet_data_warnings():  # the data's warnings (overlaps, small test splits) were the run's to say
         data = load_data(cfg)
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-    spec = cfg.models.llm if k is None else cfg.models.slm_for(k)
-    role = "llm" if k is None else cfg.models.slm_role(k)
+    slot = 0 if k == "slm" else k  # the aggregated SLM is client 0's spec (FedCoLLM's SLMs are one model)
+    spec = cfg.models.llm if k is None else cfg.models.slm_for(slot)
+    role = "llm" if k is None else cfg.models.slm_role(slot)
     model, tok, info = prepare_model(spec, role=role, cfg=cfg, data=data)
-    check_models_unchanged(rd, cfg, {who: info},  # as a resume checks it
+    check_models_unchanged(rd, cfg, {"client0" if k == "slm" else who: info},  # as a resume checks it
                            remedy="restore that model, or export on the machine (and CPU thread count) the run used",
                            prompts_warn=True)
-    path = ckpt / ("llm.pt" if k is None else f"client_{k}.pt")
+    path = ckpt / ("llm.pt" if k is None else "host_slm.pt" if k == "slm" else f"client_{k}.pt")
+    if k == "slm" and not path.is_file():
+        raise ConfigError(f"--model slm: {ckpt} holds no aggregated SLM (host_slm.pt): the server aggregates the SLMs "
+                          f"only in rounds where lada.method exchanges with the clients")
     try:
-        load_trainable(model, path, "the LLM" if k is None else who)
+        load_trainable(model, path, "the LLM" if k is None else "the aggregated SLM" if k == "slm" else who)
     except ConfigError as e:
         other = f"; export an earlier round with --round {round - 1}" if round > 1 else ""
         damaged = str(e).split(": the checkpoint of that round is damaged")
@@ -105,7 +109,9 @@ def export_model(run_dir: str | Path, who: str, out: str | Path, *, round: int |
         raise ConfigError(f"{e} (was the run's config.toml edited?){other}") from None
     try:
         accuracy = summarize_run(rd, cfg)["accuracy"].get(who, {}).get(str(round))
-        if accuracy is None:
+        if accuracy is None and k == "slm":
+            log.info("no accuracy in fedlada_export.json: a run evaluates each client's SLM, not the aggregate")
+        elif accuracy is None:
             log.warning("no accuracy in fedlada_export.json: %s holds no evaluation of %s in round %d (the file was "
                         "cut short or edited, or that evaluation failed)", rd.path / "metrics.jsonl", who, round)
     except FedLadaError as e:  # a damaged metrics.jsonl: the accuracy note is all it gives here

@@ -473,10 +473,11 @@ def _host(state: ServerState) -> HostServerState:
 def _server_slm(cfg: RunConfig) -> Side:
     """The server's copy of the SLM: the same spec, built the same way, from server-side text only."""
     from fedlada.models import prompt_formatter
-    from fedlada.prepare import load_server_data, prepare_model
+    from fedlada.prepare import load_server_data, prepare_model, quiet_data_warnings
 
     spec = cfg.models.slm_for(0)
-    data = load_server_data(cfg)
+    with quiet_data_warnings():  # the run's start said them
+        data = load_server_data(cfg)
     model, tok, _ = prepare_model(spec, role="slm0", cfg=cfg, data=data)
     return Side(model, tok, prompt_formatter(tok, spec, data.public))
 

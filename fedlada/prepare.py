@@ -35,6 +35,20 @@ from fedlada.errors import ConfigError, DataError, FedLadaError, ModelError, is_
 
 log = logging.getLogger(__name__)
 
+
+@contextmanager
+def quiet_data_warnings():
+    """Data read again after a run said its warnings (overlaps, small test splits): errors only, meanwhile."""
+    quiet = [logging.getLogger(name) for name in ("fedlada.prepare", "fedlada.data")]
+    levels = [q.level for q in quiet]
+    try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
 PREPARE_VERSION = 1  # bump when pretraining or tokenizer training changes: invalidates cached models
 
 

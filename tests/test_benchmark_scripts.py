@@ -144,7 +144,7 @@ def test_scenario_claims_pair_runs_by_seed(tmp_path):
     assert p["seeds"] == 3 and p["wins"] == 1 and p["ties"] == 1
     assert abs(p["diff"][0]) < 1e-12 and abs(p["diff"][1] - 0.1) < 1e-12  # diffs +0.1, 0, -0.1
     assert abs(p["diff_llm"][0] - 0.05) < 1e-12
-    assert "| a | FedMKT + LaDa vs FedMKT alone | 25.0 ± 5.0 | 25.0 ± 5.0 | 0.0 ± 10.0 | 1/3 | 5.0 ± 0.0 |" in md
+    assert "| a | FedMKT + LaDa vs FedMKT alone | 25.0 ± 5.0 | 25.0 ± 5.0 | 0.0 ± 10.0 | 1/1/3 | 5.0 ± 0.0 |" in md
     assert len(res) == 1  # comparisons without runs are left out
     # the seeds of claims.md are the table's: counted from the config's seed, as fedlada compare counts them
     seeds = scenarios.scenario_seeds(2, ["seed=1"], ROOT)

@@ -493,7 +493,8 @@ def test_export_writes_a_trained_model_as_a_plain_folder(tiny_overrides, gold_sa
         assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
         assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-4)
     assert not any(n for n, _ in merged.named_parameters() if "lora_" in n)
-    for who, kw, match in (("client9", {}, r"the run has 2 client\(s\)"), ("bob", {}, "expected 'llm' or 'client<K>'"),
+    for who, kw, match in (("client9", {}, r"the run has 2 client\(s\)"), ("bob", {}, "expected 'llm', 'client<K>'"),
+                           ("slm", {}, r"host.name='fedcollm' only; this run's host is 'none'"),
                            ("llm", {"round": 2}, r"holds completed rounds 1..1")):
         with pytest.raises(ConfigError, match=match):
             export_model(res.run_dir, who, tmp_path / "x", **kw)
@@ -849,3 +850,26 @@ def test_a_resume_under_another_thread_count_is_refused_before_any_model_is_prep
     with pytest.raises(ConfigError, match=r"started with 3 torch thread\(s\) \(threads = 1 now gives 1\).*taskset "
                                           r"-c 0-2"):
         run(load_config(overrides=tiny_overrides + [f"out_dir={tmp_path / 'r'}", "rounds=2", "threads=1"]))
+
+
+def test_export_of_a_fedcollm_runs_aggregated_slm(tiny_overrides, gold_sampler, tmp_path):
+    """FedCoLLM's product is the server's aggregated SLM (checkpoints' host_slm.pt): ``--model slm`` writes it as a
+    plain folder holding exactly those weights."""
+    import torch
+
+    from fedlada import checkpoints, prepare
+    from fedlada.export import export_model
+    from fedlada.models import load_model
+
+    slms = ['models.slms=[{"hidden_size": 24, "num_layers": 2, "num_heads": 4, "pretrain_tokens": 2000}]']
+    cfg = load_config(overrides=tiny_overrides + slms + ["rounds=1", "data.num_clients=2", "host.name=fedcollm",
+                                                         f"out_dir={tmp_path / 'run'}"])
+    gold_sampler(prepare.load_data(cfg).public)
+    res = run(cfg)
+    saved = checkpoints.load(res.run_dir / "checkpoints" / "round_001" / "host_slm.pt")
+    out = export_model(res.run_dir, "slm", tmp_path / "slm")
+    slm, _ = load_model(out)
+    mine = slm.state_dict()
+    assert saved and all(torch.equal(mine[k], v) for k, v in saved.items())
+    record = json.loads((out / "fedlada_export.json").read_text())
+    assert record["model"] == "slm" and record["accuracy"] is None
