@@ -163,11 +163,34 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_digest_memo: dict | None = None  # set inside ``same_data``
+
+
+@contextmanager
+def same_data():
+    """Within this block, the digest of one records list is computed once (a set-up prepares a model per client,
+    each keyed by the server corpus' digest). The lists must not change meanwhile; the memo holds them."""
+    global _digest_memo
+    outer = _digest_memo
+    _digest_memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _digest_memo = outer
+
+
 def _records_digest(records: list[Record]) -> str:
+    if _digest_memo is not None:
+        hit = _digest_memo.get(id(records))
+        if hit is not None and hit[0] is records:
+            return hit[1]
     h = hashlib.sha256()
     for r in records:
         h.update(json.dumps(r.to_json(), sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    if _digest_memo is not None:
+        _digest_memo[id(records)] = (records, digest)
+    return digest
 
 
 def client_digest(files: "ClientFiles") -> str:
@@ -382,12 +405,12 @@ def prepare_tokenizer(cfg: RunConfig, data: FederatedData, *, vocab_size: int, s
     from fedlada.models import train_tokenizer
 
     corpus = server_corpus(data)
-    texts = _corpus_texts(corpus) + [reasoning.format_prompt(r.question) for r in data.public]
     key = _digest({"v": PREPARE_VERSION, "corpus": _records_digest(corpus), "public": _records_digest(data.public),
                    "vocab": vocab_size, "salt": salt})
     path = cache_root(cfg) / "tokenizers" / key
     if (path / "tokenizer.json").is_file():
         return _cached_tokenizer(path), key
+    texts = _corpus_texts(corpus) + [reasoning.format_prompt(r.question) for r in data.public]
     if salt != "shared":  # a different tokenizer: trained on a different sample of the same text
         rng = random.Random(salt)
         texts = rng.sample(texts, len(texts) // 2)

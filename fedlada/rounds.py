@@ -39,6 +39,7 @@ same random choices as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -98,12 +99,40 @@ class Side:
         return [self.formatter(q) for q in questions]
 
 
+_lengths_memo: dict | None = None  # set inside ``same_records``
+
+
+@contextlib.contextmanager
+def same_records():
+    """Within this block, ``prompt_lengths`` of one records list under an equal tokenizer and prompt format is
+    computed once (a run's set-up checks the public pool under every client's SLM: clients sharing a model would
+    tokenise it again each). The lists must not change meanwhile; the memo holds them, so their ids stay theirs."""
+    global _lengths_memo
+    outer = _lengths_memo
+    _lengths_memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _lengths_memo = outer
+
+
 def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
     """Tokens of each record's prompt under ``side`` (its formatter and tokenizer)."""
     if not records:
         return []
-    return [len(x) for x in side.tokenizer(side.prompts([r.question for r in records]),
-                                           add_special_tokens=False)["input_ids"]]
+    key = None
+    if _lengths_memo is not None:
+        from fedlada.hosts import tokenizer_fingerprint
+
+        key = (id(records), tokenizer_fingerprint(side.tokenizer), side.formatter("\x00"))
+        hit = _lengths_memo.get(key)
+        if hit is not None and hit[0] is records:
+            return hit[1]
+    lengths = [len(x) for x in side.tokenizer(side.prompts([r.question for r in records]),
+                                              add_special_tokens=False)["input_ids"]]
+    if key is not None:
+        _lengths_memo[key] = (records, lengths)
+    return lengths
 
 
 def check_prompts_fit(side: Side, sources: dict[str, list[Record]], *, max_length: int, who: str,

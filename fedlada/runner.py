@@ -602,6 +602,16 @@ def check_threads_unchanged(rd: RunDir, cfg: RunConfig) -> None:
 
 
 def build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState], dict]:
+    from fedlada.prepare import same_data
+    from fedlada.rounds import same_records
+
+    # the server corpus' digest and the public pool's prompt lengths, once per set-up rather than once per client
+    with same_data(), same_records():
+        return _build_states(cfg, data, events)
+
+
+def _build_states(cfg: RunConfig, data: FederatedData, events: Events) -> tuple[ServerState, list[ClientState],
+                                                                                   dict]:
     from fedlada.models import prompt_formatter
 
     # the run's thread count (begin_run sets it too): a caller of the library gets the models and numbers of

@@ -308,3 +308,25 @@ def test_step_counts_say_what_trained(tiny_overrides, gold_sampler):
     assert all(r["distill_sft"] == 0 and r.get("train_distill") is None for r in steps)
     learn = [r for r in rows if r["event"] == "server_learn"]
     assert learn and all("server_listwise_groups" in r and r["server_distill_sft"] == 0 for r in learn)
+
+
+def test_a_set_up_tokenises_the_public_pool_once_per_tokenizer_and_prompt_format(tiny_overrides, monkeypatch):
+    """Clients sharing an SLM (and its tokenizer and prompt format) check the public pool's prompts once, and the
+    server corpus is digested once; the states are the same as without the memo."""
+    from fedlada import prepare, rounds
+    from fedlada.runner import Events, build_states
+
+    cfg = load_config(overrides=tiny_overrides + ["data.num_clients=4", "rounds=1"])
+    data = prepare.load_data(cfg)
+    calls = []
+    real = rounds.Side.prompts
+    monkeypatch.setattr(rounds.Side, "prompts", lambda self, qs: calls.append(len(qs)) or real(self, qs))
+    build_states(cfg, data, Events())
+    public_checks = calls.count(len(data.public))
+    specs = {(s.hidden_size, s.num_layers, s.num_heads) for s in (cfg.models.slm_for(k) for k in range(4))}
+    assert public_checks <= 1 + len(specs)  # the LLM's, then one per distinct SLM (not one per client)
+    plain = prepare._records_digest(data.public)
+    with prepare.same_data():
+        assert prepare._records_digest(data.public) == plain and id(data.public) in prepare._digest_memo
+        assert prepare._records_digest(list(data.public)) == plain  # another list: computed, not taken
+    assert prepare._digest_memo is None and rounds._lengths_memo is None  # only within a set-up
