@@ -273,13 +273,26 @@ def check_run_dir(cfg: RunConfig, *, resume: bool) -> tuple[RunDir, int]:
     if not config_mod.same_config(existing, cfg):
         keys = config_mod.config_diff(existing, cfg)
         if keys != ["rounds"]:
+            shown = [k for k in keys if k != "rounds"]  # a larger rounds alone is an extension, not a difference
+            hint = ""
+            if "engine" in keys:  # a client's checkpoints live where its engine keeps them: not interchangeable
+                was = flat_items_of(existing).get("engine", "?")
+                hint = f" (it ran with engine = {was!r}: resume it with --engine {was})"
             raise ConfigError(f"run directory {rd.path} holds a run with a different config ({existing}; differs "
-                              f"in: {', '.join(keys)}); use another out_dir, or the same config to resume it")
+                              f"in: {', '.join(shown)}){hint}; use another out_dir, or the same config to resume it")
         if done > cfg.rounds:
             raise ConfigError(f"run directory {rd.path} holds {done} completed rounds, more than rounds={cfg.rounds}")
         if done < cfg.rounds:  # (equal: an extension that never started a round; the run is finished as it is)
             log.info("%s: extending the run to %d rounds (%d done)", rd.path, cfg.rounds, done)
     return rd, done
+
+
+def flat_items_of(path: Path) -> dict:
+    """The dotted keys of a stored config.toml (empty when it no longer loads)."""
+    try:
+        return config_mod.flat_items(config_mod.load_config(path))
+    except ConfigError:
+        return {}
 
 
 def init_run_dir(rd: RunDir, cfg: RunConfig, start: int) -> dict[str, str | None]:

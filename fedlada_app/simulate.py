@@ -63,6 +63,9 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
         raise ConfigError(f"config key 'flower.client_cpus': a ClientApp asking for {fcfg.client_cpus:g} CPUs can "
                           f"never be placed on this machine ({cores} usable cores); use at most {cores}, or 0 (the "
                           f"run's threads)")
+    from fedlada.runner import check_run_dir
+
+    check_run_dir(cfg, resume=resume)  # a folder this config cannot run in is refused before Ray starts
     cpus = backend_config(fcfg, cfg)["client_resources"]["num_cpus"]
     workers = max(1, int(cores // cpus)) if cpus else 1
     if fcfg.model_cache and cfg.data.n_clients > fcfg.model_cache * workers:

@@ -712,7 +712,7 @@ def test_flowers_deprecation_of_run_simulation_is_not_shown_to_users(caplog):
     assert len(shown) == 1 and "something else" in shown[0]
 
 
-def test_a_model_cache_smaller_than_the_clients_per_worker_is_warned_about(monkeypatch, caplog):
+def test_a_model_cache_smaller_than_the_clients_per_worker_is_warned_about(monkeypatch, caplog, tmp_path):
     """Ray's workers serve the clients in the same order every round, so an LRU cache of fewer entries than a
     worker's clients never hits: every client is prepared again for every message. Said up front, with the value
     that keeps them all."""
@@ -725,7 +725,7 @@ def test_a_model_cache_smaller_than_the_clients_per_worker_is_warned_about(monke
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)  # nothing runs
     monkeypatch.setattr(simulate, "resolve_threads", lambda n: 2 if n == 0 else n)  # a 2-core machine
-    cfg = load_config(None, ["data.num_clients=20", "threads=1"])
+    cfg = load_config(None, ["data.num_clients=20", "threads=1", f"out_dir={tmp_path / 'run'}"])
     with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"), \
             pytest.raises(RuntimeError, match="ended without finishing"):
         simulate.run_simulation(cfg, flower=FlowerConfig(model_cache=8))

@@ -73,8 +73,12 @@ def test_resuming_with_another_config_names_the_keys_that_differ(tiny_overrides,
     _fake_run(Path(cfg.out_dir), cfg, rounds_done=1)
     assert check_run_dir(cfg, resume=True)[1] == 1
     other = load_config(overrides=tiny_overrides + ["rounds=3", "lada.budget=0.3"])
-    with pytest.raises(ConfigError, match=r"differs in: lada.budget, rounds"):
+    with pytest.raises(ConfigError, match=r"differs in: lada.budget\); use"):  # a larger rounds alone is allowed
         check_run_dir(other, resume=True)
+    flower = load_config(overrides=tiny_overrides + ["engine=flower"])
+    with pytest.raises(ConfigError, match=r"differs in: engine\) \(it ran with engine = 'inprocess': resume it with "
+                                          r"--engine inprocess\)"):
+        check_run_dir(flower, resume=True)
     with pytest.raises(ConfigError, match="already holds a run"):
         check_run_dir(cfg, resume=False)
     # more rounds only: the run is extended from where it is
