@@ -222,7 +222,7 @@ def _default_slms() -> tuple[ModelSpec, ...]:
 class ModelsConfig:
     llm: ModelSpec = field(default_factory=lambda: ModelSpec(
         hidden_size=256, num_layers=4, num_heads=8, lora=True, lora_r=16, lora_alpha=32,
-        pretrain_tokens=1_600_000))
+        pretrain_tokens=1_000_000))
     slms: tuple[ModelSpec, ...] = field(default_factory=_default_slms)
     cache_dir: str = ""  # default: $FEDLADA_CACHE or ~/.cache/fedlada
     # Pretraining recipe of the default tiny models (measured on the built-in general corpus, 3.3M-param LLM, 1M

@@ -460,7 +460,8 @@ def test_a_node_that_cannot_keep_checkpoints_refuses_and_a_lost_save_is_a_failed
     pool = FlowerClients(types.SimpleNamespace(), cfg, FlowerConfig(), rd)
     monkeypatch.setattr(pool, "_to_clients", lambda kind, req, round: [
         _Reply(0), _Reply(1, error="Flower error 2: FileNotFoundError: /proc/nope")])
-    pool.save(tmp_path / "run" / "checkpoints" / "round_002")
+    rd.append("metrics.jsonl", [{"round": 2, "event": "eval", "who": "llm", "accuracy": 0.1, "n": 1}])  # evaluated,
+    pool.save(tmp_path / "run" / "checkpoints" / "round_002")  # then saved: a lost save fails the round's step
     assert summarize_run(rd, cfg)["failed_steps"] == {"client1": [2]}
 
 
