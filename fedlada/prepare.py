@@ -347,6 +347,9 @@ def warn_small_tests(cfg: RunConfig, clients: list[ClientFiles]) -> list[str]:
     return out
 
 
+SAID_PER_CLIENT = 6  # per-client data warnings said one by one before they are summed up in one line
+
+
 def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:
     """Warn (and return the warnings) when a client's test questions also appear in its train split or in the
     public pool: the accuracy on those is then not a held-out measurement. Questions match after whitespace and
@@ -362,8 +365,12 @@ def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[
             if n:
                 out.append(f"data.clients.{k}.test: {n} of its {len(c.test)} records ask a question that is also in "
                            f"{name}; their accuracy is not held out")
-    for line in out:
+    for line in out[:SAID_PER_CLIENT]:
         log.warning(line)
+    if len(out) > SAID_PER_CLIENT:  # a federation of many clients: the first few, then one line for the rest
+        rest = out[SAID_PER_CLIENT:]
+        log.warning("... and %d more such warning(s), for %s", len(rest),
+                    ", ".join(dict.fromkeys(line.split(":", 1)[0] for line in rest)))
     return out
 
 

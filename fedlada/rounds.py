@@ -61,6 +61,7 @@ from fedlada.filter import (LearnabilityFilter, Selection, build_features, learn
 from fedlada.generation import GenerationBackend
 from fedlada.messages import PathItem, ReportMessage, TeachMessage
 from fedlada.paths import question_embeddings, sample_paths, score_paths
+from fedlada.prepare import SAID_PER_CLIENT
 from fedlada.train import ListwiseExample, PreferenceExample, SFTExample, train
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Side:
 
 
 _lengths_memo: dict | None = None  # set inside ``same_records``
+_cut_lines: list[str] | None = None  # the files whose paths are cut, within ``same_records``
 
 
 @contextlib.contextmanager
@@ -107,13 +109,20 @@ def same_records():
     """Within this block, ``prompt_lengths`` of one records list under an equal tokenizer and prompt format is
     computed once (a run's set-up checks the public pool under every client's SLM: clients sharing a model would
     tokenise it again each). The lists must not change meanwhile; the memo holds them, so their ids stay theirs."""
-    global _lengths_memo
+    global _lengths_memo, _cut_lines
     outer = _lengths_memo
     _lengths_memo = {} if outer is None else outer
+    if outer is None:
+        _cut_lines = []
     try:
         yield
     finally:
         _lengths_memo = outer
+        if outer is None:
+            rest, _cut_lines = _cut_lines[SAID_PER_CLIENT:], None
+            if rest:  # a federation of many clients: the first few said, the rest in one line
+                log.warning("... and %d more file(s) with paths cut by train.max_length: %s", len(rest),
+                            ", ".join(rest))
 
 
 def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
@@ -186,6 +195,10 @@ def _warn_cut_paths(side: Side, where: str, records: list[Record], prompt_tokens
     lengths = [n + len(y) + 1 for n, y in zip(prompt_tokens,  # + eos
                                               side.tokenizer(paths, add_special_tokens=False)["input_ids"])]
     cut = [(r.id, n) for r, n in zip(records, lengths) if n > max_length]
+    if cut and _cut_lines is not None:
+        _cut_lines.append(where)
+        if len(_cut_lines) > SAID_PER_CLIENT:
+            return
     if cut:
         log.warning("%s: %d of %d record(s) are longer than train.max_length=%d under %s's tokenizer (e.g. %r, %d "
                     "tokens): their path is cut from the right, so its answer line is not trained on; raise "

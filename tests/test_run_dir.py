@@ -283,6 +283,34 @@ def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
     assert lines == [r.getMessage() for r in caplog.records]
 
 
+def test_many_clients_warnings_are_summed_up_after_the_first_few(caplog):
+    """40 clients with overlapping test questions, or paths cut by train.max_length, gave 40-80 warning lines before
+    the first useful one: the first few are said, the rest counted in one line naming the files."""
+    from fedlada.models import PromptFormatter, train_tokenizer
+    from fedlada.prepare import SAID_PER_CLIENT, ClientFiles, warn_test_overlap
+    from fedlada.rounds import Side, _warn_cut_paths, same_records
+
+    recs = [Record(f"r{i}", f"What is {i} + 1?", str(i + 1), "one step " * 20) for i in range(3)]
+    clients = [ClientFiles(recs, recs[:1]) for _ in range(10)]
+    with caplog.at_level("WARNING"):
+        lines = warn_test_overlap(clients, public=[])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and said[:SAID_PER_CLIENT] == lines[:SAID_PER_CLIENT]
+    assert len(said) == SAID_PER_CLIENT + 1 and said[-1].startswith("... and 4 more such warning(s), for "
+                                                                      "data.clients.6.test, data.clients.7.test")
+    caplog.clear()
+    tok = train_tokenizer([r.question + r.rationale for r in recs], vocab_size=120)
+    side = Side(None, tok, PromptFormatter(tok, use_chat_template="off"))
+    with caplog.at_level("WARNING"), same_records():
+        for k in range(10):
+            _warn_cut_paths(side, f"data.clients.{k}.train", recs, [5, 5, 5], max_length=8, who="an SLM")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == SAID_PER_CLIENT + 1 and said[-1] == ("... and 4 more file(s) with paths cut by "
+                                                             "train.max_length: data.clients.6.train, "
+                                                             "data.clients.7.train, data.clients.8.train, "
+                                                             "data.clients.9.train")
+
+
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
     import torch
 
