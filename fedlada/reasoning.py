@@ -288,9 +288,24 @@ def _extract(text: str, mode: Mode) -> tuple[str | None, re.Match | None]:
     if spans:
         return spans[-1]
     below = ANSWER_BELOW_RE.search(text)
-    if below and clean_answer_span(below.group(1)):
+    if below and is_short_answer(below.group(1)):
         return clean_answer_span(below.group(1)), None
     return last_number(text), None
+
+
+def is_short_answer(line: str) -> bool:
+    """Whether a line below a bare answer marker reads as the answer itself: a choice letter, a number, a number with
+    a unit of a word or two, or a short text without digits (``Paris``, ``yes``); a sentence (``The total is 12.``,
+    ``Therefore 12``) is reasoning, left to the last-number rule."""
+    span = clean_answer_span(line)
+    if not span:
+        return False
+    if choice_letter(span) is not None or parse_number(span) is not None:
+        return True
+    with_unit = _number_and_unit(span)
+    if with_unit is not None and LEADING_NUMBER_RE.match(span) and len(with_unit[1].split()) <= 2:
+        return True
+    return not any(ch.isdigit() for ch in span) and len(span.split()) <= 3
 
 
 def grade(text: str, gold: str) -> bool:

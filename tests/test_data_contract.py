@@ -93,6 +93,8 @@ def test_mathinstruct_answers_come_from_the_output():
     ("There are 2 cities: 7 and 9 km apart.", "9", "There are 2 cities: 7 and 9 km apart."),
     ("Options listed 1 to 4.\n3 is prime.\nFinal answer:\nC", "C", "Options listed 1 to 4.\n3 is prime."),
     ("3 is prime.\n**Final Answer:**\n\nC\n", "C", "3 is prime."),  # "*" was read as the answer
+    ("She had 15 and ate 3.\nFinal answer:\nShe has 12 apples left.", "12",  # a sentence: not a gold answer
+     "She had 15 and ate 3.\nFinal answer:\nShe has 12 apples left."),
     ("Step 1: 2 + 3 = 5.\nAnswer: 5\nStep 2 checks it: 5 - 3 = 2.", "5",
      "Step 1: 2 + 3 = 5.\nStep 2 checks it: 5 - 3 = 2.")])  # reasoning after the answer line is kept
 def test_mathinstruct_final_answer_lines_win_over_the_last_number(output, answer, rationale):

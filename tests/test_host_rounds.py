@@ -455,6 +455,14 @@ def test_loaded_tokenizers_are_compared_before_any_round(tiny_pair, tmp_path, ca
 
     tok = tiny_pair[0]
     cfg = load_config(None, ["host.name=fedmkt", "models.llm.source=/models/llm"])
+    looked_up = []
+    real = host_rounds._tokenizer_fingerprint_of
+    host_rounds._tokenizer_fingerprint_of = lambda src, gguf: looked_up.append(src) or real(src, gguf)
+    try:  # a tiny spec has no folder to read ("tiny" was looked up on the hub: 30-50 s of retries offline)
+        host_rounds.check_host_config(cfg)
+    finally:
+        host_rounds._tokenizer_fingerprint_of = real
+    assert "tiny" not in looked_up
     host_rounds.check_loaded_tokenizers(cfg, 0, tok, copy.deepcopy(tok))
     other = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(100)], vocab_size=120)
     with pytest.raises(ConfigError, match=r"client 1's SLM .* use different tokenizers \(\d+ vs \d+ tokens; only "):

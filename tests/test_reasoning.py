@@ -250,6 +250,14 @@ def test_flexible_extraction_of_other_answer_spellings(text, answer):
         ("Options 1 to 4; 3 is prime.\n**Final Answer:**\n\nC\n", "C", True),
         ("Options 1 to 4; 3 is prime.\nFinal answer:\nC", "3", False),  # not the last number before it
         ("Answer:\nIt is 7, I think, or\nmaybe 8", "8", True),  # only a last line right below the marker counts
+        ("Answer:\nThe total is 12.", "12", True),  # a sentence below the marker is reasoning: its last number
+        ("Final answer:\nShe has 12 apples left.", "12", True),
+        ("answer:\nx is 5", "5", True),
+        ("Final Answer:\nTherefore 12", "12", True),
+        ("Final answer:\nx - 3 > 0 so 4", "4", True),
+        ("Final answer:\n12 kg", "12 kg", True),  # a number with its unit, a name: the answer itself
+        ("Final answer:\nParis", "Paris", True),
+        ("**Final Answer:**\n(B)", "B", True),
     ],
 )
 def test_grade_reads_whole_paths(text, gold, correct):

@@ -27,8 +27,8 @@ from typing import Callable
 
 from fedlada.data.records import OPTIONAL_KEYS, RECORD_KEYS, Record
 from fedlada.errors import ConfigError
-from fedlada.reasoning import (ANSWER_BELOW_RE, ANSWER_IS_RE, ANSWER_LINE_RE, LOOSE_ANSWER_LINE_RE, answer_is_span, boxed_contents,
-                               clean_answer_span, is_correct, last_number)
+from fedlada.reasoning import (ANSWER_BELOW_RE, ANSWER_IS_RE, ANSWER_LINE_RE, LOOSE_ANSWER_LINE_RE, answer_is_span,
+                               boxed_contents, clean_answer_span, is_correct, is_short_answer, last_number)
 
 FORMATS = ("fedlada", "gsm8k", "mathinstruct", "cot")
 
@@ -231,7 +231,7 @@ def split_mathinstruct_output(output: str) -> tuple[str | None, str | None]:
         before = _clean_lines(output[: line.start()])
         return "\n".join(t for t in (before, rest) if t) or None, clean_answer_span(line.group(1))
     below = ANSWER_BELOW_RE.search(output)  # "Final answer:" with the answer alone on the last line
-    if below and clean_answer_span(below.group(1)):
+    if below and is_short_answer(below.group(1)):
         return _clean_lines(output[: below.start()]), clean_answer_span(below.group(1))
     return _clean_lines(output), last_number(output)
 
