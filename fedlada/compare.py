@@ -127,7 +127,8 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
             try:
                 s = cell(host, method, name, seed)
             except RunDirBusy as e:
-                log.warning("%s; this table runs its other cells first and comes back to it", e)
+                log.warning("%s; this table runs its other cells first and comes back to it",
+                            str(e).split(";")[0])  # (not the advice to wait: this table does)
                 busy.append((host, method, name, seed))
                 continue
             if s is not None:
