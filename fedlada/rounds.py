@@ -133,7 +133,11 @@ def prompt_lengths(side: Side, records: list[Record]) -> list[int]:
     if _lengths_memo is not None:
         from fedlada.hosts import tokenizer_fingerprint
 
-        key = (id(records), tokenizer_fingerprint(side.tokenizer), side.formatter("\x00"))
+        tok = _lengths_memo.get(("tokenizer", id(side.tokenizer)))  # fingerprinted once per tokenizer object
+        if tok is None or tok[0] is not side.tokenizer:
+            tok = _lengths_memo[("tokenizer", id(side.tokenizer))] = (side.tokenizer,
+                                                                      tokenizer_fingerprint(side.tokenizer))
+        key = (id(records), tok[1], side.formatter("\x00"))
         hit = _lengths_memo.get(key)
         if hit is not None and hit[0] is records:
             return hit[1]
