@@ -31,6 +31,9 @@ class FlowerConfig:
     # simulation only: CPUs Ray reserves per ClientApp worker; 0 = the run's torch threads (``threads``, resolved),
     # so workers take turns and each computes as the in-process runner does, never oversubscribing the cores
     client_cpus: float = 0.0
+    # simulation only: GPUs Ray reserves per ClientApp worker (0.5 = two workers share a GPU); 0 = none reserved,
+    # the workers still see the machine's GPUs, so an SLM with device "auto" uses one as in-process
+    client_gpus: float = 0.0
 
     def __post_init__(self):
         for key in ("timeout", "connect_timeout"):
@@ -39,6 +42,9 @@ class FlowerConfig:
         if not self.client_cpus >= 0:
             raise ConfigError(f"config key 'flower.client_cpus': expected a number >= 0 (0 = the run's threads), "
                               f"found {self.client_cpus!r}")
+        if not self.client_gpus >= 0:
+            raise ConfigError(f"config key 'flower.client_gpus': expected a number >= 0 (0 = none reserved), "
+                              f"found {self.client_gpus!r}")
         if self.model_cache < 0:
             raise ConfigError(f"config key 'flower.model_cache': expected an integer >= 0, found {self.model_cache!r}")
 

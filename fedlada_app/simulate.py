@@ -24,16 +24,19 @@ from fedlada_app.settings import FlowerConfig
 
 log = logging.getLogger(__name__)
 
-# Flower and Ray must not phone home or install anything at run time (set unless the caller chose otherwise).
+# Flower and Ray must not phone home or install anything at run time (set unless the caller chose otherwise); Ray
+# must not hide the GPUs from workers that reserve none (its default until now, with a FutureWarning on every run):
+# an SLM on device "auto" then finds a GPU in a ClientApp as in-process.
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 def backend_config(fcfg: FlowerConfig, cfg: RunConfig) -> dict:
     """Ray's resources per ClientApp: ``flower.client_cpus``, or (0, the default) the run's torch threads capped at
     the cores Ray sees, so on the default config one ClientApp at a time uses every core, as in-process."""
     cpus = fcfg.client_cpus or min(resolve_threads(cfg.threads), resolve_threads(0))
-    return {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": fcfg.client_gpus},
             # Ray on loopback only, without its dashboard: both shorten start-up
             "init_args": {"include_dashboard": False, "logging_level": "ERROR", "_node_ip_address": "127.0.0.1"}}
 
@@ -42,6 +45,34 @@ def _not_our_deprecation(record: logging.LogRecord) -> bool:
     """Flower's warning that ``run_simulation`` is deprecated is this module's concern, not the user's: dropped
     (``verbose`` keeps it)."""
     return not (str(record.msg).startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
+class ClientAppTracebacks(logging.Filter):
+    """Flower's engine logs a failed ClientApp as three ERROR records (its exception with Ray's repr, a traceback,
+    a notice): 40-60 lines a failure, each printed twice (Flower's handler and the root logger's). The run already
+    says which client failed and why (``client_failed`` in ``metrics.jsonl`` and a one-line warning), so without
+    ``verbose`` these records go to ``path`` (``flower-errors.log`` in the run directory), nothing lost, and the
+    terminal gets one line naming that file on the first failure."""
+
+    MODULES = ("vce_api", "raybackend")  # flwr.server.superlink.fleet.vce: the simulation's worker and Ray backend
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.diverted = path, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or record.module not in self.MODULES:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.getMessage()}\n")
+        except OSError:
+            return True  # it cannot be kept in a file: printed, as Flower would
+        if not self.diverted:
+            log.warning("a ClientApp failed; Flower's traceback is in %s (--verbose prints it)", self.path)
+        self.diverted += 1
+        return False
 
 
 def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None = None,
@@ -63,6 +94,14 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
         raise ConfigError(f"config key 'flower.client_cpus': a ClientApp asking for {fcfg.client_cpus:g} CPUs can "
                           f"never be placed on this machine ({cores} usable cores); use at most {cores}, or 0 (the "
                           f"run's threads)")
+    if fcfg.client_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if fcfg.client_gpus > gpus:
+            raise ConfigError(f"config key 'flower.client_gpus': a ClientApp asking for {fcfg.client_gpus:g} GPUs "
+                              f"can never be placed on this machine ({gpus} CUDA device(s)); use at most {gpus}, or 0 "
+                              f"(none reserved)")
     from fedlada.runner import check_run_dir
 
     check_run_dir(cfg, resume=resume)  # a folder this config cannot run in is refused before Ray starts
@@ -80,9 +119,11 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
     server_app = make_server_app(cfg, fcfg, resume=resume, events=events, t_start=t0, done=done.append)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
+    tracebacks = ClientAppTracebacks(RunDir(cfg.out_dir).path / "flower-errors.log")
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(_not_our_deprecation)
+        flwr_logger.addFilter(tracebacks)
     pythonpath = os.environ.get("PYTHONPATH")  # Flower's Ray backend rewrites it for its workers
     try:
         flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.n_clients,
@@ -90,6 +131,7 @@ def run_simulation(cfg: RunConfig, *, resume: bool = True, events: Events | None
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(_not_our_deprecation)
+        flwr_logger.removeFilter(tracebacks)
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
         else:

@@ -271,6 +271,49 @@ def test_threads_resolve_the_same_way_in_every_engine(monkeypatch):
         FlowerConfig(client_cpus=-1)
 
 
+def test_clientapps_may_reserve_gpus_and_see_them_when_they_reserve_none(tmp_path):
+    """``flower.client_gpus`` is Ray's GPU share per ClientApp (0 = none reserved); Ray must not hide the GPUs from
+    workers that reserve none, or an SLM on device "auto" would train on the CPU under Flower only. A share this
+    machine cannot place is refused before Ray starts."""
+    from fedlada_app.settings import FlowerConfig
+    from fedlada_app.simulate import QUIET_ENV, backend_config, run_simulation
+
+    assert QUIET_ENV["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "0"
+    assert backend_config(FlowerConfig(), load_config())["client_resources"]["num_gpus"] == 0
+    assert backend_config(FlowerConfig(client_gpus=0.5), load_config())["client_resources"]["num_gpus"] == 0.5
+    with pytest.raises(ConfigError, match="flower.client_gpus"):
+        FlowerConfig(client_gpus=-0.5)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=rf"'flower.client_gpus': a ClientApp asking for {gpus + 1} GPUs can never "
+                                          rf"be placed on this machine \({gpus} CUDA device"):
+        run_simulation(load_config(overrides=[f"out_dir={tmp_path / 'r'}"]), flower=FlowerConfig(client_gpus=gpus + 1))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_clientapps_tracebacks_go_to_a_file_and_the_terminal_gets_one_line(tmp_path, caplog):
+    """Flower logs a failed ClientApp as three ERROR records of 40-60 lines (printed twice); without ``verbose``
+    they are kept in the run's flower-errors.log and one warning names that file. Other Flower records pass."""
+    import logging
+
+    from fedlada_app.simulate import ClientAppTracebacks
+
+    path = tmp_path / "run" / "flower-errors.log"
+    keep = ClientAppTracebacks(path)
+
+    def record(module, level, msg):
+        return logging.LogRecord("flwr", level, f"/x/{module}.py", 1, msg, None, None)
+
+    with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"):
+        assert keep.filter(record("raybackend", logging.ERROR, "An exception was raised")) is False
+        assert keep.filter(record("vce_api", logging.ERROR, "Traceback ...\nRuntimeError: boom")) is False
+        assert keep.filter(record("vce_api", logging.WARNING, "a warning")) is True
+        assert keep.filter(record("server_app", logging.ERROR, "another error")) is True
+    text = path.read_text()
+    assert "An exception was raised" in text and "RuntimeError: boom" in text and "another error" not in text
+    assert keep.diverted == 2
+    assert caplog.text.count("Flower's traceback is in") == 1 and str(path) in caplog.text
+
+
 def test_compute_lock_makes_clientapps_on_one_machine_take_turns(tmp_path):
     """Node config ``compute-lock``: a handler holds the lock file while it computes; without the key, no lock."""
     import fcntl

@@ -40,6 +40,8 @@ def test_simulation_matches_inprocess_with_a_failing_client(model_cache, tmp_pat
     failed = [r for r in got if r["event"] == "client_failed"]
     assert [(r["round"], r["who"]) for r in failed] == [(2, "client1")]
     assert "injected failure" in failed[0]["reason"]
+    # Flower's tracebacks of that failure are kept in the run folder, not printed
+    assert "injected failure (FEDLADA_TEST_FAIL) of client 1 in round 2" in (sim.run_dir / "flower-errors.log").read_text()
     assert _same_reason(got) == _same_reason(strip(rows(ref.run_dir)))
     assert rows(sim.run_dir, "selections.jsonl") == rows(ref.run_dir, "selections.jsonl")
     assert rows(sim.run_dir, "audit.jsonl") == rows(ref.run_dir, "audit.jsonl")
