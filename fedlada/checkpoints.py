@@ -84,6 +84,10 @@ def load(path: str | os.PathLike, *, weights_only: bool = True):
                 raise ValueError(f"its entry {bad} fails its CRC check")
         return torch.load(path, weights_only=weights_only)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile) as e:
-        reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
+        # torch's first line only: its advice to load with weights_only=False is wrong for a damaged file
+        first = (str(e).strip().splitlines() or [""])[0].strip()
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in first:
+            first = "its bytes do not load as a checkpoint"
+        reason = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {first[:200]})"
         raise ConfigError(f"checkpoint file {path} is {reason}: the checkpoint of that round is damaged; delete "
                           f"{path.parent} to resume from the round before it") from None

@@ -238,6 +238,11 @@ def cmd_compare(args) -> int:
 
         raise ConfigError("fedlada compare runs every (method, seed) in process; drop engine=flower and flower.* "
                           "keys (run single methods on Flower with fedlada run --engine flower)")
+    if args.methods is not None and not args.methods.strip():
+        from fedlada.errors import ConfigError
+
+        raise ConfigError("--methods: expected comma-separated methods, found nothing (leave --methods out for the "
+                          f"default {','.join(DEFAULT_METHODS)})")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     seeds = tuple(range(cfg.seed, cfg.seed + args.seeds))  # counted from the config's seed (0 unless set)
     console = _console()
@@ -315,20 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="built-in benchmark and data validation")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    m = dsub.add_parser("make", help="generate the built-in benchmark")
+    m = dsub.add_parser("make", help="generate the built-in benchmark",
+                        description="Write the built-in benchmark's files (clients' train/test, public pool, general "
+                        "corpus, manifest.json) into --out, a new or empty folder. Same seed, same bytes.")
     m.add_argument("--out", type=_folder, default="data/benchmark", help="output directory (default: data/benchmark)")
     m.add_argument("--config", help="a TOML config file (its [data] table sets the sizes)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. data.num_clients=4")
     m.set_defaults(func=cmd_data_make, interrupted="interrupted; the same command makes the benchmark again")
-    v = dsub.add_parser("validate", help="check data files; lists every problem with file and line")
-    v.add_argument("files", nargs="+")
+    v = dsub.add_parser("validate", help="check data files; lists every problem with file and line",
+                        description="Check data files (or every data file of a folder) against the data contract; "
+                        "one line per problem with file, line and key. Exit 0: no problem; 1: problems found; 2: "
+                        "a usage error.")
+    v.add_argument("files", nargs="+", help="data files or folders (.jsonl, .json, .csv, .parquet)")
     v.add_argument("--format", default="auto", help="auto | fedlada | gsm8k | mathinstruct | cot")
     v.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES, metavar="N",
                    help=f"a longer record is a problem (default {DEFAULT_MAX_RECORD_BYTES}; the run's key is "
                         f"data.max_record_bytes)")
     v.set_defaults(func=cmd_data_validate, interrupted="interrupted; no file was changed")
 
-    c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)")
+    c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)",
+                       description="Run every method with every seed on one config (each a run folder under "
+                       "--out/<method>/seed<N>, finished ones reused) and write table.md/.csv/.json/.png with the "
+                       "mean and std over seeds. --out must be new, empty or a table's folder.")
     c.add_argument("--config", help="a TOML config file shared by every run of the table")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--methods", help="comma-separated; each METHOD or HOST:METHOD, e.g. "
@@ -336,19 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=3,
                    help="number of seeds (the config's seed, default 0, and the N-1 after it; default 3)")
     c.add_argument("--out", type=_folder, default="runs/compare", help="table directory; each run lives below it")
-    c.add_argument("--title", default="")
+    c.add_argument("--title", default="", help="the table's title (default: names --out)")
     c.add_argument("--finished-only", action="store_true",
                    help="run nothing: tabulate the runs already finished under --out (each row says over how many "
                         "seeds)")
     c.set_defaults(func=cmd_compare, interrupted="interrupted; every finished run of the table is kept and the "
                                                   "same command goes on from there")
 
-    rep = sub.add_parser("report", help="(re)write the HTML report of a run directory")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="(re)write the HTML report of a run directory",
+                         description="Write report.html and plots/ of a run folder again from its metrics.jsonl, "
+                         "selections.jsonl and summary, and print its summary table.")
+    rep.add_argument("run_dir", help="a run folder (fedlada run --out)")
     rep.set_defaults(func=cmd_report, interrupted="interrupted; the same command writes the report again")
 
-    ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)")
-    ex.add_argument("run_dir")
+    ex = sub.add_parser("export", help="write a trained model of a run as a Hugging Face model folder (LoRA merged)",
+                        description="Write a model of a run, as trained after a round, as a Hugging Face model "
+                        "folder (weights with LoRA merged, tokenizer, fedlada_export.json), loadable with "
+                        "AutoModelForCausalLM.from_pretrained. Needs the run's folder and its data files.")
+    ex.add_argument("run_dir", help="a run folder (fedlada run --out)")
     ex.add_argument("--model", required=True,
                     help="llm, client<K> (e.g. client0), or slm: a FedCoLLM run's aggregated SLM")
     ex.add_argument("--out", type=_folder, required=True, help="a new or empty folder")
@@ -376,6 +394,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous[1])
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, torch's (CUDA/MPS) OutOfMemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
 def _main(args) -> int:
     from fedlada.errors import FedLadaError
 
@@ -392,6 +420,12 @@ def _main(args) -> int:
         if isinstance(e, FedLadaError):
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if _out_of_memory(e) and not args.verbose:  # models or batches too big for this machine: a config matter
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: out of memory ({first[:300]}); use smaller models (hidden_size, num_layers, lora_r), "
+                  "train.batch_size or train.max_length, or a machine with more memory; a run resumes from its last "
+                  "completed round (--verbose shows where it failed)", file=sys.stderr)
+            return 1
         if isinstance(e, OSError) and not args.verbose:  # a path the user gave is a file, unwritable, ...
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             print(f"error: {e.strerror or e}{where}", file=sys.stderr)

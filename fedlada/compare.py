@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -58,6 +59,26 @@ def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = (), *
     return host, method, method_label(host, method)
 
 
+def check_table_folder(out: Path) -> None:
+    """``--out`` must be new, empty or a table's folder (its ``table.json``, or ``<method>/seed<N>`` run folders):
+    a run's folder or a folder of other files is refused (the table's files and runs would land among them)."""
+    from fedlada.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; give a folder for the table")
+    if not out.is_dir():
+        return
+    entries = [p for p in out.iterdir() if p.name != ".lock"]
+    if not entries or (out / "table.json").is_file():
+        return
+    if (out / "config.toml").is_file() or (out / "metrics.jsonl").is_file():
+        raise ConfigError(f"--out {out}: is a run's folder (fedlada run), not a table's; give a new folder")
+    if not any(p.is_dir() and any(q.is_dir() and re.fullmatch(r"seed-?\d+", q.name) for q in p.iterdir())
+               for p in entries):
+        raise ConfigError(f"--out {out}: holds other files ({', '.join(sorted(p.name for p in entries)[:5])}), "
+                          "not a table of fedlada compare; give a new or empty folder")
+
+
 def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,
               events=None, overrides_per_method: dict[str, list[str]] | None = None,
               finished_only: bool = False) -> dict:
@@ -72,6 +93,7 @@ def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ..
     from fedlada.errors import ConfigError, RunDirBusy
 
     out = Path(out)
+    check_table_folder(out)
     parsed = [parse_method(m, base.host.name, base.lada.plugins, load=not finished_only) for m in methods]
     labels = [p[2] for p in parsed]
     if len(set(labels)) != len(labels):
@@ -223,8 +245,9 @@ def write_table(result: dict, out: str | Path, *, title: str = "") -> dict[str, 
            yerr=[100 * (e["llm"][1] or 0) for e in table], label="LLM", capsize=3)
     ax.set_xticks(list(x), names, rotation=20)
     ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, max(ax.get_ylim()[1], 5.0))  # never a negative accuracy axis (all zeros drew -0.04..0.04)
     ax.set_title(title or "methods compared")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "table.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return {"markdown": md, "csv": out / "table.csv", "plot": out / "table.png"}

@@ -419,7 +419,8 @@ class RunConfig:
         _check(self.engine in ("inprocess", "flower"), "engine", "'inprocess' or 'flower'", self.engine)
         _check(bool(self.out_dir), "out_dir", "a directory path", self.out_dir)
         object.__setattr__(self, "out_dir", os.path.expanduser(self.out_dir))  # "~/runs/x" is not a folder named ~
-        _check(self.threads >= 0, "threads", "an integer >= 0", self.threads)
+        _check(0 <= self.threads <= MAX_THREADS, "threads", f"an integer in 0..{MAX_THREADS} (0 = every usable core)",
+               self.threads)
         _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)
         _check(self.min_clients <= self.data.n_clients, "min_clients",
                f"at most the number of clients ({self.data.n_clients})", self.min_clients)
@@ -635,12 +636,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     tree = json.loads(json.dumps(defaults))
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config {p}: is a folder; give a TOML config file")
         if not p.is_file():
             where = "" if p.is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
             raise ConfigError(f"config file not found: {p}{where}")
+        raw = p.read_bytes()
+        try:  # a byte-order mark (Windows editors) is no part of the TOML
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{p}: not valid UTF-8 (byte 0x{raw[e.start]:02x} on line {line}); save the config as "
+                              "UTF-8") from None
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
         _check_file_types(data, RunConfig, "", p)
         # a file's tables replace the defaults key by key (lists replace lists whole)
@@ -735,6 +745,9 @@ def _merge(tree: dict, data: dict, defaults: dict, prefix: str, source: Path) ->
             tree[k] = v
 
 
+MAX_THREADS = 1024  # torch and the tokenizers' thread pools fail to start far beyond any core count
+
+
 def resolve_threads(threads: int) -> int:
     """torch threads for ``threads``: itself when > 0, else every core this process may use (CPU affinity).
 
@@ -791,17 +804,27 @@ def flat_items(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def toml_string(v: str, key: str = "") -> str:
+    """``v`` as a TOML basic string: characters beyond the BMP (an emoji in a path) written as themselves (JSON's
+    surrogate-pair escapes are not TOML), control characters and DEL escaped. A lone surrogate (a path's bytes that
+    are not UTF-8, as Python decodes them) cannot be written: ConfigError naming ``key``."""
+    if any("\ud800" <= c <= "\udfff" for c in v):
+        raise ConfigError(f"config key '{key or '?'}': {v!r} is not valid Unicode (a file name's bytes that are not "
+                          "UTF-8?); it cannot be recorded in the run's config.toml: rename the file or folder")
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def dump_toml(cfg: RunConfig) -> str:
     """A TOML rendering of the resolved config (written into every run directory)."""
     lines: list[str] = []
 
-    def val(v):
+    def val(v, key=""):
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v)
+            return toml_string(v, key)
         if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
+            return "[" + ", ".join(val(x, key) for x in v) + "]"
         return repr(v)
 
     def unused(d: dict) -> None:  # a loaded model's spec still lists the tiny-model shape keys: say they are unused
@@ -815,7 +838,7 @@ def dump_toml(cfg: RunConfig) -> str:
             lines.append(f"\n[{name}]")
         unused(d)
         for k, v in scalars.items():
-            lines.append(f"{k} = {val(v)}")
+            lines.append(f"{k} = {val(v, f'{name}.{k}' if name else k)}")
         for k, v in d.items():
             full = f"{name}.{k}" if name else k
             if isinstance(v, dict):

@@ -15,7 +15,7 @@ Alignment convention (the same as ``fedlada.paths.collate``): the functions neve
 distribution that predicts ``labels[b, t]``, and ``mask[b, t]`` says whether that prediction is scored. With a causal LM
 run on ``input_ids`` this means ``labels[:, t] = input_ids[:, t + 1]`` (the last column is unused) and ``mask`` is the
 ``loss_mask`` of ``collate``, which marks the positions whose *next* token is a path token. ``labels`` may hold any
-value (e.g. -100 or a pad id) where ``mask`` is 0.
+value (e.g. a pad id) where ``mask`` is 0; a negative label (-100, Hugging Face's ignore index) is never scored.
 
 Departures from the paper / choices of ours:
 
@@ -53,13 +53,22 @@ def _check_shapes(fn: str, ndim: int, **tensors: torch.Tensor) -> None:
                          + ", ".join(f"{name} {list(s)}" for name, s in shapes.items()))
 
 
+def _check_tokens(fn: str, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+    """logits (B,T,V), labels and mask (B,T): a (B,1) or (T,) mask would broadcast and score every position."""
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]) or tuple(mask.shape) != tuple(labels.shape):
+        raise ValueError(f"{fn}: expected logits (B,T,V) with labels and mask (B,T), got logits {list(logits.shape)}, "
+                         f"labels {list(labels.shape)}, mask {list(mask.shape)}")
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-position log pi(labels[b, t]) under ``logits[b, t]`` (computed in float32), 0 where ``mask`` is 0.
 
-    logits (B,T,V), labels (B,T) int, mask (B,T) bool or float -> (B,T) float32. The mask is *not* multiplied in as a
-    weight here; it only zeroes excluded positions (whose labels may be out of range, e.g. -100).
+    logits (B,T,V), labels (B,T) int, mask (B,T) bool or float -> (B,T) float32 (other shapes: ValueError). The mask
+    is *not* multiplied in as a weight here; it only zeroes excluded positions (whose labels may be out of range).
+    A negative label (-100, the Hugging Face ignore index) is excluded like a 0 in the mask.
     """
-    keep = mask != 0
+    _check_tokens("token_logprobs", logits, labels, mask)
+    keep = (mask != 0) & (labels >= 0)
     safe_labels = labels.masked_fill(~keep, 0)
     B, T, V = logits.shape
     nll = F.cross_entropy(logits.float().reshape(B * T, V), safe_labels.reshape(B * T), reduction="none")
@@ -70,7 +79,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     """Log joint probability of each row's scored tokens: sum_t mask[b,t] * log pi(labels[b,t]).
 
     logits (B,T,V), labels (B,T), mask (B,T) -> (B,) float32. No shift is applied (see the module docstring).
-    A float mask weights the positions; a bool/int mask selects them.
+    A float mask weights the positions; a bool/int mask selects them; negative labels are excluded.
     """
     return (token_logprobs(logits, labels, mask) * mask.float()).sum(dim=-1)
 
@@ -80,12 +89,15 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
     """Token NLL summed over valid positions and divided by ``num_tokens`` -> () float32.
 
     ``num_tokens`` is the *global* count of valid tokens over every micro-batch that makes one optimizer step; pass it
-    when accumulating gradients so that the sum of the micro-batch gradients equals the one-big-batch gradient. By
-    default it is this batch's count of non-zero mask entries (at least 1, so an empty mask gives 0, not NaN).
+    when accumulating gradients so that the sum of the micro-batch gradients equals the one-big-batch gradient (a
+    number must be > 0). By default it is this batch's count of valid positions (a non-zero mask and a label >= 0;
+    at least 1, so an empty mask gives 0, not NaN).
     """
+    if isinstance(num_tokens, (int, float)) and not num_tokens > 0:  # NaN too; a tensor is not synced to check
+        raise ValueError(f"sft_loss: num_tokens must be > 0, got {num_tokens!r}")
     nll_sum = -(token_logprobs(logits, labels, mask) * mask.float()).sum()
     if num_tokens is None:
-        num_tokens = (mask != 0).sum().clamp(min=1)
+        num_tokens = ((mask != 0) & (labels >= 0)).sum().clamp(min=1)
     return nll_sum / num_tokens
 
 
@@ -134,10 +146,10 @@ def listwise_path_loss(student_logp: torch.Tensor, teacher_logp: torch.Tensor, l
     log_p = F.log_softmax(s, dim=-1)
     log_q = F.log_softmax(t, dim=-1)
     q = log_q.exp()
-    # q = 0 (a valid path the teacher gives log-probability -inf) contributes 0, not 0 * inf
-    kl_terms = torch.where(valid & (q > 0), q * (log_q - log_p), torch.zeros_like(log_p))
+    # q = 0 (a valid path the teacher gives log-probability -inf) contributes 0, not 0 * inf; a NaN stays NaN
+    kl_terms = torch.where(valid & (q != 0), q * (log_q - log_p), torch.zeros_like(log_p))
     eligible = valid.sum(dim=-1) >= 2
-    per_row = torch.where(eligible, kl_terms.sum(dim=-1), torch.zeros_like(kl_terms[:, 0]))
+    per_row = torch.where(eligible, kl_terms.sum(dim=-1), kl_terms.new_zeros(kl_terms.shape[0]))
     if reduction == "none":
         return per_row
     if reduction == "sum":

@@ -529,6 +529,10 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     from transformers.pytorch_utils import Conv1D
 
     adapted = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    widths = [min(m.weight.shape) for m in adapted if getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    if widths and r > max(widths):  # a rank past a layer's smaller dimension adds no capacity, only memory
+        raise ModelError(f"apply_lora: rank r={r} exceeds the smaller dimension of every adapted layer (at most "
+                         f"{max(widths)} here): a larger rank adds memory, not capacity; use lora_r <= {max(widths)}")
     # GPT-2-style Conv1D stores its weight transposed: say so, rather than have peft warn and switch it per layer
     conv1d = bool(adapted) and all(isinstance(m, Conv1D) for m in adapted)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",

@@ -282,10 +282,11 @@ def _user_data(cfg: RunConfig, files: dict[str, tuple[str, str]], *, what: str) 
     for key, (path, _fmt) in files.items():
         if Path(path).is_dir():
             raise ConfigError(f"config key '{key}': expected a data file, found the directory {path!r}")
+    check_server_files_are_not_private(files)
     got = read_data_files(files, max_record_bytes=d.max_record_bytes, what=what)
     clients = [ClientFiles(got.get(f"data.clients.{k}.train", []), got.get(f"data.clients.{k}.test", []))
                for k in range(len(d.clients))]
-    warn_test_overlap(clients, got["data.public"])
+    warn_test_overlap(clients, got["data.public"], got.get("data.general", []))
     warn_small_tests(cfg, clients)
     warn_choice_names(got)
     return FederatedData(clients, got["data.public"], got.get("data.general", []),
@@ -350,17 +351,38 @@ def warn_small_tests(cfg: RunConfig, clients: list[ClientFiles]) -> list[str]:
 SAID_PER_CLIENT = 6  # per-client data warnings said one by one before they are summed up in one line
 
 
-def warn_test_overlap(clients: list[ClientFiles], public: list[Record]) -> list[str]:
-    """Warn (and return the warnings) when a client's test questions also appear in its train split or in the
-    public pool: the accuracy on those is then not a held-out measurement. Questions match after whitespace and
-    case folding."""
+def check_server_files_are_not_private(files: dict[str, tuple[str, str]]) -> None:
+    """The public pool and the general corpus are the server's: one that is a client's train or test file (the same
+    file, by any path) would make that client's private records public, or pretrain on its test set. Refused."""
+    clients = {key: Path(path) for key, (path, _fmt) in files.items() if key.startswith("data.clients.")}
+    for key in ("data.public", "data.general"):
+        if key not in files:
+            continue
+        mine = Path(files[key][0])
+        for other, path in clients.items():
+            try:
+                same = mine.exists() and path.exists() and os.path.samefile(mine, path)
+            except OSError:
+                same = False
+            if same:
+                raise ConfigError(f"config key '{key}': {files[key][0]} is the file of {other}, a client's private "
+                                  "data; the public pool and the general corpus are the server's and must be other "
+                                  "files")
+
+
+def warn_test_overlap(clients: list[ClientFiles], public: list[Record], general: list[Record] = ()) -> list[str]:
+    """Warn (and return the warnings) when a client's test questions also appear in its train split, the public
+    pool or the general corpus: the accuracy on those is then not a held-out measurement. Questions match after
+    whitespace and case folding."""
     def key(r: Record) -> str:
         return " ".join(r.question.split()).casefold()
 
     pool = {key(r) for r in public}
+    corpus = {key(r) for r in general}
     out = []
     for k, c in enumerate(clients):
-        for name, other in (("its train split", {key(r) for r in c.train}), ("the public pool", pool)):
+        for name, other in (("its train split", {key(r) for r in c.train}), ("the public pool", pool),
+                            ("the general corpus (data.general)", corpus)):
             n = sum(key(r) in other for r in c.test)
             if n:
                 out.append(f"data.clients.{k}.test: {n} of its {len(c.test)} records ask a question that is also in "
@@ -625,9 +647,13 @@ def prepare_model(spec: ModelSpec, *, role: str, cfg: RunConfig, data: Federated
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if spec.lora:  # adapter init is seeded: same run, same numbers
-        model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                           target_modules=spec.lora_target_modules or None,
-                           seed=cfg.models.pretrain_seed + sum(role.encode()))
+        try:
+            model = apply_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                               target_modules=spec.lora_target_modules or None,
+                               seed=cfg.models.pretrain_seed + sum(role.encode()))
+        except ModelError as e:
+            key = "models.llm" if role == "llm" else f"models.slms.{role.removeprefix('slm')}"
+            raise ModelError(f"config key '{key}.lora_r': {e}") from None
     info["parameters"] = count_parameters(model)
     info["trainable_parameters"] = count_parameters(model, trainable_only=True)
     return model, tok, info

@@ -133,6 +133,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
     ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
     ax.set_xlabel("round (0 = before training)")
     ax.set_ylabel("answer accuracy")
+    ax.set_ylim(0, max(ax.get_ylim()[1], 0.05))  # an accuracy is never negative (all-zero curves drew -0.04..0.04)
     ax.set_title("Accuracy per round" + (" (grey: each client)" if many else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never over the lines
@@ -158,6 +159,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
             if rej:
                 ax.hist(rej, bins=bins, alpha=0.6, label=f"rejected ({len(rej)})", density=True)
             ax.set_title(f"{pair}: {key.replace('_', ' ')}", fontsize=9)
+            ax.set_xlabel("gap (nats per path token)", fontsize=7)
             ax.set_ylabel("density (each histogram's area is 1)", fontsize=7)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
@@ -182,7 +184,7 @@ def _plots(metrics: list[dict], selections: list[dict], plots_dir: Path) -> list
         ax.set_xlabel("round")
         ax.set_ylabel("kB")
         ax.set_title("Bytes exchanged per round")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over one
         fig.savefig(plots_dir / "bytes.png", dpi=90, bbox_inches="tight")
         out.append(("Bytes exchanged per round (all clients)", _png(fig)))
         plt.close(fig)

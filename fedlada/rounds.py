@@ -326,7 +326,7 @@ def _selection_records(sel: Selection, *, round: int, pair: str, scalars: dict[s
         rec = {"round": round, "pair": pair, "id": qid, "selected": bool(sel.selected[i]),
                "score": _f(sel.scores[i]), "exploit": _f(sel.exploit[i]), "explore": _f(sel.explore[i]),
                "reason": sel.reasons[i]}
-        rec.update({k: _f(v[i]) for k, v in scalars.items()})
+        rec.update({k: _f(v[i]) if k != "path_tokens" else int(v[i]) for k, v in scalars.items()})  # a count
         out.append(rec)
     return out
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import importlib.util
+import json
+import logging
 import re
 import sys
 import traceback
@@ -45,6 +46,8 @@ import numpy as np
 from fedlada.config import _RULE_NAME as RULE_NAME_RE  # no ':' (``fedlada compare`` reads "host:method")
 from fedlada.config import METHODS
 from fedlada.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ _RULES: dict[str, Rule] = {}
 _ORIGINS: dict[str, str] = {}  # rule name -> the plug-in (file or module) that registered it
 _LOADED: dict[str, str] = {}  # plug-in spec -> module name
 _FILES: dict[str, tuple[Path, list[Path]]] = {}  # plug-in spec -> (its folder, the files under it its import loaded)
+_DIGESTS: dict[str, dict[str, str]] = {}  # plug-in spec -> digests of those files when they were imported
 _IMPORTING: str | None = None  # the plug-in being imported (what registers a rule)
 
 
@@ -159,13 +163,44 @@ def _check_siblings(path: Path, spec: str, key: str) -> None:
                               f"{sib.name}")
 
 
+def _file_digests(spec: str) -> dict[str, str]:
+    """``{file relative to the plug-in's folder: 16 hex}`` of the files importing ``spec`` loaded ({} unreadable)."""
+    base, files = _FILES.get(spec, (None, []))
+    try:
+        return {str(f.relative_to(base)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+    except OSError:
+        return {}
+
+
+def _forget(spec: str) -> None:
+    """Unload plug-in ``spec`` (its modules, the files of its folder they loaded, its rules) so it can be imported
+    again: a notebook that edits a rule's file between two runs gets the edited rule, as a new process would."""
+    origin = str(Path(spec).expanduser().resolve()) if spec.endswith(".py") else spec
+    for rule in [r for r, o in _ORIGINS.items() if o == origin]:
+        _RULES.pop(rule, None)
+        _ORIGINS.pop(rule, None)
+    _, files = _FILES.pop(spec, (None, []))
+    paths = {str(f) for f in files}
+    for m, module in list(sys.modules.items()):
+        f = getattr(module, "__file__", None)
+        if m == _LOADED.get(spec) or (f and str(Path(f).resolve()) in paths):
+            sys.modules.pop(m, None)
+    _LOADED.pop(spec, None)
+    _DIGESTS.pop(spec, None)
+
+
 def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins") -> None:
-    """Import each plug-in (a ``.py`` file path or a module name) once per process; each registers its rules.
-    A missing file, a module that cannot be imported or that raises: ConfigError naming it and where it failed."""
+    """Import each plug-in (a ``.py`` file path or a module name); each registers its rules. A plug-in already
+    imported in this process is imported again when one of its files changed since (its rules as the files now
+    say, as the digests a run records say), else kept. A missing file, a module that cannot be imported or that
+    raises: ConfigError naming it and where it failed."""
     global _IMPORTING
     for spec in specs:
         if spec in _LOADED:
-            continue
+            if _file_digests(spec) == _DIGESTS.get(spec):
+                continue
+            logger.info("plug-in %s changed since it was imported: importing it again", spec)
+            _forget(spec)
         before = set(sys.modules)
         if spec.endswith(".py"):
             path = Path(spec).expanduser().resolve()
@@ -214,6 +249,7 @@ def load_plugins(specs: tuple[str, ...] | list[str], *, key: str = "lada.plugins
                 if f and Path(f).resolve().is_relative_to(base):
                     files.add(Path(f).resolve())
             _FILES[spec] = (base, sorted(files))
+        _DIGESTS[spec] = _file_digests(spec)
 
 
 def plugin_fingerprints(specs: tuple[str, ...] | list[str]) -> dict[str, dict[str, str | None]]:
@@ -225,12 +261,8 @@ def plugin_fingerprints(specs: tuple[str, ...] | list[str]) -> dict[str, dict[st
     for spec in specs:
         module = sys.modules.get(_LOADED.get(spec, ""))
         path = getattr(module, "__file__", None)
-        base, files = _FILES.get(spec, (None, []))
-        try:
-            each = {str(f.relative_to(base)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
-            whole = hashlib.sha256(json.dumps(each, sort_keys=True).encode()).hexdigest()[:16] if each else None
-        except OSError:
-            each, whole = {}, None
+        each = _file_digests(spec)  # as the files are now (load_plugins imports a changed plug-in again)
+        whole = hashlib.sha256(json.dumps(each, sort_keys=True).encode()).hexdigest()[:16] if each else None
         out[spec] = {"file": path, "sha256": whole, "files": each}
     return out
 
@@ -268,6 +300,7 @@ def apply_rule(cand: Candidates):
     if name not in _RULES:
         raise ConfigError(f"lada.method {name!r}: no such rule registered (registered: {', '.join(_RULES) or 'none'})")
     where = f"selection rule {name!r} (round {cand.round}, pair {cand.pair})"
+    ids = list(cand.ids)  # what is recorded: the rule may change its copy
     try:
         out = _RULES[name](cand)
     except (Exception, SystemExit) as e:  # noqa: BLE001 - a bug in the user's rule: name it and where, stop the run
@@ -277,23 +310,25 @@ def apply_rule(cand: Candidates):
     except Exception:  # noqa: BLE001
         arr = np.asarray(None, dtype=object)
     none = np.full(n, np.nan)
+    origin = f" (registered by {_ORIGINS.get(name)})"
     if arr.shape != (n,):
-        raise ConfigError(f"{where} returned {type(out).__name__} of shape {arr.shape}; expected a boolean mask or "
-                          f"scores, one per candidate: shape ({n},)")
+        raise ConfigError(f"{where}{origin} returned {type(out).__name__} of shape {arr.shape}; expected a boolean "
+                          f"mask or scores, one per candidate in cand.ids order: shape ({n},)")
     if arr.dtype == bool:
         sel = arr.copy()
-        return Selection(list(cand.ids), sel, none, none.copy(), none.copy(),
+        return Selection(ids, sel, none, none.copy(), none.copy(),
                          [f"{name} selected" if s else f"{name} not selected" for s in sel], round=cand.round)
     if arr.dtype.kind not in "iuf":
-        raise ConfigError(f"{where} returned values of type {arr.dtype}; expected a boolean mask or numeric scores")
+        raise ConfigError(f"{where}{origin} returned values of type {arr.dtype}; expected a boolean mask or numeric "
+                          f"scores, one per candidate in cand.ids order (not the selected ids)")
     scores = arr.astype(np.float64)
     if n and not np.all(np.isfinite(scores)):
-        bad = [cand.ids[i] for i in np.flatnonzero(~np.isfinite(scores))[:3]]
-        raise ConfigError(f"{where} returned a non-finite score for {', '.join(bad)}; expected finite numbers")
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(scores))[:3]]
+        raise ConfigError(f"{where}{origin} returned a non-finite score for {', '.join(bad)}; expected finite numbers")
     order = sorted(range(n), key=lambda i: (-scores[i], i))  # ties: candidate order, deterministic
     keep = set(order[: min(cand.cap, n)])
     sel = np.array([i in keep for i in range(n)], bool)
-    return Selection(list(cand.ids), sel, scores, none.copy(), none.copy(),
+    return Selection(ids, sel, scores, none.copy(), none.copy(),
                      [f"{name} selected: top {cand.cap} by score" if s else f"{name} over cap: not in the top {cand.cap}"
                       for s in sel],
                      round=cand.round)

@@ -54,7 +54,9 @@ def toml_value(v) -> str:
             pass
     if s in ("true", "false"):
         return s
-    return json.dumps(s)
+    from fedlada.config import toml_string
+
+    return toml_string(s)
 
 
 def write_run_config(overrides: dict, path: Path) -> Path:

@@ -75,6 +75,8 @@ def _last_line(reason: str, limit: int = 400) -> str:
 class FlowerClients:
     """The clients of a run, reached through a Flower Grid (same methods as ``fedlada.runner.InProcessClients``)."""
 
+    PULL_SECONDS = 1.0  # how often replies are pulled from a grid without its own pull interval (Flower's: 3 s)
+
     def __init__(self, grid: Grid, cfg: RunConfig, fcfg: FlowerConfig, rd: RunDir, events: Events | None = None,
                  *, public: tuple[str, int] | None = None):
         self.grid, self.cfg, self.fcfg, self.rd = grid, cfg, fcfg, rd
@@ -108,6 +110,28 @@ class FlowerClients:
             except records.RecordError as e:  # evaluated again by a plain evaluate message
                 log.warning("round %d: client %d: malformed evaluation ignored: %s", round, rep.client_id, e)
 
+    def _send_and_receive(self, msgs: list, timeout: float) -> list:
+        """The grid's ``send_and_receive``, counting the replies as they come (a progress bar of the clients that
+        answered; a line every 30 s when the output is a file). A grid without ``push_messages``/``pull_messages``
+        is asked through ``send_and_receive``."""
+        grid = self.grid
+        if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+            return list(grid.send_and_receive(msgs, timeout=timeout))
+        pending = set(grid.push_messages(msgs))
+        total, replies = len(msgs), []
+        self.events.progress(0, total)
+        interval = getattr(grid, "pull_interval", self.PULL_SECONDS)  # the in-memory grid's own (0.1 s)
+        end = time.time() + timeout
+        while pending and time.time() < end:
+            got = list(grid.pull_messages(pending))
+            if got:
+                replies += got
+                pending -= {m.metadata.reply_to_message_id for m in got}
+                self.events.progress(total - len(pending), total)
+            if pending:
+                time.sleep(interval)
+        return replies
+
     def _exchange(self, kind: str, targets: dict[int, int], req: Callable[[int], records.Request], *, round: int,
                   timeout: float) -> list[_Reply]:
         """Send ``req(key)`` as a ``kind`` message to each target (key -> node id); one reply or error per key."""
@@ -119,7 +143,7 @@ class FlowerClients:
                 for key, node in targets.items()}
         by_node = {node: key for key, node in targets.items()}
         t0 = time.perf_counter()
-        replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=timeout))
+        replies = self._send_and_receive(list(msgs.values()), timeout)
         # a reply answers a message id (the grid sets it when sending); an error the SuperLink writes for a node
         # it lost ("node unavailable") comes from the SuperLink, not from that node
         by_id = {getattr(getattr(m, "metadata", None), "message_id", None): key for key, m in msgs.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlada.config import RunConfig, load_config
+from fedlada.config import RunConfig, load_config, toml_string
 from fedlada.errors import ConfigError
 
 PREFIX = "flower."
@@ -117,9 +117,9 @@ def pyproject_section(cfg: RunConfig | None = None, fcfg: FlowerConfig | None = 
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v)
+            return toml_string(v)
         if isinstance(v, list):  # string lists (lora_target_modules) and data.clients
-            return json.dumps(",".join(v) if all(isinstance(x, str) for x in v) else json.dumps(v))
+            return toml_string(",".join(v) if all(isinstance(x, str) for x in v) else json.dumps(v, ensure_ascii=False))
         return repr(v)
 
     lines: list[str] = []
@@ -204,7 +204,7 @@ def run_config_file(cfg: RunConfig) -> str:
     if unknown:
         raise ConfigError(f"flwr run accepts only the keys of pyproject.toml's [tool.flwr.app.config]; this config "
                           f"needs {', '.join(unknown[:5])} (the app lists models.slms.0..{_slm_count(base) - 1})")
-    lines = [f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+    lines = [f"{k} = {str(v).lower() if isinstance(v, bool) else toml_string(v, k) if isinstance(v, str) else json.dumps(v)}"
              for k, v in mine.items() if base.get(k) != v]
     return "".join(line + "\n" for line in lines)
 

@@ -79,3 +79,15 @@ def gold_sampler(monkeypatch):
 
     monkeypatch.setattr(rounds, "sample_paths", sampler)
     return register
+
+
+def markdown_cells(line: str) -> list[str]:
+    """The cells of a Markdown table row (``\\|`` inside a cell is not a separator); for the docs' tests."""
+    import re
+
+    s = line.strip()
+    if s.startswith("|"):
+        s = s[1:]
+    if s.endswith("|") and not s.endswith("\\|"):
+        s = s[:-1]
+    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]

@@ -106,6 +106,7 @@ def test_export_of_a_folder_that_is_not_a_run_is_an_error(tmp_path, capsys):
 @pytest.mark.parametrize("override, fragment", [
     ("lada.budget=2", "config key 'lada.budget'"),
     ("nonsense=1", "unknown config key 'nonsense'"),
+    ("threads=100000", "config key 'threads': expected an integer in 0..1024"),
 ])
 def test_bad_config_values_exit_2(override, fragment, tmp_path, capsys):
     assert main(["run", "--set", override, "--out", str(tmp_path / "r")]) == 2
@@ -283,3 +284,28 @@ def test_progress_written_to_a_file_is_a_line_every_so_often():
     text = out.getvalue()
     assert "pretraining the LLM: 1/3" in text and "pretraining the LLM: 2/3" in text
     assert "3/3" not in text  # the end is the next stage's line
+
+
+def test_running_out_of_memory_is_one_line_saying_what_to_shrink(monkeypatch, capsys):
+    """A config too big for the machine (a 4M-wide SLM, a huge LoRA rank) failed with torch's allocator traceback;
+    it is a one-line error with the knobs to shrink (``--verbose`` keeps the traceback)."""
+    import torch
+
+    from fedlada import cli
+
+    for exc in (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                             "tried to allocate 64000000000000 bytes"),
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), MemoryError()):
+        monkeypatch.setattr(cli, "cmd_report", lambda args, exc=exc: (_ for _ in ()).throw(exc))
+        assert main(["report", "somewhere"]) == 1
+        err = _err(capsys)
+        assert err.startswith("error: out of memory (") and "train.batch_size" in err and "Traceback" not in err
+    with pytest.raises(MemoryError):
+        main(["--verbose", "report", "somewhere"])
+
+
+def test_a_lora_rank_past_every_layers_width_is_refused_naming_the_key(tmp_path, capsys):
+    assert main(["run", "--config", "configs/smoke.toml", "--set", "threads=1", "--set", "models.llm.lora_r=100000",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "config key 'models.llm.lora_r': apply_lora: rank r=100000 exceeds the smaller dimension" in _err(capsys)
+    assert not (tmp_path / "r").exists()

@@ -155,3 +155,35 @@ def test_a_cell_another_process_runs_is_taken_after_the_others(tmp_path, monkeyp
     res = run_table(load_config(None, ["rounds=1"]), methods=("local", "lada"), seeds=(0, 1), out=tmp_path)
     assert calls == [("local", 0), ("local", 1), ("lada", 0), ("lada", 1), ("local", 0), ("local", 0)]
     assert {e["method"]: e["seeds"] for e in res["table"]} == {"local": 2, "lada": 2}
+
+
+def test_the_table_folder_is_new_empty_or_a_tables_and_methods_are_named(tmp_path, monkeypatch, capsys):
+    """``--out`` into a run's folder or a folder of other files is refused before any run (the table's files and
+    runs would land among them); an empty ``--methods`` is refused rather than running the five default methods."""
+    from fedlada import runner
+    from fedlada.cli import main
+    from fedlada.compare import check_table_folder
+    from fedlada.errors import ConfigError
+
+    check_table_folder(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_table_folder(tmp_path / "empty")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"--out .*notes: holds other files \(notes.txt\), not a table"):
+        check_table_folder(tmp_path / "notes")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match="is a run's folder"):
+        check_table_folder(tmp_path / "run")
+    (tmp_path / "half" / "local" / "seed0").mkdir(parents=True)  # a table stopped before its first table.json
+    check_table_folder(tmp_path / "half")
+    (tmp_path / "notes" / "table.json").write_text("{}")
+    check_table_folder(tmp_path / "notes")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_table_folder(tmp_path / "file")
+
+    monkeypatch.setattr(runner, "run", lambda cfg, **kw: (_ for _ in ()).throw(AssertionError(cfg.out_dir)))
+    assert main(["compare", "--methods", " ", "--out", str(tmp_path / "t")]) == 2
+    assert "--methods: expected comma-separated methods, found nothing" in capsys.readouterr().err

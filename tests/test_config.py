@@ -94,6 +94,14 @@ def test_bad_toml_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"--config .*: is a folder; give a TOML config file"):
+        load_config(tmp_path)
+    p.write_bytes(b"\xef\xbb\xbfrounds = 2\n")  # a Windows editor's byte-order mark
+    assert load_config(p).rounds == 2
+    p.write_bytes(b"rounds = 2\n# caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid UTF-8 \(byte 0xe9 on line 2\); save the config as "
+                                          r"UTF-8"):
+        load_config(p)
 
 
 def test_a_toml_file_is_typed_while_the_command_line_parses_strings(tmp_path):
@@ -223,3 +231,23 @@ def test_a_json_table_changes_the_keys_it_names_as_a_config_files_table_does():
     assert len(whole) == 1 and whole[0].hidden_size == 32 and whole[0].lora is False
     with pytest.raises(ConfigError, match="unknown config key|models.llm"):
         load_config(None, ['models.llm={"num_layer": 2}'])
+
+
+def test_any_unicode_in_a_string_value_round_trips_through_config_toml(tmp_path):
+    """An emoji in a path or an instruction was written as JSON's surrogate-pair escape, which TOML refuses: the run
+    finished, then its folder could not be reported on or resumed. Control characters and DEL are escaped; a lone
+    surrogate (a file name whose bytes are not UTF-8) is refused up front, naming the key."""
+    import tomllib
+
+    from fedlada.config import dump_toml, toml_string
+    from fedlada_app.settings import run_config_file
+
+    for v in ("my run ünïcødé 🚀", "tab\tnew\nline", "del\x7f", 'quote" back\\', "\x00"):
+        assert tomllib.loads("x = " + toml_string(v))["x"] == v
+    cfg = load_config(overrides=[f"out_dir={tmp_path / 'run 🚀'}", "models.llm.instruction=think 🤔\x7f"])
+    path = tmp_path / "config.toml"
+    path.write_text(dump_toml(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
+    assert tomllib.loads(run_config_file(cfg))["models"]["llm"]["instruction"] == "think 🤔\x7f"
+    with pytest.raises(ConfigError, match=r"config key 'models.llm.source': .* is not valid Unicode"):
+        dump_toml(load_config(overrides=["models.llm.source=/tmp/caf\udce9"]))

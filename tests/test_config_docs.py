@@ -22,20 +22,11 @@ from typing import Any
 
 from fedlada.config import ModelSpec, RunConfig, _default_slms
 from fedlada_app.settings import FlowerConfig
+from conftest import markdown_cells as _cells
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 HEADER = ["key", "default", "accepted values", "what it does"]
 _MISSING = object()
-
-
-def _cells(line: str) -> list[str]:
-    """The cells of a Markdown table row (``\\|`` inside a cell is not a separator)."""
-    s = line.strip()
-    if s.startswith("|"):
-        s = s[1:]
-    if s.endswith("|") and not s.endswith("\\|"):
-        s = s[:-1]
-    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
 
 
 def doc_rows() -> list[tuple[int, str, str]]:

@@ -520,3 +520,30 @@ def test_answer_markers_in_gold_answers(tmp_path, answer, marked):
     path.write_text(json.dumps({"id": "a", "question": "q", "answer": answer}) + "\n")
     problems = validate_files(path)
     assert bool(problems) is marked and all("answer marker" in p.message for p in problems)
+
+
+def test_repeated_keys_columns_lone_surrogates_and_utf16_are_problems(tmp_path):
+    """JSON keeps the last of two equal keys and csv the last of two equal columns, silently; a lone \\ud800 escape
+    passed validation and crashed the run in the tokenizer; a UTF-16 file and CSV saved as .jsonl got one vague
+    problem per line. Each is one problem naming its line, in both readers."""
+    from fedlada.data.stream import scan_problems
+
+    rec = '{"id": "a", "question": "q", "answer": "1"}\n'
+    files = {
+        "dup.jsonl": (rec + '{"id": "b", "question": "q", "answer": "1", "answer": "2"}\n',
+                      2, "key 'answer' appears twice in one object"),
+        "dup.json": ('[{"id": "a", "question": "q", "answer": "1", "id": "b"}]', 1, "key 'id' appears twice"),
+        "dupcol.csv": ("id,question,answer,answer\na,q,2,3\n", 1, "column(s) 'answer' more than once"),
+        "sur.jsonl": (rec + '{"id": "b", "question": "q \\ud800?", "answer": "1"}\n', 2,
+                      "question: invalid Unicode (a lone surrogate escape"),
+        "csv.jsonl": ("id,question,answer\na,q,1\nb,q,2\n", 1, "looks like a CSV header"),
+    }
+    for name, (text, line, fragment) in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "u16.jsonl").write_bytes(rec.encode("utf-16"))
+    files["u16.jsonl"] = (None, 1, "this is UTF-16 text")
+    for name, (_, line, fragment) in files.items():
+        for problems in (validate_files(tmp_path / name), scan_problems(tmp_path / name)):
+            assert [(p.line, fragment in p.message) for p in problems] == [(line, True)], (name, problems)
+    (tmp_path / "ok.jsonl").write_text(rec + rec.replace('"a"', '"b"'), encoding="utf-8")  # nested and normal
+    assert len(read_records(tmp_path / "ok.jsonl")) == 2

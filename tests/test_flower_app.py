@@ -779,3 +779,49 @@ def test_a_model_cache_smaller_than_the_clients_per_worker_is_warned_about(monke
     with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"), pytest.raises(RuntimeError):
         simulate.run_simulation(cfg, flower=FlowerConfig(model_cache=10))
     assert "model_cache" not in caplog.text
+
+
+def test_replies_are_counted_as_they_come(tmp_path):
+    """A grid that can push and pull is polled, so the terminal shows how many clients answered a step (a grid
+    with only ``send_and_receive`` is asked through it); replies to other messages are not counted."""
+    from fedlada.runner import Events, RunDir
+    from fedlada_app.server_app import FlowerClients
+
+    class Counting(Events):
+        def __init__(self):
+            self.seen = []
+
+        def progress(self, done, total):
+            self.seen.append((done, total))
+
+    def reply(to):
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=to))
+
+    class PollGrid:  # one reply per pull, then nothing more
+        pull_interval = 0.0
+
+        def __init__(self):
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return [reply(sorted(ids)[0])] if self.pulls <= 2 else []
+
+    events = Counting()
+    grid = PollGrid()
+    pool = FlowerClients(grid, load_config(overrides=[f"out_dir={tmp_path}"]), FlowerConfig(), RunDir(tmp_path),
+                         events)
+    got = pool._send_and_receive(["a", "b", "c"], timeout=0.3)
+    assert [m.metadata.reply_to_message_id for m in got] == ["m0", "m1"]
+    assert events.seen == [(0, 3), (1, 3), (2, 3)] and grid.pulls > 3  # polled until the timeout for the third
+
+    class OnlySendAndReceive:
+        def send_and_receive(self, messages, *, timeout):
+            return [reply("x")]
+
+    pool = FlowerClients(OnlySendAndReceive(), load_config(overrides=[f"out_dir={tmp_path}"]), FlowerConfig(),
+                         RunDir(tmp_path), events)
+    assert len(pool._send_and_receive(["a"], timeout=1)) == 1

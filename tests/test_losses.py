@@ -279,3 +279,39 @@ def test_a_nan_temperature_or_beta_is_refused_not_propagated():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="beta must be > 0, got nan"):
         contrastive_path_loss(x, x, x, x, beta=float("nan"))
+
+
+def test_token_losses_refuse_shapes_that_would_broadcast_and_skip_negative_labels():
+    """A (B,1), (1,T) or (T,) mask would broadcast and score every position; a -100 label (Hugging Face's ignore
+    index) at a scored position is left out (it read as probability 1 and counted in the mean)."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    for bad in (torch.ones(2, 1), torch.ones(1, 5), torch.ones(5)):
+        for fn in (token_logprobs, sequence_logprobs, sft_loss):
+            with pytest.raises(ValueError, match=r"expected logits \(B,T,V\) with labels and mask \(B,T\)"):
+                fn(logits, labels, bad)
+    mask = torch.ones(2, 5)
+    hf = labels.clone()
+    hf[:, :2] = -100
+    by_mask = mask.clone()
+    by_mask[:, :2] = 0
+    assert torch.allclose(sft_loss(logits, hf, mask), sft_loss(logits, labels, by_mask))
+    assert torch.allclose(sequence_logprobs(logits, hf, mask), sequence_logprobs(logits, labels, by_mask))
+    for n in (0, -3, float("nan")):
+        with pytest.raises(ValueError, match="num_tokens must be > 0"):
+            sft_loss(logits, labels, mask, num_tokens=n)
+
+
+def test_listwise_keeps_nan_and_takes_zero_paths():
+    """A NaN teacher log-probability or length of a valid path makes that row NaN (it read as 0 and counted in the
+    mean); M = 0 paths is an empty distribution, not an IndexError."""
+    student = torch.tensor([[-3.0, -4.0], [-2.0, -5.0]])
+    lengths, valid = torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool)
+    teacher = torch.tensor([[float("nan"), -1.0], [-1.0, -2.0]])
+    rows = listwise_path_loss(student, teacher, lengths, valid, reduction="none")
+    assert torch.isnan(rows[0]) and torch.isfinite(rows[1])
+    assert torch.isnan(listwise_path_loss(student, student, torch.tensor([[float("nan"), 1.0], [1.0, 1.0]]), valid,
+                                          reduction="none")[0])
+    empty = torch.zeros(3, 0)
+    assert listwise_path_loss(empty, empty, empty, empty.bool(), reduction="none").tolist() == [0.0, 0.0, 0.0]
+    assert listwise_path_loss(empty, empty, empty, empty.bool()).item() == 0.0

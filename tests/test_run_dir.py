@@ -275,12 +275,34 @@ def test_test_questions_seen_in_train_or_the_pool_are_warned_about(caplog):
     clients = [ClientFiles(recs[:3], [recs[2], Record("t", "what is  0 + 1?", "1"), recs[5]]),
                ClientFiles(recs[:2], recs[3:5])]
     with caplog.at_level("WARNING"):
-        lines = warn_test_overlap(clients, public=recs[5:])
+        lines = warn_test_overlap(clients, public=recs[5:], general=recs[4:5])
     assert lines == ["data.clients.0.test: 2 of its 3 records ask a question that is also in its train split; their "
                      "accuracy is not held out",
                      "data.clients.0.test: 1 of its 3 records ask a question that is also in the public pool; their "
-                     "accuracy is not held out"]
+                     "accuracy is not held out",
+                     "data.clients.1.test: 1 of its 2 records ask a question that is also in the general corpus "
+                     "(data.general); their accuracy is not held out"]
     assert lines == [r.getMessage() for r in caplog.records]
+
+
+def test_a_client_file_as_the_public_pool_or_general_corpus_is_refused(tmp_path):
+    """The server pretrains on data.general and sends paths on data.public: a client's own file there (by any
+    path, a symlink too) would make its private records public or pretrain on its test set."""
+    from fedlada.prepare import load_data
+
+    rec = '{"id": "%s", "question": "What is %d + 1?", "answer": "%d"}\n'
+    for name in ("train", "test", "public"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(rec % (f"{name}{i}", i, i + 1) for i in range(5)))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "test.jsonl")
+    base = ["data.clients=" + json.dumps([{"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}])]
+    for key, path, whose in (("data.public", "train.jsonl", "data.clients.0.train"),
+                             ("data.general", "link.jsonl", "data.clients.0.test")):
+        public = [] if key == "data.public" else [f"data.public={tmp_path / 'public.jsonl'}"]
+        cfg = load_config(overrides=base + public + [f"{key}={tmp_path / path}"])
+        with pytest.raises(ConfigError, match=rf"config key '{key}': .*{path} is the file of {whose}, a client's "
+                                              "private data"):
+            load_data(cfg)
+    assert len(load_data(load_config(overrides=base + [f"data.public={tmp_path / 'public.jsonl'}"])).public) == 5
 
 
 def test_many_clients_warnings_are_summed_up_after_the_first_few(caplog):
@@ -905,3 +927,17 @@ def test_export_of_a_fedcollm_runs_aggregated_slm(tiny_overrides, gold_sampler, 
     assert saved and all(torch.equal(mine[k], v) for k, v in saved.items())
     record = json.loads((out / "fedlada_export.json").read_text())
     assert record["model"] == "slm" and record["accuracy"] is None
+
+
+def test_a_garbage_checkpoint_file_gets_no_advice_to_load_it_unsafely(tmp_path):
+    """torch's message for a file that is not a checkpoint advises loading it with weights_only=False and filing
+    an issue: wrong for a damaged file. Its first line only, and what to do."""
+    from fedlada.checkpoints import load
+
+    path = tmp_path / "round_002" / "client_0.pt"
+    path.parent.mkdir()
+    path.write_text("garbage\n")
+    with pytest.raises(ConfigError, match=r"client_0.pt is unreadable \(UnpicklingError: .*\): the checkpoint of that "
+                                          r"round is damaged; delete .*round_002") as err:
+        load(path)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)

@@ -181,8 +181,10 @@ def test_no_private_record_leaves_a_client(tiny_overrides, gold_sampler, tmp_pat
 def test_bad_data_fails_before_any_work(tmp_path, model_cache):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "a", "question": "", "answer": 2}\nnot json\n')
+    public = tmp_path / "public.jsonl"  # (a client's file as the public pool is refused for itself)
+    public.write_text(bad.read_text())
     cfg = load_config(overrides=[f"out_dir={tmp_path / 'run'}", 'data.clients=[{"train": "%s", "test": "%s"}]'
-                                 % (bad, bad), f"data.public={bad}"])
+                                 % (bad, bad), f"data.public={public}"])
     with pytest.raises(DataError) as e:
         run(cfg)
     msg = str(e.value)

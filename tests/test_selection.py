@@ -67,13 +67,14 @@ def test_score_rules_keep_the_cap_highest_and_masks_exactly_their_picks():
 @pytest.mark.parametrize("out, match", [
     ([1.0, 2.0], r"shape \(2,\); expected .* shape \(6,\)"),
     ([float("nan")] * 6, "non-finite score for q0"),
-    (["a"] * 6, "expected a boolean mask or numeric scores"),
+    (["a"] * 6, r"expected a boolean mask or numeric scores, one per candidate in cand.ids order \(not the selected"),
     (None, "shape \\(\\)"),
 ])
 def test_a_rule_returning_the_wrong_thing_is_named(out, match):
     try:
         register_rule("bad", lambda c: out)
-        with pytest.raises(ConfigError, match=r"selection rule 'bad' \(round 1, pair llm->client0\).*" + match):
+        with pytest.raises(ConfigError, match=r"selection rule 'bad' \(round 1, pair llm->client0\) \(registered by "
+                                              r"tests?[._]\w+\).*" + match):
             apply_rule(_cand("bad"))
     finally:
         selection._RULES.pop("bad", None)
@@ -100,6 +101,7 @@ def test_a_rule_cannot_change_what_is_recorded_and_systemexit_is_named():
     def vandal(c):
         c.scalars["learnability_gap"][:] = 123.0
         c.features[:] = 0.0
+        c.ids[:] = ["bogus"] * len(c.ids)
         return c.scalars["learnability_gap"]
 
     try:
@@ -107,14 +109,45 @@ def test_a_rule_cannot_change_what_is_recorded_and_systemexit_is_named():
         register_rule("quits", lambda c: exec("raise SystemExit(3)"))
         feats, gap = np.ones((4, 2)), np.array([0.1, 0.2, 0.3, 0.4])
         flt = LearnabilityFilter(2, min_count=1)
-        rounds._select("vandal", flt, ["a", "b", "c", "d"], feats, round=1, budget=0.5, seed=0,
-                       scalars={"learnability_gap": gap}, pair="llm->client0")
+        sel = rounds._select("vandal", flt, ["a", "b", "c", "d"], feats, round=1, budget=0.5, seed=0,
+                             scalars={"learnability_gap": gap}, pair="llm->client0")
+        assert sel.ids == ["a", "b", "c", "d"]  # recorded: the real ids
         assert gap.tolist() == [0.1, 0.2, 0.3, 0.4] and feats.min() == 1.0  # the caller's arrays, untouched
         with pytest.raises(ConfigError, match="'quits' .* raised SystemExit: 3"):
             apply_rule(_cand("quits"))
     finally:
         selection._RULES.pop("vandal", None)
         selection._RULES.pop("quits", None)
+
+
+def test_a_plugin_edited_in_a_running_process_is_imported_again(tmp_path, monkeypatch):
+    """A notebook edits a rule's file (or a sibling it imports) between two runs: the second run gets the edited
+    rule, and the digests recorded for it are of the code that ran; a rule the edit removed is gone."""
+    path, helper = tmp_path / "nb_rules.py", tmp_path / "nb_helper.py"
+    helper.write_text("SIGN = 1.0\n")
+    code = ("from fedlada.selection import register_rule\nfrom nb_helper import SIGN\n\n"
+            "@register_rule('nb-rule')\ndef nb(c):\n    return SIGN * c.scalars['learnability_gap']\n")
+    path.write_text(code + "\n@register_rule('nb-extra')\ndef extra(c):\n    return c.scalars['learnability_gap']\n")
+    monkeypatch.chdir(tmp_path)
+    gap = [0.1, 0.9, 0.5, 0.3, -1.0, 0.0]
+    try:
+        load_plugins(["nb_rules.py"])
+        first = selection.plugin_fingerprints(["nb_rules.py"])["nb_rules.py"]
+        assert apply_rule(_cand("nb-rule", learnability_gap=gap)).selected_ids == ["q1", "q2"]
+        load_plugins(["nb_rules.py"])  # unchanged: kept
+        assert selection.plugin_fingerprints(["nb_rules.py"])["nb_rules.py"] == first
+        path.write_text(code)  # nb-extra removed
+        helper.write_text("SIGN = -1.0\n")
+        load_plugins(["nb_rules.py"])
+        assert apply_rule(_cand("nb-rule", learnability_gap=gap)).selected_ids == ["q4", "q5"]
+        assert "nb-extra" not in selection.registered_rules()
+        now = selection.plugin_fingerprints(["nb_rules.py"])["nb_rules.py"]
+        assert now["sha256"] != first["sha256"] and set(now["files"]) == {"nb_rules.py", "nb_helper.py"}
+    finally:
+        for name in ("nb-rule", "nb-extra"):
+            selection._RULES.pop(name, None)
+        selection._LOADED.clear()
+        sys.modules.pop("nb_helper", None)
 
 
 def test_two_plugins_cannot_share_a_rule_name_and_siblings_import(tmp_path, monkeypatch):

@@ -43,6 +43,30 @@ def _too_long(size: int, limit: int) -> str:
             f"--max-record-bytes)")
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class _BadObject(ValueError):
+    """A JSON object that parses but is not a record anyone meant (a repeated key, a lone surrogate escape)."""
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook``: json keeps the last of two equal keys silently; a lone ``\\ud800`` escape decodes
+    to a string that is not text (tokenizers and UTF-8 writers fail on it later)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadObject(f"key {key!r} appears twice in one object (JSON would keep the last silently); keep one")
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and _SURROGATE_RE.search(v) for v in texts):
+            raise _BadObject(f"{key}: invalid Unicode (a lone surrogate escape such as \\ud800); fix the text")
+        out[key] = value
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs)
+
+
 def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if number == 1 and raw.startswith(_UTF8_BOM):
@@ -58,14 +82,16 @@ def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
             yield number, number, None, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}", ""
             continue
         try:
-            yield number, number, json.loads(text), None, ""
+            yield number, number, _DECODER.decode(text), None, ""
         except json.JSONDecodeError as err:
             yield number, number, None, f"bad JSON: {err.msg} (column {err.colno})", ""
+        except _BadObject as err:
+            yield number, number, None, str(err), ""
 
 
 def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
     """Elements of a top-level JSON list with the line each starts on; stops at the first syntax error."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     pos = _WHITESPACE_RE.match(text, text.index("[") + 1).end()
     line, counted_to, item = 1, 0, 0
     if pos < len(text) and text[pos] == "]":
@@ -80,6 +106,9 @@ def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
                 obj, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as err:
                 yield err.lineno, item, None, f"bad JSON: {err.msg} (column {err.colno})", prefix
+                return
+            except _BadObject as err:  # its end is not known: the rest cannot be read in step
+                yield line, item, None, str(err), prefix
                 return
             size = len(text[pos:end].encode("utf-8"))
             if size > max_bytes:
@@ -104,6 +133,10 @@ def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
     reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)  # "a, b": the blank is no part
     if reader.fieldnames:  # of a value or a name; nor is one before a comma ("id ,question")
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        twice = sorted({n for n in reader.fieldnames if n and reader.fieldnames.count(n) > 1})
+        if twice:  # DictReader would keep the last column of a name silently
+            yield 1, 1, None, f"the header names column(s) {', '.join(map(repr, twice))} more than once; keep one", ""
+            return
     start = 2  # the header is line 1
     for row in reader:
         line = start
@@ -191,14 +224,20 @@ def container_problem(path: Path) -> str | None:
     file of another kind read as JSON Lines), in one problem instead of one per line; None when it may be one."""
     with open(path, "rb") as handle:
         head = handle.read(1 << 16)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "this is UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8"
     for magic, what in _MAGIC:
         if head.startswith(magic):
             fix = "name it .parquet" if what == "a Parquet file" else "decompress it first"
             return f"this is {what}, not text: data files are read as they are (.jsonl, .json, .csv, .parquet); {fix}"
     suffix = path.suffix.lower()
+    lines = head.lstrip(_UTF8_BOM).split(b"\n")
+    first = next((line for line in lines[:-1] if line.strip()), None)  # a whole line
+    if (suffix == ".jsonl" and first is not None and b"{" not in first and b"," in first
+            and not _parses(first.decode("utf-8", errors="replace"))):
+        return ("the first line is not JSON but looks like a CSV header (comma-separated names): a .jsonl file holds "
+                "one JSON object per line; if this is CSV, name it .csv")
     if suffix not in DATA_SUFFIXES:
-        lines = head.lstrip(_UTF8_BOM).split(b"\n")
-        first = next((line for line in lines[:-1] if line.strip()), None)  # a whole line
         if first is not None and not _parses(first.decode("utf-8", errors="replace")):
             return (f"the first line is not JSON: a {suffix or 'suffix-less'} file is read as JSON Lines (supported: "
                     f"{', '.join(DATA_SUFFIXES)}; a tab-separated file: convert it to .csv)")
