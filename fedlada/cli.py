@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from fedlada.data.validate import DEFAULT_MAX_RECORD_BYTES
 
@@ -142,10 +143,14 @@ def cmd_run(args) -> int:
         except ImportError as e:
             raise FedLadaError(f"engine=flower needs Flower: pip install 'flwr[simulation]>=1.42' ({e})") from None
         fcfg = flower_config(flower_sets)
+        out = Path(cfg.out_dir).expanduser()
+        new_run = not out.is_dir() or not any(out.iterdir())
         try:
             with _RichEvents(console) as ev:
                 result = run_simulation(cfg, resume=not args.fresh, events=ev, flower=fcfg)
         except KeyboardInterrupt as e:  # Flower's worker threads would keep the interpreter from exiting
+            if new_run:  # interrupted in its set-up (the ServerApp's thread cannot clean up): leave no folder
+                _drop_unstarted_run(out)
             print(INTERRUPTED, file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(_interrupted_status(e))
@@ -392,6 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None and argv is not None:
             signal.signal(signal.SIGTERM, previous[0])
             signal.signal(signal.SIGINT, previous[1])
+
+
+def _drop_unstarted_run(out: Path) -> None:
+    """Remove the folder of a new run that never finished its set-up (no setup line, no completed round), as the
+    in-process runner's set-up does on an interrupt."""
+    import shutil
+
+    metrics = out / "metrics.jsonl"
+    started = (metrics.is_file() and metrics.stat().st_size > 0) or any(out.glob("checkpoints/round_*/COMPLETE"))
+    if out.is_dir() and not started:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _out_of_memory(e: BaseException) -> bool:

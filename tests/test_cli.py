@@ -309,3 +309,25 @@ def test_a_lora_rank_past_every_layers_width_is_refused_naming_the_key(tmp_path,
                  "--out", str(tmp_path / "r")]) == 2
     assert "config key 'models.llm.lora_r': apply_lora: rank r=100000 exceeds the smaller dimension" in _err(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_new_flower_run_interrupted_in_its_set_up_leaves_no_folder(tmp_path):
+    """Under Flower the set-up runs in the ServerApp's thread, which cannot clean up on Ctrl-C: the command removes
+    a new run's folder while it has no setup line and no completed round, and keeps it from then on."""
+    from fedlada.cli import _drop_unstarted_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.toml", "metrics.jsonl", "selections.jsonl", ".lock"):
+        (out / name).write_text("")
+    _drop_unstarted_run(out)
+    assert not out.exists()
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"round": 0, "event": "setup"}\n')
+    _drop_unstarted_run(out)
+    assert (out / "metrics.jsonl").is_file()
+    (out / "metrics.jsonl").write_text("")
+    (out / "checkpoints" / "round_001").mkdir(parents=True)
+    (out / "checkpoints" / "round_001" / "COMPLETE").write_text("")
+    _drop_unstarted_run(out)
+    assert (out / "checkpoints" / "round_001" / "COMPLETE").is_file()
