@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="methods x seeds on the same data and budget -> table (resumable)",
                        description="Run every method with every seed on one config (each a run folder under "
                        "--out/<method>/seed<N>, finished ones reused) and write table.md/.csv/.json/.png with the "
-                       "mean and std over seeds. --out must be new, empty or a table's folder.")
+                       "mean and std over seeds. --out must not be a run's folder.")
     c.add_argument("--config", help="a TOML config file shared by every run of the table")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     c.add_argument("--methods", help="comma-separated; each METHOD or HOST:METHOD, e.g. "
@@ -439,8 +439,8 @@ def _main(args) -> int:
         if _out_of_memory(e) and not args.verbose:  # models or batches too big for this machine: a config matter
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"error: out of memory ({first[:300]}); use smaller models (hidden_size, num_layers, lora_r), "
-                  "train.batch_size or train.max_length, or a machine with more memory; a run resumes from its last "
-                  "completed round (--verbose shows where it failed)", file=sys.stderr)
+                  "train.batch_size or train.max_length, or a machine with more memory; fedlada run resumes from its "
+                  "last completed round (--verbose shows where it failed)", file=sys.stderr)
             return 1
         if isinstance(e, OSError) and not args.verbose:  # a path the user gave is a file, unwritable, ...
             where = f": {e.filename}" if getattr(e, "filename", None) else ""

@@ -60,23 +60,16 @@ def parse_method(entry: str, default_host: str, plugins: tuple[str, ...] = (), *
 
 
 def check_table_folder(out: Path) -> None:
-    """``--out`` must be new, empty or a table's folder (its ``table.json``, or ``<method>/seed<N>`` run folders):
-    a run's folder or a folder of other files is refused (the table's files and runs would land among them)."""
+    """``--out`` must not be a file or a run's folder (``fedlada run``): the table's files and its runs would land
+    among that run's. Any other folder is taken (a table's, a new one, one holding the experiment's config)."""
     from fedlada.errors import ConfigError
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; give a folder for the table")
-    if not out.is_dir():
+    if (out / "table.json").is_file():
         return
-    entries = [p for p in out.iterdir() if p.name != ".lock"]
-    if not entries or (out / "table.json").is_file():
-        return
-    if (out / "config.toml").is_file() or (out / "metrics.jsonl").is_file():
-        raise ConfigError(f"--out {out}: is a run's folder (fedlada run), not a table's; give a new folder")
-    if not any(p.is_dir() and any(q.is_dir() and re.fullmatch(r"seed-?\d+", q.name) for q in p.iterdir())
-               for p in entries):
-        raise ConfigError(f"--out {out}: holds other files ({', '.join(sorted(p.name for p in entries)[:5])}), "
-                          "not a table of fedlada compare; give a new or empty folder")
+    if (out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir() or (out / "summary.json").is_file():
+        raise ConfigError(f"--out {out}: is a run's folder (fedlada run), not a table's; give another folder")
 
 
 def run_table(base: RunConfig, *, methods: tuple[str, ...], seeds: tuple[int, ...], out: str | Path,

@@ -514,6 +514,9 @@ def lora_target_modules(model) -> list[str]:
     return llama + sorted(names - set(llama))
 
 
+LORA_RANK_LIMIT = 16  # a rank above this many times every adapted layer's smaller dimension is refused
+
+
 def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                target_modules: Iterable[str] | None = None, seed: int | None = 0):
     """Wrap ``model`` (in place) with LoRA adapters; only the adapter weights are trainable afterwards.
@@ -531,8 +534,11 @@ def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     adapted = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
     widths = [min(m.weight.shape) for m in adapted if getattr(m, "weight", None) is not None and m.weight.dim() == 2]
     if widths and r > max(widths):  # a rank past a layer's smaller dimension adds no capacity, only memory
-        raise ModelError(f"apply_lora: rank r={r} exceeds the smaller dimension of every adapted layer (at most "
-                         f"{max(widths)} here): a larger rank adds memory, not capacity; use lora_r <= {max(widths)}")
+        said = (f"rank r={r} exceeds the smaller dimension of every adapted layer (at most {max(widths)} here): a "
+                f"larger rank adds memory, not capacity")
+        if r > LORA_RANK_LIMIT * max(widths):  # (a rank this far out is a typo; it ran out of memory or crawled)
+            raise ModelError(f"apply_lora: {said}; use lora_r <= {max(widths)}")
+        logger.warning("LoRA %s; lora_r <= %d does as well", said, max(widths))
     # GPT-2-style Conv1D stores its weight transposed: say so, rather than have peft warn and switch it per layer
     conv1d = bool(adapted) and all(isinstance(m, Conv1D) for m in adapted)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",

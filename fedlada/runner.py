@@ -817,7 +817,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
                 rows.append({"round": t, "event": "client_failed", "who": who, "reason": res.error})
                 # the teach message left the server all the same; nothing usable came back
                 rows.append({"round": t, "event": "bytes", "who": who, "server_to_client": len(teach_bytes),
-                             "client_to_server": 0})
+                             "client_to_server": len(res.report or b"")})  # a rejected report came all the same
                 continue
             reports.append(rep)
             rows.append({"round": t, "event": "client_step", "who": who, **res.metrics})

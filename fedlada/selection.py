@@ -29,11 +29,13 @@ path is taken from the working directory. Nothing here imports ``flwr``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 import traceback
@@ -181,6 +183,10 @@ def _forget(spec: str) -> None:
         _ORIGINS.pop(rule, None)
     _, files = _FILES.pop(spec, (None, []))
     paths = {str(f) for f in files}
+    for f in files:  # a bytecode cache written in the same second for a file of the same size looks current
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
+            os.remove(importlib.util.cache_from_source(str(f)))
+    importlib.invalidate_caches()
     for m, module in list(sys.modules.items()):
         f = getattr(module, "__file__", None)
         if m == _LOADED.get(spec) or (f and str(Path(f).resolve()) in paths):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 from fedlada.config import RunConfig, resolve_threads
@@ -47,6 +48,9 @@ def _not_our_deprecation(record: logging.LogRecord) -> bool:
     return not (str(record.msg).startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
 
 
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its actors' names
+
+
 class ClientAppTracebacks(logging.Filter):
     """Flower's engine logs a failed ClientApp as three ERROR records (its exception with Ray's repr, a traceback,
     a notice): 40-60 lines a failure, each printed twice (Flower's handler and the root logger's). The run already
@@ -66,7 +70,7 @@ class ClientAppTracebacks(logging.Filter):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.getMessage()}\n")
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {ANSI_RE.sub('', record.getMessage())}\n")
         except OSError:
             return True  # it cannot be kept in a file: printed, as Flower would
         if not self.diverted:

@@ -157,29 +157,24 @@ def test_a_cell_another_process_runs_is_taken_after_the_others(tmp_path, monkeyp
     assert {e["method"]: e["seeds"] for e in res["table"]} == {"local": 2, "lada": 2}
 
 
-def test_the_table_folder_is_new_empty_or_a_tables_and_methods_are_named(tmp_path, monkeypatch, capsys):
-    """``--out`` into a run's folder or a folder of other files is refused before any run (the table's files and
-    runs would land among them); an empty ``--methods`` is refused rather than running the five default methods."""
+def test_the_table_folder_is_not_a_runs_and_methods_are_named(tmp_path, monkeypatch, capsys):
+    """``--out`` into a run's folder is refused before any run (the table's files and runs would land among its);
+    an empty ``--methods`` is refused rather than running the five default methods."""
     from fedlada import runner
     from fedlada.cli import main
     from fedlada.compare import check_table_folder
     from fedlada.errors import ConfigError
 
     check_table_folder(tmp_path / "new")
-    (tmp_path / "empty").mkdir()
-    check_table_folder(tmp_path / "empty")
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"--out .*notes: holds other files \(notes.txt\), not a table"):
-        check_table_folder(tmp_path / "notes")
+    (tmp_path / "exp").mkdir()  # an experiment's folder holding its config (and notes): the table goes there too
+    (tmp_path / "exp" / "config.toml").write_text("rounds = 1\n")
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+    check_table_folder(tmp_path / "exp")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.toml").write_text("")
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="is a run's folder"):
         check_table_folder(tmp_path / "run")
-    (tmp_path / "half" / "local" / "seed0").mkdir(parents=True)  # a table stopped before its first table.json
-    check_table_folder(tmp_path / "half")
-    (tmp_path / "notes" / "table.json").write_text("{}")
-    check_table_folder(tmp_path / "notes")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         check_table_folder(tmp_path / "file")

@@ -531,8 +531,8 @@ def test_repeated_keys_columns_lone_surrogates_and_utf16_are_problems(tmp_path):
     rec = '{"id": "a", "question": "q", "answer": "1"}\n'
     files = {
         "dup.jsonl": (rec + '{"id": "b", "question": "q", "answer": "1", "answer": "2"}\n',
-                      2, "key 'answer' appears twice in one object"),
-        "dup.json": ('[{"id": "a", "question": "q", "answer": "1", "id": "b"}]', 1, "key 'id' appears twice"),
+                      2, "key(s) 'answer' given twice in one record"),
+        "dup.json": ('[{"id": "a", "question": "q", "answer": "1", "id": "b"}]', 1, "key(s) 'id' given twice"),
         "dupcol.csv": ("id,question,answer,answer\na,q,2,3\n", 1, "column(s) 'answer' more than once"),
         "sur.jsonl": (rec + '{"id": "b", "question": "q \\ud800?", "answer": "1"}\n', 2,
                       "question: invalid Unicode (a lone surrogate escape"),
@@ -545,5 +545,19 @@ def test_repeated_keys_columns_lone_surrogates_and_utf16_are_problems(tmp_path):
     for name, (_, line, fragment) in files.items():
         for problems in (validate_files(tmp_path / name), scan_problems(tmp_path / name)):
             assert [(p.line, fragment in p.message) for p in problems] == [(line, True)], (name, problems)
-    (tmp_path / "ok.jsonl").write_text(rec + rec.replace('"a"', '"b"'), encoding="utf-8")  # nested and normal
+    (tmp_path / "ok.jsonl").write_text(rec + rec.replace('"a"', '"b"'), encoding="utf-8")
     assert len(read_records(tmp_path / "ok.jsonl")) == 2
+    # keys no format reads are ignored, repeated or not, nested or not (as the formats document)
+    gsm = ('{"question": "What is 1+1?", "answer": "1+1=2\\n#### 2", "extra": "bad \\udc80", '
+           '"meta": {"a": 1, "a": 2}, "note": 1, "note": 2}\n')
+    (tmp_path / "gsm.jsonl").write_text(gsm, encoding="utf-8")
+    (tmp_path / "gsm.csv").write_text('question,answer,note,note\nWhat is 1+1?,"1+1=2\n#### 2",a,b\n',
+                                      encoding="utf-8")
+    for name in ("gsm.jsonl", "gsm.csv"):
+        assert validate_files(tmp_path / name) == [] and len(read_records(tmp_path / name)) == 1
+    # a .json list goes on past a record with a repeated key: every problem is said
+    items = ['{"id": "a", "question": "q", "answer": "1", "answer": "2"}', rec.strip().replace('"a"', '"b"'),
+             '{"id": "c", "question": "q", "answer": "1", "id": "d"}']
+    (tmp_path / "list.json").write_text("[\n" + ",\n".join(items) + "\n]\n", encoding="utf-8")
+    assert [(p.line, "given twice" in p.message) for p in validate_files(tmp_path / "list.json")] == [(2, True),
+                                                                                                    (4, True)]

@@ -305,12 +305,14 @@ def test_a_failed_clientapps_tracebacks_go_to_a_file_and_the_terminal_gets_one_l
 
     with caplog.at_level(logging.WARNING, logger="fedlada_app.simulate"):
         assert keep.filter(record("raybackend", logging.ERROR, "An exception was raised")) is False
+        assert keep.filter(record("vce_api", logging.ERROR, "\x1b[36mray::ClientAppActor.run()\x1b[39m")) is False
         assert keep.filter(record("vce_api", logging.ERROR, "Traceback ...\nRuntimeError: boom")) is False
         assert keep.filter(record("vce_api", logging.WARNING, "a warning")) is True
         assert keep.filter(record("server_app", logging.ERROR, "another error")) is True
     text = path.read_text()
     assert "An exception was raised" in text and "RuntimeError: boom" in text and "another error" not in text
-    assert keep.diverted == 2
+    assert "ray::ClientAppActor.run()" in text and "\x1b" not in text  # Ray's colours are not kept
+    assert keep.diverted == 3
     assert caplog.text.count("Flower's traceback is in") == 1 and str(path) in caplog.text
 
 

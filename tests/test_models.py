@@ -604,3 +604,17 @@ def test_saved_weights_get_the_usual_file_mode(tok, tmp_path):
         os.umask(mask)
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "m").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+
+
+def test_a_lora_rank_past_every_layers_width_is_warned_about_and_a_far_one_refused(tok, caplog):
+    """A rank above every adapted layer's smaller dimension adds memory, not capacity: warned (a run made with one
+    still resumes and exports); sixteen times past it is a typo that ran out of memory or crawled: refused."""
+    with caplog.at_level("WARNING", logger="fedlada.models"):
+        apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, seed=1), r=40)
+    assert "rank r=40 exceeds the smaller dimension of every adapted layer (at most 32 here)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedlada.models"):
+        apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, seed=1), r=32)
+    assert "exceeds" not in caplog.text
+    with pytest.raises(ModelError, match=r"rank r=100000 exceeds .* use lora_r <= 32"):
+        apply_lora(build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=4, seed=1), r=100000)

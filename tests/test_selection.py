@@ -4,6 +4,7 @@ errors, and a whole run under a plug-in rule."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -148,6 +149,29 @@ def test_a_plugin_edited_in_a_running_process_is_imported_again(tmp_path, monkey
             selection._RULES.pop(name, None)
         selection._LOADED.clear()
         sys.modules.pop("nb_helper", None)
+
+
+def test_an_edit_within_the_same_second_is_not_hidden_by_the_bytecode_cache(tmp_path, monkeypatch):
+    """Python trusts a .pyc whose recorded source mtime (in seconds) and size match: an edit of the same size in the
+    same second re-imported the old code. The cache of a changed plug-in is dropped before it is imported again."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = tmp_path / "fast_rules.py"
+    code = ("from fedlada.selection import register_rule\n\n@register_rule('fast')\ndef fast(c):\n"
+            "    return {} * c.scalars['learnability_gap']\n")
+    monkeypatch.chdir(tmp_path)
+    gap = [0.1, 0.9, 0.5, 0.3, -1.0, 0.0]
+    try:
+        path.write_text(code.format("+1.0"))
+        load_plugins(["fast_rules.py"])
+        assert apply_rule(_cand("fast", learnability_gap=gap)).selected_ids == ["q1", "q2"]
+        stat = path.stat()
+        path.write_text(code.format("-1.0"))  # same size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
+        load_plugins(["fast_rules.py"])
+        assert apply_rule(_cand("fast", learnability_gap=gap)).selected_ids == ["q4", "q5"]
+    finally:
+        selection._RULES.pop("fast", None)
+        selection._LOADED.clear()
 
 
 def test_two_plugins_cannot_share_a_rule_name_and_siblings_import(tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from fedlada.data.formats import CONVERTERS, check_format, describe_value, detect_format, undetected_format
 from fedlada.data.records import Problem, Record
-from fedlada.data.validate import (_DECODER, DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _BadObject, _items, _too_long,
-                                   container_problem, missing_or_bad, not_found, parquet_unreadable)
+from fedlada.data.validate import (_DECODER, DEFAULT_MAX_RECORD_BYTES, Item, _UTF8_BOM, _items, _too_long,
+                                   container_problem, missing_or_bad, not_found, object_problem, parquet_unreadable)
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,12 @@ def _jsonl_lines(path: Path, max_bytes: int) -> Iterator[Item]:
                        f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}", "")
                 continue
             try:
-                yield number, number, _DECODER.decode(text), None, ""
+                obj = _DECODER.decode(text)
             except json.JSONDecodeError as err:
                 yield number, number, None, f"bad JSON: {err.msg} (column {err.colno})", ""
-            except _BadObject as err:
-                yield number, number, None, str(err), ""
+                continue
+            bad = object_problem(obj)
+            yield (number, number, None, bad, "") if bad else (number, number, obj, None, "")
 
 
 def _parquet_batches(path: Path, max_bytes: int) -> Iterator[Item]:

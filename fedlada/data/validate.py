@@ -44,24 +44,40 @@ def _too_long(size: int, limit: int) -> str:
 
 
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# the keys some format reads (fedlada, gsm8k, mathinstruct, cot): a repeat or broken text elsewhere is ignored, as
+# the formats ignore those keys
+READ_KEYS = frozenset({"id", "question", "answer", "rationale", "domain", "instruction", "input", "output", "source",
+                       "target"})
 
 
-class _BadObject(ValueError):
-    """A JSON object that parses but is not a record anyone meant (a repeated key, a lone surrogate escape)."""
+class _Obj(dict):
+    """A decoded JSON object that remembers the keys it held more than once (json keeps the last silently)."""
+
+    dups: frozenset = frozenset()
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> dict:
-    """``object_pairs_hook``: json keeps the last of two equal keys silently; a lone ``\\ud800`` escape decodes
-    to a string that is not text (tokenizers and UTF-8 writers fail on it later)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _BadObject(f"key {key!r} appears twice in one object (JSON would keep the last silently); keep one")
-        texts = value if isinstance(value, list) else [value]
-        if any(isinstance(v, str) and _SURROGATE_RE.search(v) for v in texts):
-            raise _BadObject(f"{key}: invalid Unicode (a lone surrogate escape such as \\ud800); fix the text")
-        out[key] = value
+    out = _Obj(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        out.dups = frozenset(k for k, _v in pairs if k in seen or seen.add(k))
     return out
+
+
+def object_problem(obj: object) -> str | None:
+    """Why a record object cannot be read as meant: a key a format reads given twice, or its text with a lone
+    surrogate escape (``\\ud800``: not text; tokenizers and UTF-8 writers fail on it later). None if fine."""
+    if not isinstance(obj, dict):
+        return None
+    twice = sorted(set(getattr(obj, "dups", ())) & READ_KEYS)
+    if twice:
+        return (f"key(s) {', '.join(map(repr, twice))} given twice in one record (JSON keeps the last silently); "
+                "keep one")
+    for key in sorted(READ_KEYS & obj.keys()):
+        value = obj[key]
+        if isinstance(value, str) and _SURROGATE_RE.search(value):
+            return f"{key}: invalid Unicode (a lone surrogate escape such as \\ud800); fix the text"
+    return None
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs)
@@ -82,11 +98,12 @@ def _jsonl_items(data: bytes, max_bytes: int) -> Iterator[Item]:
             yield number, number, None, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at column {err.start + 1}", ""
             continue
         try:
-            yield number, number, _DECODER.decode(text), None, ""
+            obj = _DECODER.decode(text)
         except json.JSONDecodeError as err:
             yield number, number, None, f"bad JSON: {err.msg} (column {err.colno})", ""
-        except _BadObject as err:
-            yield number, number, None, str(err), ""
+            continue
+        bad = object_problem(obj)
+        yield (number, number, None, bad, "") if bad else (number, number, obj, None, "")
 
 
 def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
@@ -107,11 +124,11 @@ def _json_list_items(text: str, max_bytes: int) -> Iterator[Item]:
             except json.JSONDecodeError as err:
                 yield err.lineno, item, None, f"bad JSON: {err.msg} (column {err.colno})", prefix
                 return
-            except _BadObject as err:  # its end is not known: the rest cannot be read in step
-                yield line, item, None, str(err), prefix
-                return
             size = len(text[pos:end].encode("utf-8"))
-            if size > max_bytes:
+            bad = object_problem(obj)
+            if bad:
+                yield line, item, None, bad, prefix
+            elif size > max_bytes:
                 yield line, item, None, _too_long(size, max_bytes), prefix
             else:
                 yield line, item, obj, None, prefix
@@ -133,7 +150,7 @@ def _csv_items(text: str, max_bytes: int) -> Iterator[Item]:
     reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)  # "a, b": the blank is no part
     if reader.fieldnames:  # of a value or a name; nor is one before a comma ("id ,question")
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        twice = sorted({n for n in reader.fieldnames if n and reader.fieldnames.count(n) > 1})
+        twice = sorted({n for n in reader.fieldnames if n in READ_KEYS and reader.fieldnames.count(n) > 1})
         if twice:  # DictReader would keep the last column of a name silently
             yield 1, 1, None, f"the header names column(s) {', '.join(map(repr, twice))} more than once; keep one", ""
             return
