@@ -40,6 +40,13 @@ GENERATION_BACKENDS = ("transformers", "vllm")  # fedlada.generation.BACKENDS
 DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def _expand(path: str, key: str) -> str:
+    """``~`` and ``~user`` expanded; a ``~user`` that names no user is an error, not a folder named after it."""
+    out = os.path.expanduser(path)
+    _check(not out.startswith("~"), key, "a path whose ~user names a user of this machine", path)
+    return out
+
+
 def _check(cond: bool, key: str, expected: str, found: Any) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': expected {expected}, found {found!r}")
@@ -64,8 +71,8 @@ class ClientData:
         _check(bool(self.train), "data.clients.N.train", "a path to the client's train file", self.train)
         _check(bool(self.test), "data.clients.N.test", "a path to the client's test file", self.test)
         _check_format(self.format, "data.clients.N.format")
-        object.__setattr__(self, "train", os.path.expanduser(self.train))
-        object.__setattr__(self, "test", os.path.expanduser(self.test))
+        object.__setattr__(self, "train", _expand(self.train, "data.clients.N.train"))
+        object.__setattr__(self, "test", _expand(self.test, "data.clients.N.test"))
 
 
 BUILTIN_ONLY = ("seed", "num_clients", "train_per_client", "test_per_client", "public_size", "general_size",
@@ -113,8 +120,8 @@ class DataConfig:
         _check(self.max_record_bytes >= 64, "data.max_record_bytes", "an integer >= 64", self.max_record_bytes)
         _check_format(self.public_format, "data.public_format")
         _check_format(self.general_format, "data.general_format")
-        object.__setattr__(self, "public", os.path.expanduser(self.public))
-        object.__setattr__(self, "general", os.path.expanduser(self.general))
+        object.__setattr__(self, "public", _expand(self.public, "data.public"))
+        object.__setattr__(self, "general", _expand(self.general, "data.general"))
         if self.clients:
             _check(bool(self.public), "data.public", "a public pool file when data.clients is set", self.public)
         else:  # the built-in benchmark makes its own pool and corpus: a file named here would be ignored
@@ -418,7 +425,7 @@ class RunConfig:
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
         _check(self.engine in ("inprocess", "flower"), "engine", "'inprocess' or 'flower'", self.engine)
         _check(bool(self.out_dir), "out_dir", "a directory path", self.out_dir)
-        object.__setattr__(self, "out_dir", os.path.expanduser(self.out_dir))  # "~/runs/x" is not a folder named ~
+        object.__setattr__(self, "out_dir", _expand(self.out_dir, "out_dir"))  # "~/runs/x" is not a folder named ~
         _check(0 <= self.threads <= MAX_THREADS, "threads", f"an integer in 0..{MAX_THREADS} (0 = every usable core)",
                self.threads)
         _check(self.min_clients >= 1, "min_clients", "an integer >= 1", self.min_clients)

@@ -251,3 +251,11 @@ def test_any_unicode_in_a_string_value_round_trips_through_config_toml(tmp_path)
     assert tomllib.loads(run_config_file(cfg))["models"]["llm"]["instruction"] == "think 🤔\x7f"
     with pytest.raises(ConfigError, match=r"config key 'models.llm.source': .* is not valid Unicode"):
         dump_toml(load_config(overrides=["models.llm.source=/tmp/caf\udce9"]))
+
+
+def test_a_tilde_user_that_names_no_user_is_an_error_not_a_folder():
+    """``--out ~nosuchuser/run`` made a folder literally named ``~nosuchuser`` in the working directory."""
+    assert load_config(overrides=["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
+    for key in ("out_dir", "data.public"):
+        with pytest.raises(ConfigError, match=rf"config key '{key}': expected a path whose ~user names a user"):
+            load_config(overrides=[f"{key}=~nosuchuser-fedlada/x"])
