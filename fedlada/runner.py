@@ -823,7 +823,7 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
             rows.append({"round": t, "event": "client_step", "who": who, **res.metrics})
             rows.append({"round": t, "event": "bytes", "who": who, "server_to_client": len(teach_bytes),
                          "client_to_server": len(res.report)})
-            audit.append({"round": t, "client": res.client_id, **rep.audit()})
+            audit.append({"round": t, "client": res.client_id, "who": who, **rep.audit()})
             rd.append("selections.jsonl", res.selections)
             decisions += len(res.selections)
         if len(reports) < cfg.min_clients:
