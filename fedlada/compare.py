@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 

@@ -815,17 +815,16 @@ def _drive(cfg: RunConfig, rd: RunDir, start: int, server: ServerState, pool, ll
             if res.error is not None:
                 log.warning("round %d: %s failed: %s", t, who, res.error)
                 rows.append({"round": t, "event": "client_failed", "who": who, "reason": res.error})
-                # the teach message left the server all the same; nothing usable came back
-                rows.append({"round": t, "event": "bytes", "who": who, "server_to_client": len(teach_bytes),
-                             "client_to_server": len(res.report or b"")})  # a rejected report came all the same
-                continue
-            reports.append(rep)
-            rows.append({"round": t, "event": "client_step", "who": who, **res.metrics})
+            else:
+                reports.append(rep)
+                rows.append({"round": t, "event": "client_step", "who": who, **res.metrics})
+            # the teach message went to a failed client too, and a rejected report came all the same
             rows.append({"round": t, "event": "bytes", "who": who, "server_to_client": len(teach_bytes),
-                         "client_to_server": len(res.report)})
-            audit.append({"round": t, "client": res.client_id, "who": who, **rep.audit()})
-            rd.append("selections.jsonl", res.selections)
-            decisions += len(res.selections)
+                         "client_to_server": len(res.report or b"")})
+            if res.error is None:
+                audit.append({"round": t, "client": res.client_id, "who": who, **rep.audit()})
+                rd.append("selections.jsonl", res.selections)
+                decisions += len(res.selections)
         if len(reports) < cfg.min_clients:
             rd.append("metrics.jsonl", rows)
             kept = (f"rounds 1..{t - 1} are checkpointed in {rd.ckpt}; the same command resumes after round {t - 1}"

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedlada_app.settings import QUIET_FLOWER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_ENV = {**QUIET_FLOWER_ENV, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def free_port() -> int:

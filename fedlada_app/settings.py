@@ -19,6 +19,13 @@ from fedlada.errors import ConfigError
 
 PREFIX = "flower."
 
+# The environment of every Flower engine: Flower and Ray must not phone home or install anything at run time, and
+# Ray must not hide the GPUs from workers that reserve none (its default until now, with a FutureWarning on every
+# run): an SLM on device "auto" then finds a GPU in a ClientApp as in-process.
+QUIET_FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
 
 @dataclass(frozen=True)
 class FlowerConfig:

@@ -21,16 +21,11 @@ import time
 from fedlada.config import RunConfig, resolve_threads
 from fedlada.errors import ConfigError
 from fedlada.runner import Events, RunDir, RunResult, summarize_run
-from fedlada_app.settings import FlowerConfig
+from fedlada_app.settings import QUIET_FLOWER_ENV, FlowerConfig
 
 log = logging.getLogger(__name__)
 
-# Flower and Ray must not phone home or install anything at run time (set unless the caller chose otherwise); Ray
-# must not hide the GPUs from workers that reserve none (its default until now, with a FutureWarning on every run):
-# an SLM on device "auto" then finds a GPU in a ClientApp as in-process.
-QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+QUIET_ENV = QUIET_FLOWER_ENV  # set before Flower starts, unless the caller chose otherwise
 
 
 def backend_config(fcfg: FlowerConfig, cfg: RunConfig) -> dict:
